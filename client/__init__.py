@@ -1,0 +1,1 @@
+"""fedseg site side: site checks, local data cache and the Flower ClientApp."""

@@ -1,0 +1,28 @@
+"""`fed-eval` command-line entry point: assembles the commands, each defined in its own `cli_*` module."""
+
+from __future__ import annotations
+
+import typer
+
+from fedseg.common.logs import setup_logging
+
+app = typer.Typer(
+    name="fed-eval",
+    help="Local tools: model summary, evaluation, prediction, single-site training, phantom data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks.")) -> None:
+    setup_logging(verbose)
+
+
+# Command registrations (one line each, alphabetical):
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,63 @@
+"""Edge helpers shared by the three Typer apps: error mapping and small value parsers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from fedseg.common.errors import FedsegError
+from fedseg.common.logs import console
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """Turn a pydantic error into ``field: message`` parts on one line."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(x) for x in item["loc"]) or "value"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one red error line and return the Exit to raise."""
+    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def guarded(func: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a CLI command: FedsegError / ValidationError / KeyboardInterrupt become one line + exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except FedsegError as err:
+            log.debug("command failed", exc_info=True)
+            raise fail(str(err)) from None
+        except ValidationError as err:
+            raise fail(format_validation_error(err)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", code=130) from None
+
+    return wrapper
+
+
+def parse_triple(text: str, name: str) -> tuple[int, int, int]:
+    """Parse ``"D,H,W"`` into three positive ints; raise ``typer.BadParameter`` with the value seen."""
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be three integers like 96,96,64, got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise typer.BadParameter(f"{name} must be three positive integers like 96,96,64, got {text!r}")
+    return values[0], values[1], values[2]

@@ -1,0 +1,1 @@
+"""fedseg server side: Flower SuperLink management, aggregation strategy and central validation."""

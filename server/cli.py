@@ -1,0 +1,28 @@
+"""`fed-server` command-line entry point: assembles the commands, each defined in its own `cli_*` module."""
+
+from __future__ import annotations
+
+import typer
+
+from fedseg.common.logs import setup_logging
+
+app = typer.Typer(
+    name="fed-server",
+    help="Run the federation's server: start a Flower SuperLink and our ServerApp, or a whole demo federation on this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks.")) -> None:
+    setup_logging(verbose)
+
+
+# Command registrations (one line each, alphabetical):
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
