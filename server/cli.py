@@ -8,7 +8,7 @@ from fedseg.common.logs import setup_logging
 
 app = typer.Typer(
     name="fed-server",
-    help="Run the federation's server: start a Flower SuperLink and our ServerApp, or a whole demo federation on this machine.",
+    help="Run the federation server (Flower SuperLink + our ServerApp), or a whole demo federation on this machine.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -16,7 +16,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks.")) -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
+) -> None:
     setup_logging(verbose)
 
 

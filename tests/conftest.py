@@ -19,7 +19,7 @@ def real_ct_path() -> Path:
 
 @pytest.fixture
 def real_labels_path() -> Path:
-    """TotalSegmentator label map of the real CT (spleen 1, kidney_right 2, kidney_left 3, liver 5, pancreas 7)."""
+    """TotalSegmentator labels of the real CT: spleen 1, kidney_right 2, kidney_left 3, liver 5, pancreas 7."""
     return DATA_DIR / "totalseg_labels.nii.gz"
 
 
