@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from fedseg.client.cli_check import check_command
 from fedseg.common.logs import setup_logging
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ def _root(
 
 
 # Command registrations (one line each, alphabetical):
+app.command("check")(check_command)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.logs import console
@@ -30,7 +31,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one red error line and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

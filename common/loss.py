@@ -1,0 +1,144 @@
+"""Soft multi-class Dice loss (Oktay et al. 2018) with symmetric smoothing, optional CE and partial labels.
+
+Per sample ``b`` and class ``c`` the soft Dice is
+
+    d[b, c] = (2 * sum(p * t) + s) / (sum(p) + sum(t) + s)
+
+with ``p`` the softmax probability of class ``c``, ``t`` its one-hot target and ``s = smooth``. The smoothing is
+symmetric (``s`` in numerator and denominator), so a class absent from both the patch and the prediction scores
+``d = 1`` (loss 0). The released code adds ``2 s`` on top and scores such classes 2 instead; this module does
+not copy that. The Dice loss is ``1 - mean(d)`` over the included ``(b, c)`` pairs.
+
+Partially labelled sites (``class_mask``): a site that does not annotate, say, the liver labels liver voxels
+as background. For every sample the unannotated classes are *excluded*:
+
+* their logits are removed from the softmax (set to ``-inf``), so the remaining probabilities are renormalised
+  over the annotated classes and the unannotated channels receive exactly zero gradient;
+* their Dice terms are left out of the mean;
+* background stays in: its target means "background or an organ this site does not annotate", and the loss
+  only teaches background-versus-annotated-organ decisions, never background-versus-unannotated-organ;
+* the cross-entropy term uses the same renormalised softmax (a conditional CE over the annotated classes).
+
+Background must always be annotated, and a target voxel may not carry a class that its sample masks out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss on logits, optionally plus cross-entropy, with per-sample class masks.
+
+    Args:
+        include_background: Keep class 0 in the Dice mean (the paper does). It always stays in the softmax.
+        smooth: Symmetric smoothing ``s`` added to numerator and denominator of every Dice term.
+        ce_weight: Weight of the cross-entropy term added to the Dice loss; ``0`` disables it.
+
+    Example:
+        >>> loss = DiceLoss(ce_weight=1.0)
+        >>> logits = torch.zeros(2, 5, 16, 16, 16, requires_grad=True)
+        >>> target = torch.zeros(2, 16, 16, 16, dtype=torch.long)
+        >>> loss(logits, target, class_mask=torch.tensor([True, True, False, True, True])).backward()
+    """
+
+    def __init__(self, include_background: bool = True, smooth: float = 1e-5, ce_weight: float = 0.0) -> None:
+        super().__init__()
+        if smooth <= 0:
+            raise ValueError(f"smooth must be > 0 so that empty classes are defined, got {smooth}")
+        if ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+        self.include_background = include_background
+        self.smooth = smooth
+        self.ce_weight = ce_weight
+
+    def forward(self, logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            logits: Raw network output, shape ``(B, C, D, H, W)`` (any number of spatial dims works).
+            target: Integer labels in ``[0, C)``, shape ``(B, D, H, W)`` or ``(B, 1, D, H, W)``.
+            class_mask: Bool, ``(C,)`` or ``(B, C)``; ``False`` marks classes the sample's site does not
+                annotate. ``None`` means every class is annotated.
+
+        Returns:
+            Scalar loss. It is 0 (still attached to the graph) when no Dice term is left and CE is off.
+
+        Raises:
+            ValueError: Mismatched shapes, labels outside ``[0, C)``, a mask that drops background, or a
+                target voxel carrying a masked class.
+            TypeError: ``target`` not an integer tensor or ``class_mask`` not bool.
+        """
+        target = _check_target(logits, target)
+        batch, n_classes = logits.shape[:2]
+        mask = _expand_mask(class_mask, batch, n_classes, logits.device)
+        masked_logits = logits.float().masked_fill(~mask[(..., *([None] * (logits.ndim - 2)))], float("-inf"))
+        flat_logits = masked_logits.flatten(2)
+        flat_target = target.flatten(1)
+        probs = torch.softmax(flat_logits, dim=1)
+
+        counts = torch.zeros(batch, n_classes, device=logits.device).scatter_add_(
+            1, flat_target, torch.ones_like(flat_target, dtype=torch.float32)
+        )
+        _check_no_masked_labels(counts, mask)
+        p_at_target = probs.gather(1, flat_target.unsqueeze(1)).squeeze(1)
+        intersection = torch.zeros_like(counts).scatter_add_(1, flat_target, p_at_target)
+        dice = (2.0 * intersection + self.smooth) / (probs.sum(dim=2) + counts + self.smooth)
+
+        include = mask.clone()
+        if not self.include_background:
+            include[:, 0] = False
+        loss = _masked_mean(1.0 - dice, include)
+        if self.ce_weight > 0:
+            loss = loss + self.ce_weight * F.cross_entropy(flat_logits, flat_target)
+        return loss
+
+
+def _check_target(logits: Tensor, target: Tensor) -> Tensor:
+    """Validate shapes and values; return the target as ``(B, D, H, W)`` int64."""
+    if logits.ndim < 3:
+        raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
+    if target.ndim == logits.ndim and target.shape[1] == 1:
+        target = target.squeeze(1)
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}; "
+            "expected (B, D, H, W) or (B, 1, D, H, W)"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer label tensor, got {target.dtype}")
+    n_classes = logits.shape[1]
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= n_classes:
+        raise ValueError(f"target labels must lie in [0, {n_classes}), got range [{low}, {high}]")
+    return target.long()
+
+
+def _expand_mask(class_mask: Tensor | None, batch: int, n_classes: int, device: torch.device) -> Tensor:
+    """Turn ``None``, ``(C,)`` or ``(B, C)`` into a ``(B, C)`` bool mask on ``device``."""
+    if class_mask is None:
+        return torch.ones(batch, n_classes, dtype=torch.bool, device=device)
+    if class_mask.dtype != torch.bool:
+        raise TypeError(f"class_mask must be a bool tensor, got {class_mask.dtype}")
+    if class_mask.shape not in ((n_classes,), (batch, n_classes)):
+        raise ValueError(f"class_mask shape {tuple(class_mask.shape)} must be ({n_classes},) or ({batch}, {n_classes})")
+    mask = class_mask.to(device).expand(batch, n_classes)
+    if not bool(mask[:, 0].all()):
+        raise ValueError("class_mask must keep background (class 0) annotated for every sample")
+    return mask
+
+
+def _check_no_masked_labels(counts: Tensor, mask: Tensor) -> None:
+    """Raise if a sample's target uses a class its mask declares unannotated (its probability would be 0)."""
+    bad = (counts > 0) & ~mask
+    if bool(bad.any()):
+        sample, cls = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"target of sample {sample} contains class {cls}, which class_mask marks as not annotated")
+
+
+def _masked_mean(values: Tensor, include: Tensor) -> Tensor:
+    """Mean of ``values`` over the ``True`` entries of ``include``; 0 (with gradient) if there are none."""
+    weights = include.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
