@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedseg.common.cli_evaluate import evaluate_command
+from fedseg.common.cli_phantoms import phantoms_command
 from fedseg.common.cli_summary import summary_command
 from fedseg.common.logs import setup_logging
 
@@ -26,6 +27,7 @@ def _root(
 
 # Command registrations (one line each, alphabetical):
 app.command("evaluate")(evaluate_command)
+app.command("phantoms")(phantoms_command)
 app.command("summary")(summary_command)
 
 
