@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import typer
-
 from fedseg.client.cli_check import check_command
-from fedseg.common.logs import setup_logging
+from fedseg.common.cliutil import make_app
 
-app = typer.Typer(
-    name="fed-client",
-    help="Run a hospital site: check its data and join a federation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = make_app(
+    "fed-client",
+    "Run a hospital site: check its data and join a federation.",
 )
-
-
-@app.callback()
-def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
-) -> None:
-    setup_logging(verbose)
 
 
 # Command registrations (one line each, alphabetical):

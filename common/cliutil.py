@@ -12,12 +12,27 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from fedseg.common.errors import FedsegError
-from fedseg.common.logs import console
+from fedseg.common.logs import console, setup_logging
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+
+
+def make_app(name: str, help_text: str) -> typer.Typer:
+    """A Typer app with the shared root options (``--verbose``) and no shell-completion noise."""
+    app = typer.Typer(
+        name=name, help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    )
+
+    @app.callback()
+    def _root(
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
+    ) -> None:
+        setup_logging(verbose)
+
+    return app
 
 
 def format_validation_error(err: ValidationError) -> str:

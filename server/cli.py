@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import typer
+from fedseg.common.cliutil import make_app
 
-from fedseg.common.logs import setup_logging
-
-app = typer.Typer(
-    name="fed-server",
-    help="Run the federation server (Flower SuperLink + our ServerApp), or a whole demo federation on this machine.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = make_app(
+    "fed-server",
+    "Run the federation server (Flower SuperLink + our ServerApp), or a whole demo federation on this machine.",
 )
-
-
-@app.callback()
-def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
-) -> None:
-    setup_logging(verbose)
 
 
 # Command registrations (one line each, alphabetical):
