@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fedseg.common.cli_evaluate import evaluate_command
 from fedseg.common.cli_phantoms import phantoms_command
+from fedseg.common.cli_predict import predict_command
 from fedseg.common.cli_summary import summary_command
+from fedseg.common.cli_train import train_command
 from fedseg.common.cliutil import make_app
 
 app = make_app(
@@ -16,7 +18,9 @@ app = make_app(
 # Command registrations (one line each, alphabetical):
 app.command("evaluate")(evaluate_command)
 app.command("phantoms")(phantoms_command)
+app.command("predict")(predict_command)
 app.command("summary")(summary_command)
+app.command("train")(train_command)
 
 
 def main() -> None:

@@ -1,0 +1,223 @@
+"""``fed-eval train``: centralised (or single-site) training with best/last checkpoints, a metrics CSV and resume.
+
+Files in ``--out``: ``last.pt`` (after every epoch, with optimiser state), ``best.pt`` (highest validation
+``dice_mean``, or lowest training loss without ``--val``), ``metrics.csv`` (one row per epoch) and ``cache/``
+(preprocessed cases).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedseg.common.checkpoint import (
+    CheckpointMeta,
+    config_hash,
+    load_checkpoint,
+    load_optimizer_state,
+    read_meta,
+    save_checkpoint,
+)
+from fedseg.common.cliutil import guarded, parse_triple
+from fedseg.common.errors import ConfigError, DataError
+from fedseg.common.manifest import default_manifest, load_manifest
+from fedseg.common.model import ModelConfig, build_model
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.training import TrainConfig, make_optimizer, resolve_device, train_model
+from fedseg.common.validation import MEAN_KEY, class_names_for, validate
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "labels.toml"
+SCORE_KEY = "score"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A validated training request, built once at the CLI edge."""
+
+    data: tuple[Path, ...]
+    out: Path
+    model: ModelConfig
+    train: TrainConfig
+    preprocess: PreprocessConfig
+    device: torch.device
+    val: Path | None = None
+    resume: bool = False
+
+
+def load_cases(roots: Sequence[Path], cfg: PreprocessConfig, cache_dir: Path) -> list[PreparedCase]:
+    """Prepare every labelled case of each dataset folder, using its ``labels.toml`` when present.
+
+    Raises:
+        DataError / ConfigError: a folder or its manifest cannot be used (from the data layer).
+    """
+    cases: list[PreparedCase] = []
+    for root in roots:
+        manifest_path = root / MANIFEST_NAME
+        manifest = load_manifest(manifest_path) if manifest_path.is_file() else default_manifest()
+        site_cases = prepare_site(root, manifest, cfg, cache_dir)
+        log.info("%s: %d cases", root, len(site_cases))
+        cases.extend(site_cases)
+    return cases
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """Higher is better: validation mean Dice when present, else minus the training loss."""
+    dice = metrics.get(MEAN_KEY)
+    return dice if dice is not None and not math.isnan(dice) else -metrics["loss"]
+
+
+def _append_csv(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _resume_state(run: TrainRun, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[int, float]:
+    """Load ``last.pt`` into model and optimiser; return (next epoch, best score so far)."""
+    last = run.out / "last.pt"
+    loaded, meta = load_checkpoint(last, expect=run.model)
+    model.load_state_dict(loaded.state_dict())
+    load_optimizer_state(last, optimizer)
+    best = run.out / "best.pt"
+    best_score = read_meta(best).metrics.get(SCORE_KEY, -math.inf) if best.is_file() else -math.inf
+    return (meta.epoch or 0) + 1, best_score
+
+
+def _epoch_meta(
+    run: TrainRun, classes: tuple[str, ...], digest: str, row: dict[str, float], epoch: int
+) -> CheckpointMeta:
+    return CheckpointMeta(
+        model=run.model,
+        class_names=classes,
+        preprocess=run.preprocess,
+        patch_size=run.train.patch_size,
+        config_hash=digest,
+        seed=run.train.seed,
+        metrics=row,
+        epoch=epoch,
+    )
+
+
+def run_training(run: TrainRun, progress: bool = True) -> list[dict[str, float]]:
+    """Train for ``run.train.epochs`` epochs (continuing from ``last.pt`` with ``resume``).
+
+    Each epoch is one :func:`train_model` call of ``steps_per_epoch`` steps seeded ``seed + epoch``, so a
+    resumed run repeats the sampling of an uninterrupted one.
+
+    Returns:
+        The metrics rows written to ``metrics.csv`` by this call.
+
+    Raises:
+        ConfigError: ``--out`` already holds a run and ``resume`` is off, or ``resume`` finds nothing.
+        DataError: a dataset folder cannot be used, or the validation folder has no labels.
+    """
+    last = run.out / "last.pt"
+    if not run.resume and last.exists():
+        raise ConfigError(f"{run.out} already holds a training run; pass --resume or choose another --out")
+    if run.resume and not last.is_file():
+        raise ConfigError(f"--resume: {last} does not exist; train without --resume first")
+    run.out.mkdir(parents=True, exist_ok=True)
+    cache = run.out / "cache"
+    cases = load_cases(run.data, run.preprocess, cache)
+    val_cases = load_cases([run.val], run.preprocess, cache) if run.val is not None else None
+    if val_cases is not None and not any(case.label is not None for case in val_cases):
+        raise DataError(f"--val {run.val}: no labelled cases to validate against; pass a folder with labels")
+    torch.manual_seed(run.train.seed)
+    model = build_model(run.model)
+    model.to(run.device)
+    optimizer = make_optimizer(model, run.train)
+    start, best = _resume_state(run, optimizer, model) if run.resume else (1, -math.inf)
+    classes = class_names_for(run.model.n_classes)
+    digest = config_hash(run.model, run.preprocess, run.train)
+    rows = []
+    for epoch in range(start, run.train.epochs + 1):
+        epoch_cfg = run.train.model_copy(update={"epochs": 1, "steps": None, "seed": run.train.seed + epoch})
+        report = train_model(model, cases, epoch_cfg, run.device, progress=progress, optimizer=optimizer)
+        row = {"epoch": float(epoch), "loss": report.mean_loss, "seconds": report.seconds}
+        row["samples_per_second"] = report.samples_per_second
+        if val_cases:
+            row.update(validate(model, val_cases, run.train.patch_size, run.device, classes))
+        row[SCORE_KEY] = _score(row)
+        meta = _epoch_meta(run, classes, digest, row, epoch)
+        save_checkpoint(run.out / "last.pt", model, meta, optimizer)
+        if row[SCORE_KEY] > best:
+            best = row[SCORE_KEY]
+            save_checkpoint(run.out / "best.pt", model, meta)
+        _append_csv(run.out / "metrics.csv", row)
+        log.info("epoch %d: loss %.4f, score %.4f", epoch, report.mean_loss, row[SCORE_KEY])
+        rows.append(row)
+    return rows
+
+
+@guarded
+def train_command(
+    data: Annotated[list[Path], typer.Option("--data", help="Dataset folder (MSD layout or phantom site); repeat.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for checkpoints and metrics.csv.")],
+    val: Annotated[Path | None, typer.Option("--val", help="Labelled validation dataset folder.")] = None,
+    arch: Annotated[Literal["attention-unet", "unet"], typer.Option(help="Network.")] = "attention-unet",
+    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).")] = 10,
+    steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 250,
+    patch: Annotated[str, typer.Option(help="Patch size D,H,W (z, y, x), multiples of 16.")] = "96,160,160",
+    feature_scale: Annotated[int, typer.Option(help="Divides the base filters 64..1024 (paper: 4).")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Patches per step.")] = 2,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and augmentation.")] = 0,
+) -> None:
+    """Train one network centrally on one or more datasets, validating every epoch when --val is given."""
+    for folder in [*data, *([val] if val is not None else [])]:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such dataset folder; check --data / --val")
+    try:
+        patch_size = parse_triple(patch, "--patch")
+    except typer.BadParameter as err:
+        raise ConfigError(str(err)) from None
+    train_cfg = TrainConfig.model_validate(
+        {
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "patch_size": patch_size,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+        }
+    )
+    run = TrainRun(
+        data=tuple(data),
+        out=out,
+        val=val,
+        resume=resume,
+        device=resolve_device(device),
+        model=ModelConfig(arch=arch, feature_scale=feature_scale),
+        train=train_cfg,
+        preprocess=PreprocessConfig(),
+    )
+    _render(run_training(run), out)
+
+
+def _render(rows: list[dict[str, float]], out: Path) -> None:
+    if not rows:
+        Console().print(f"nothing to do: {out} already reached the requested epochs")
+        return
+    table = Table(title=f"Training in {out}")
+    for key in rows[0]:
+        table.add_column(key, justify="right")
+    for row in rows:
+        table.add_row(*(f"{int(v)}" if k == "epoch" else f"{v:.4f}" for k, v in row.items()))
+    Console().print(table)

@@ -1,0 +1,195 @@
+"""Training loop (overfitting, determinism, FedProx) and the ``fed-eval train`` command (checkpoints, resume)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedseg.common.checkpoint import load_checkpoint, read_meta
+from fedseg.common.cli import app
+from fedseg.common.io import Volume
+from fedseg.common.manifest import LabelManifest
+from fedseg.common.model import ModelConfig, build_model
+from fedseg.common.phantoms import generate_phantoms
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig, preprocess_case
+from fedseg.common.training import ProximalTerm, TrainConfig, train_model
+from fedseg.common.validation import validate
+
+TINY = ModelConfig(feature_scale=16)
+PATCH = (32, 32, 32)
+runner = CliRunner()
+
+
+def make_case(seed: int = 0, size: int = 32) -> PreparedCase:
+    """A 2 mm (z, y, x) CT with a bright sphere (spleen) and a darker box (liver), prepared as in training."""
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(-50.0, 15.0, (size, size, size)).astype(np.float32)
+    label = np.zeros((size, size, size), np.uint8)
+    zz, yy, xx = np.mgrid[:size, :size, :size]
+    label[(zz - 16) ** 2 + (yy - 12) ** 2 + (xx - 20) ** 2 <= 36] = 1
+    label[8:16, 20:28, 4:12] = 2
+    hu[label == 1] += 180.0
+    hu[label == 2] += 90.0
+    geometry = {"spacing": (2.0, 2.0, 2.0), "origin": (0.0, 0.0, 0.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}
+    manifest = LabelManifest(labels={1: "spleen", 2: "liver"})
+    return preprocess_case(Volume(hu, **geometry), Volume(label, **geometry), manifest, PreprocessConfig())
+
+
+@pytest.fixture(scope="module")
+def case() -> PreparedCase:
+    return make_case()
+
+
+def _config(**update: object) -> TrainConfig:
+    base = {"steps": 3, "patch_size": PATCH, "batch_size": 2, "lr": 3e-3, "augment": False, "foreground_prob": 0.5}
+    return TrainConfig.model_validate({**base, **update})
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY)
+
+
+def test_prepared_fixture_has_expected_classes(case: PreparedCase) -> None:
+    assert case.image.shape == (32, 32, 32)
+    assert case.label is not None and set(np.unique(case.label)) == {0, 2, 4}
+    assert case.annotated == (True, False, True, False, True)
+
+
+def test_train_config_total_steps_and_patch_check() -> None:
+    assert TrainConfig(epochs=3, steps_per_epoch=5).total_steps == 15
+    assert TrainConfig(epochs=3, steps_per_epoch=5, steps=7).total_steps == 7
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.prox_mu) == (1e-4, 1e-6, 2, 0.0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrainConfig(patch_size=(32, 30, 32))
+
+
+def test_train_model_overfits_tiny_case(case: PreparedCase) -> None:
+    model = _model()
+    before = validate(model, [case], PATCH, "cpu")
+    report = train_model(model, [case], _config(steps=40, lr=1e-2), "cpu", val_cases=[case], progress=False)
+    assert report.steps == 40 and report.samples == 80 and len(report.loss_history) == 40
+    assert np.mean(report.loss_history[-5:]) < 0.6 * np.mean(report.loss_history[:5])
+    assert report.dice is not None
+    assert report.dice["dice_mean"] > before["dice_mean"] + 0.3
+    assert report.dice["dice_spleen"] > 0.6 and report.dice["dice_liver"] > 0.6
+    assert np.isnan(report.dice["dice_pancreas"])  # not annotated in this case
+    assert report.val_history[-1] == (40, report.dice)
+    assert report.seconds > 0 and report.samples_per_second > 0
+
+
+def test_train_model_same_seed_same_losses(case: PreparedCase) -> None:
+    cfg = _config(augment=True)  # the patch covers the whole case, so only augmentation depends on the seed
+    first = train_model(_model(), [case], cfg, "cpu", progress=False).loss_history
+    second = train_model(_model(), [case], cfg, "cpu", progress=False).loss_history
+    other = train_model(_model(), [case], _config(augment=True, seed=1), "cpu", progress=False).loss_history
+    assert first == second
+    assert first != other
+
+
+def test_train_model_validates_every_epoch(case: PreparedCase) -> None:
+    cfg = _config(steps=None, epochs=2, steps_per_epoch=2, val_every=1)
+    report = train_model(_model(), [case], cfg, "cpu", val_cases=[case], progress=False)
+    assert [step for step, _ in report.val_history] == [2, 4]
+
+
+def _distance(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    return sum(float((p.detach() - reference[n]).pow(2).sum()) for n, p in model.named_parameters()) ** 0.5
+
+
+def test_fedprox_keeps_weights_closer_to_reference(case: PreparedCase) -> None:
+    reference = {n: p.detach().clone() for n, p in _model().named_parameters()}
+    plain, prox = _model(), _model()
+    train_model(plain, [case], _config(steps=4), "cpu", progress=False)
+    train_model(prox, [case], _config(steps=4, prox_mu=50.0), "cpu", reference_weights=reference, progress=False)
+    assert _distance(prox, reference) < 0.7 * _distance(plain, reference)
+
+
+def test_proximal_term_hand_computed() -> None:
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    term = ProximalTerm(layer, mu=0.5, reference={"weight": torch.zeros(1, 2)})
+    assert float(term().detach()) == pytest.approx(0.25 * 5.0)
+    assert float(ProximalTerm(layer, mu=0.5)().detach()) == 0.0  # default reference = current weights
+    with pytest.raises(ValueError, match="'weight'"):
+        ProximalTerm(layer, mu=0.5, reference={"weight": torch.zeros(2, 2)})
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms") / "data"
+    generate_phantoms(root, sites=1, cases_per_site=2, val_cases=1, size=(32, 32, 32), seed=0)
+    return root
+
+
+def _train_args(root: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(root / "site-1"),
+        "--val",
+        str(root / "validation"),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--steps-per-epoch",
+        "2",
+        "--patch",
+        "16,32,32",
+        "--feature-scale",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_train_cli_writes_checkpoints_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _train_args(phantom_root, out, 1))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv"}
+    assert read_meta(out / "last.pt").epoch == 1
+    result = runner.invoke(app, _train_args(phantom_root, out, 2, "--resume"))
+    assert result.exit_code == 0, result.output
+    rows = _rows(out / "metrics.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+    assert {"loss", "dice_liver", "dice_mean", "samples_per_second"} <= set(rows[0])
+    _, meta = load_checkpoint(out / "last.pt", expect=ModelConfig(feature_scale=16))
+    assert meta.epoch == 2 and meta.patch_size == (16, 32, 32)
+    state = torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert float(next(iter(state.values()))["step"]) == 4.0  # Adam state continued across the resume
+
+
+def _error(args: list[str]) -> tuple[int, str]:
+    result = runner.invoke(app, args)
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_train_cli_errors(phantom_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, output = _error(_train_args(phantom_root, out, 1, "--resume"))
+    assert code == 1 and "--resume:" in output and "does not exist" in output
+    code, output = _error(_train_args(phantom_root, out, 1, "--patch", "16,30,32"))
+    assert code == 1 and "multiple of 16" in output
+    code, output = _error(_train_args(phantom_root, out, 1, "--patch", "abc"))
+    assert code == 1 and "--patch must be three integers" in output
+    code, output = _error(["train", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert code == 1 and "no such dataset folder" in output
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "last.pt").write_bytes(b"x")
+    code, output = _error(_train_args(phantom_root, out, 1))
+    assert code == 1 and "already holds a training run" in output
