@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedseg.client.cli_check import check_command
+from fedseg.client.cli_join import join_command
 from fedseg.common.cliutil import make_app
 
 app = make_app(
@@ -13,6 +14,7 @@ app = make_app(
 
 # Command registrations (one line each, alphabetical):
 app.command("check")(check_command)
+app.command("join")(join_command)
 
 
 def main() -> None:

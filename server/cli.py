@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fedseg.common.cliutil import make_app
+from fedseg.server.cli_demo import demo_command
+from fedseg.server.cli_start import start_command
 
 app = make_app(
     "fed-server",
@@ -11,6 +13,8 @@ app = make_app(
 
 
 # Command registrations (one line each, alphabetical):
+app.command("demo")(demo_command)
+app.command("start")(start_command)
 
 
 def main() -> None:

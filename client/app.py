@@ -1,0 +1,43 @@
+"""Our Flower ClientApp (``fedseg.client.app:app``): thin handlers around :mod:`fedseg.client.training`.
+
+Flower starts a new ``flwr-clientapp`` process for every message; the site's settings come from the
+SuperNode's node-config (written by ``fed-client join``), the round's task from the message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedseg.client.site import load_training_cases, site_from_node_config
+from fedseg.client.training import deadline, train_locally
+from fedseg.server.applog import detach, log_to_file
+from fedseg.server.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's data and reply with weights and aggregate metrics."""
+    site = site_from_node_config(context.node_config)
+    handler = log_to_file(site.log_dir / "clientapp.log")
+    try:
+        config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        task, server_round = read_task(config)
+        arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
+        with deadline(task.deadline):
+            cases = load_training_cases(site, task.preprocess)
+            seed = round_seed(task.train.seed, server_round, site.site)
+            new_arrays, result = train_locally(arrays, task, cases, site.device, seed)
+        log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
+        return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
+    except Exception:
+        log.exception("site %s: training failed", site.site)
+        raise
+    finally:
+        detach(handler)

@@ -1,0 +1,81 @@
+"""One round of local training at a site: global weights in, new weights and aggregate numbers out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
+
+from flwr.app import ArrayRecord
+
+from fedseg.common.model import build_model
+from fedseg.common.preprocess import PreparedCase
+from fedseg.common.training import train_model
+from fedseg.server.protocol import LocalResult, TrainTask
+from fedseg.server.weights import arrays_from_model, load_arrays
+
+log = logging.getLogger(__name__)
+
+
+class DeadlineExceeded(TimeoutError):
+    """Local training ran past the server's round timeout (its reply would be dropped anyway)."""
+
+
+def _raise_deadline(signum: int, frame: FrameType | None) -> None:
+    raise DeadlineExceeded("local training passed the server's round timeout; the server has moved on")
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`DeadlineExceeded` inside the block after ``seconds`` (main thread on POSIX; else no-op)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _raise_deadline)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def train_locally(
+    arrays: ArrayRecord,
+    task: TrainTask,
+    cases: Sequence[PreparedCase],
+    device: str,
+    seed: int,
+) -> tuple[ArrayRecord, LocalResult]:
+    """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
+
+    Args:
+        arrays: global weights (keyed by state-dict name).
+        task: model, training budget (FedProx μ included) and preprocessing of this round.
+        cases: the site's prepared, labelled cases.
+        device: where to train.
+        seed: this round's seed at this site (patch sampling, augmentation).
+
+    Returns:
+        The trained weights and the numbers the server may see: cases, mean loss, patches, seconds.
+
+    Raises:
+        IncompatibleModelError: the weights do not fit ``task.model``.
+    """
+    model = build_model(task.model)
+    load_arrays(model, arrays)
+    cfg = task.train.model_copy(update={"seed": seed})
+    report = train_model(model, cases, cfg, device, progress=False)
+    log.info(
+        "trained %d steps on %d cases in %.1f s, mean loss %.4f",
+        report.steps,
+        len(cases),
+        report.seconds,
+        report.mean_loss,
+    )
+    result = LocalResult(cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds)
+    return arrays_from_model(model.cpu()), result

@@ -1,0 +1,64 @@
+"""Our Flower ServerApp (``fedseg.server.app:app``): read the RunSpec from run_config, then run the rounds.
+
+It runs in its own ``flwr-serverapp`` process started by the SuperLink, so it reads everything from the
+``config-json`` run-config key that ``fed-server start`` fills in, and logs to ``<output_dir>/logs/serverapp.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from pydantic import ValidationError
+
+from fedseg.common.cliutil import format_validation_error
+from fedseg.common.errors import ConfigError
+from fedseg.server.applog import detach, log_to_file
+from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
+from fedseg.server.rounds import serve
+from fedseg.server.runs import PRIVATE_DIR
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = Path("logs") / "serverapp.log"
+#: Written by the ServerApp when it returns or fails, so ``fed-server`` asks Flower for the final status at once.
+EXIT_MARKER = Path(PRIVATE_DIR) / "serverapp.exit"
+
+app = ServerApp()
+
+
+def run_spec(run_config: Mapping[str, object]) -> RunSpec:
+    """Decode the RunSpec that ``fed-server start`` put into the run config.
+
+    Raises:
+        ConfigError: the key is missing, empty or invalid.
+    """
+    raw = run_config.get(RUN_CONFIG_KEY)
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigError(f"run config '{RUN_CONFIG_KEY}' is empty; submit fedseg runs with `fed-server start`")
+    try:
+        return RunSpec.model_validate_json(raw)
+    except ValidationError as err:
+        raise ConfigError(f"run config '{RUN_CONFIG_KEY}': {format_validation_error(err)}") from None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point called by Flower in the ServerApp process."""
+    spec = run_spec(context.run_config)
+    out = spec.config.output_dir
+    handler = log_to_file(out / LOG_FILE)
+    outcome = "failed"
+    try:
+        serve(grid, spec)
+        outcome = "completed"
+    except Exception:
+        log.exception("the ServerApp failed")
+        raise
+    finally:
+        (out / EXIT_MARKER).parent.mkdir(parents=True, exist_ok=True)
+        (out / EXIT_MARKER).write_text(outcome + "\n", encoding="utf-8")
+        detach(handler)

@@ -1,0 +1,311 @@
+"""The server's configuration: one TOML file plus ``key=value`` overrides, validated once into :class:`ServerConfig`.
+
+Example ``server.toml`` (every key optional; relative paths are relative to the file)::
+
+    rounds = 20
+    min_sites = 2
+    round_timeout = 1800
+    output_dir = "runs/fed-1"
+
+    [strategy]
+    name = "fedprox"          # fedavg | fedprox | fedadam | fedyogi
+    proximal_mu = 0.01
+
+    [model]
+    feature_scale = 4
+
+    [train]
+    steps = 250
+    lr = 1e-4
+    patch_size = [96, 160, 160]
+
+    [validation]
+    data = "/data/central"    # central validation set (any layout fed-eval reads)
+
+    [tls]                     # omit for plain HTTP on loopback
+    ca = "certs/ca.crt"
+    cert = "certs/server.pem"
+    key = "certs/server.key"
+
+Keys are snake_case, like the nested model/train/preprocess configs they share with ``fed-eval``.
+
+The ServerApp runs in its own process (``flwr-serverapp``), so ``fed-server start`` hands it a
+:class:`RunSpec` as JSON under the single run-config key ``config-json`` (see :data:`RUN_CONFIG_KEY`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedseg.common.cliutil import format_validation_error
+from fedseg.common.errors import ConfigError
+from fedseg.common.manifest import load_manifest
+from fedseg.common.model import ModelConfig
+from fedseg.common.preprocess import PreprocessConfig
+from fedseg.common.training import TrainConfig
+
+#: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
+RUN_CONFIG_KEY = "config-json"
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class StrategyConfig(BaseModel):
+    """How the server combines site updates.
+
+    ``fedavg`` and ``fedprox`` average weights by number of training cases; ``fedprox`` also sends μ so that
+    sites add μ/2·‖w − w_global‖². ``fedadam``/``fedyogi`` treat the averaged update as a pseudo-gradient
+    for a server-side Adam/Yogi step with learning rate ``server_lr`` (Reddi et al. 2021).
+    """
+
+    model_config = _FROZEN
+
+    name: StrategyName = "fedavg"
+    proximal_mu: float = Field(default=0.01, ge=0, description="FedProx μ")
+    server_lr: float = Field(default=0.01, gt=0, description="FedAdam/FedYogi η")
+    beta_1: float = Field(default=0.9, ge=0, lt=1)
+    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity τ")
+
+
+class ValidationConfig(BaseModel):
+    """The central validation set scored after every round (preprocessed once, cached in the output folder)."""
+
+    model_config = _FROZEN
+
+    data: Path | None = Field(default=None, description="dataset folder; none = no central validation")
+    labels: str | None = Field(
+        default=None, description="label manifest file or built-in name; default data/labels.toml, else 1..4"
+    )
+    patch_size: tuple[int, int, int] | None = Field(default=None, description="sliding window; default train's")
+    device: str = "cpu"
+    max_cases: int | None = Field(default=None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"must be 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+
+class TLSConfig(BaseModel):
+    """Certificates for HTTPS on the SuperLink port (CA, server certificate, private key)."""
+
+    model_config = _FROZEN
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class ServerConfig(BaseModel):
+    """Everything ``fed-server start`` needs; validated once, then passed around typed."""
+
+    model_config = _FROZEN
+
+    rounds: int = Field(default=10, ge=1)
+    min_sites: int = Field(default=2, ge=1, description="sites that must be connected before a round starts")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of connected sites sampled per round")
+    min_replies: int = Field(default=1, ge=1, description="fewer valid replies keep the previous global model")
+    round_timeout: float = Field(default=3600.0, gt=0, description="seconds to wait for site replies")
+    site_wait_timeout: float = Field(default=3600.0, gt=0, description="seconds to wait for min_sites")
+    output_dir: Path = Path("runs/fedseg")
+    host: str = "127.0.0.1"
+    port: int = Field(default=9092, ge=1, le=65535)
+    database: Path | None = Field(default=None, description="SuperLink state database; default in memory")
+    supernode_auth: bool = Field(default=False, description="only registered site keys may join (needs tls)")
+    seed: int = 0
+    strategy: StrategyConfig = StrategyConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    validation: ValidationConfig = ValidationConfig()
+    tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if self.min_replies > self.min_sites:
+            raise ValueError(f"min_replies ({self.min_replies}) cannot exceed min_sites ({self.min_sites})")
+        if self.supernode_auth and self.tls is None:
+            raise ValueError("supernode_auth needs a [tls] table (Flower refuses node authentication over HTTP)")
+        return self
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink, as sites dial it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the SuperLink listens on loopback only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def validation_patch(self) -> tuple[int, int, int]:
+        """Sliding-window size for central validation."""
+        return self.validation.patch_size or self.train.patch_size
+
+
+class RunSpec(BaseModel):
+    """What the ServerApp process receives: the config plus where this run starts (for ``--resume``)."""
+
+    model_config = _FROZEN
+
+    config: ServerConfig
+    first_round: int = Field(default=1, ge=1, description="global number of the first round of this run")
+    initial_checkpoint: Path | None = Field(default=None, description="start from these weights")
+
+    @property
+    def num_rounds(self) -> int:
+        """Rounds this run executes (``config.rounds`` is the total over all resumed runs)."""
+        return self.config.rounds - self.first_round + 1
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["rounds=5", "train.lr=1e-3", 'strategy.name="fedprox"']`` into a nested dict.
+
+    Values are read as TOML values (numbers, booleans, arrays, quoted strings); anything that is not valid
+    TOML is taken as a plain string, so ``strategy.name=fedprox`` works too.
+
+    Raises:
+        ConfigError: an item has no ``=`` or an empty key.
+    """
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. rounds=5 or train.lr=1e-4")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[leaf] = value
+    return nested
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``overrides`` into a copy of ``base`` (override wins)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file into a dict.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML.
+    """
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing server.toml with --config")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid TOML ({err})") from None
+
+
+def build_config(raw: dict[str, Any], base_dir: Path, source: str) -> ServerConfig:
+    """Validate a raw dict and make every path absolute against ``base_dir``.
+
+    Args:
+        raw: the parsed TOML merged with overrides.
+        base_dir: folder that relative paths are relative to.
+        source: what to name in error messages (the file, or "overrides").
+
+    Raises:
+        ConfigError: a value is invalid (one line naming the field) or a referenced file is missing.
+    """
+    try:
+        cfg = ServerConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+    cfg = absolute_paths(cfg, base_dir)
+    check_files(cfg, source)
+    return cfg
+
+
+def load_server_config(path: Path | None, overrides: Sequence[str] = ()) -> ServerConfig:
+    """Load ``path`` (or the defaults when ``None``), apply overrides, validate and resolve paths.
+
+    Raises:
+        ConfigError: the file or an override is invalid; the message names the field and the file.
+    """
+    raw = read_toml(path) if path is not None else {}
+    raw = merge(raw, parse_overrides(overrides))
+    base = path.resolve().parent if path is not None else Path.cwd()
+    return build_config(raw, base, str(path) if path is not None else "overrides")
+
+
+def _absolute(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def manifest_ref(value: str | None, base: Path) -> str | None:
+    """A manifest reference with a relative file path made absolute; built-in names stay as they are."""
+    if value is None:
+        return None
+    looks_like_file = "/" in value or Path(value).suffix.lower() in (".toml", ".json")
+    if not looks_like_file and not (base / value).is_file():
+        return value
+    return str(_absolute(Path(value), base))
+
+
+def absolute_paths(cfg: ServerConfig, base: Path) -> ServerConfig:
+    """The same config with every path made absolute (the ServerApp runs in another working directory)."""
+    val = cfg.validation
+    validation = val.model_copy(update={"data": _absolute(val.data, base), "labels": manifest_ref(val.labels, base)})
+    tls = None
+    if cfg.tls is not None:
+        tls = TLSConfig(
+            ca=_absolute(cfg.tls.ca, base) or cfg.tls.ca,
+            cert=_absolute(cfg.tls.cert, base) or cfg.tls.cert,
+            key=_absolute(cfg.tls.key, base) or cfg.tls.key,
+        )
+    return cfg.model_copy(
+        update={
+            "output_dir": _absolute(cfg.output_dir, base),
+            "database": _absolute(cfg.database, base),
+            "validation": validation,
+            "tls": tls,
+        }
+    )
+
+
+def check_files(cfg: ServerConfig, source: str) -> None:
+    """Raise ConfigError naming the key when a referenced input file or folder does not exist."""
+    needed: list[tuple[str, Path | None]] = [("validation.data", cfg.validation.data)]
+    if cfg.tls is not None:
+        needed += [("tls.ca", cfg.tls.ca), ("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)]
+    for key, path in needed:
+        if path is not None and not path.exists():
+            raise ConfigError(f"{source}: {key} = {path} does not exist")
+    if cfg.validation.labels is not None:
+        load_manifest(cfg.validation.labels)  # raises a one-line ConfigError naming the manifest

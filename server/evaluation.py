@@ -1,0 +1,48 @@
+"""Central validation of the global model: the validation set is preprocessed once (cached), then scored each round."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from fedseg.common.errors import DataError
+from fedseg.common.manifest import site_manifest
+from fedseg.common.preprocess import PreparedCase, prepare_site
+from fedseg.common.validation import class_names_for, validate
+from fedseg.server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class CentralValidator:
+    """Dice per organ of a model on the server's validation set (sliding window over whole volumes).
+
+    Args:
+        cfg: server configuration; ``cfg.validation.data`` must be set.
+        cache_dir: where the preprocessed cases are cached (reused across rounds and resumed runs).
+
+    Raises:
+        DataError: the folder holds no labelled case.
+    """
+
+    def __init__(self, cfg: ServerConfig, cache_dir: Path) -> None:
+        if cfg.validation.data is None:
+            raise ValueError("CentralValidator needs cfg.validation.data")
+        manifest = site_manifest(cfg.validation.data, cfg.validation.labels)
+        cases = prepare_site(cfg.validation.data, manifest, cfg.preprocess, cache_dir)
+        labelled = [c for c in cases if c.label is not None]
+        if cfg.validation.max_cases is not None:
+            labelled = labelled[: cfg.validation.max_cases]
+        if not labelled:
+            raise DataError(f"validation.data = {cfg.validation.data} holds no labelled case to validate on")
+        self.cases: list[PreparedCase] = labelled
+        self.patch = cfg.validation_patch
+        self.device = cfg.validation.device
+        self.class_names = class_names_for(cfg.model.n_classes)
+        log.info("central validation: %d cases from %s", len(labelled), cfg.validation.data)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        """``{"dice_<organ>": ..., "dice_mean": ...}`` of ``model`` on the validation cases."""
+        return validate(model, self.cases, self.patch, self.device, self.class_names)

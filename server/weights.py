@@ -1,0 +1,77 @@
+"""Model weights <-> Flower ``ArrayRecord``, keyed by state-dict name (used by the ServerApp and the ClientApp).
+
+An ``ArrayRecord`` built from a *list* renames the keys to "0", "1", ..., which no longer loads into a model,
+so records are always built from a state dict. Weighted averaging turns integer buffers (BatchNorm's
+``num_batches_tracked``) into floats; :func:`state_dict_from_arrays` casts every entry back to the dtype of the
+model it is loaded into.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+from torch import Tensor, nn
+
+from fedseg.common.errors import IncompatibleModelError
+
+_MAX_NAMED = 3
+
+
+def arrays_from_model(model: nn.Module) -> ArrayRecord:
+    """The model's full state dict (parameters and buffers, on CPU) as an ``ArrayRecord``."""
+    state = OrderedDict((k, v.detach().cpu()) for k, v in model.state_dict().items())
+    return ArrayRecord(state)
+
+
+def _names(keys: set[str]) -> str:
+    shown = sorted(keys)[:_MAX_NAMED]
+    more = f" and {len(keys) - _MAX_NAMED} more" if len(keys) > _MAX_NAMED else ""
+    return ", ".join(shown) + more
+
+
+def state_dict_from_arrays(arrays: ArrayRecord, reference: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """Convert an ``ArrayRecord`` into a state dict that matches ``reference`` in keys, shapes and dtypes.
+
+    Args:
+        arrays: weights received from Flower.
+        reference: the target model's ``state_dict()``.
+
+    Returns:
+        Tensors on CPU, in ``reference``'s key order, cast to ``reference``'s dtypes.
+
+    Raises:
+        IncompatibleModelError: keys or shapes differ (the message names a few of them).
+    """
+    missing = set(reference) - set(arrays)
+    unexpected = set(arrays) - set(reference)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_names(unexpected)}")
+        raise IncompatibleModelError(
+            f"received weights do not fit the configured model ({'; '.join(parts)}); "
+            "check that server and site use the same model settings"
+        )
+    state: OrderedDict[str, Tensor] = OrderedDict()
+    for key, ref in reference.items():
+        value = torch.from_numpy(arrays[key].numpy())
+        if tuple(value.shape) != tuple(ref.shape):
+            raise IncompatibleModelError(
+                f"received weight {key!r} has shape {tuple(value.shape)}, the model expects {tuple(ref.shape)}"
+            )
+        state[key] = value.to(dtype=ref.dtype)
+    return state
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Load weights from an ``ArrayRecord`` into ``model`` in place.
+
+    Raises:
+        IncompatibleModelError: the record does not match the model.
+    """
+    model.load_state_dict(state_dict_from_arrays(arrays, model.state_dict()))

@@ -1,0 +1,131 @@
+"""The ClientApp's pieces without Flower running: node-config, local training, the deadline, the train handler."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.common.config import parse_config_args
+
+from fedseg.client.app import train
+from fedseg.client.site import SiteConfig, load_training_cases, site_from_node_config, write_node_config
+from fedseg.client.training import DeadlineExceeded, deadline, train_locally
+from fedseg.common.errors import ConfigError, DataError
+from fedseg.common.model import ModelConfig, build_model
+from fedseg.common.preprocess import PreprocessConfig
+from fedseg.common.training import TrainConfig
+from fedseg.server.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
+from fedseg.server.weights import arrays_from_model
+
+TINY = ModelConfig(feature_scale=64)
+TASK = TrainTask(
+    model=TINY,
+    train=TrainConfig(steps=2, batch_size=2, patch_size=(16, 16, 16), augment=False, lr=1e-2),
+    preprocess=PreprocessConfig(),
+    deadline=120.0,
+)
+
+
+def _site(root: Path, tmp_path: Path) -> SiteConfig:
+    return SiteConfig(
+        site="site-1", data=root / "site-1", labels=str(root / "site-1" / "labels.toml"), workdir=tmp_path
+    )
+
+
+def test_node_config_round_trips_through_flowers_parser(phantom_root: Path, tmp_path: Path) -> None:
+    site = _site(phantom_root, tmp_path / "work dir")
+    path = write_node_config(site, tmp_path / "node-config.toml")
+    parsed = parse_config_args([str(path)])
+    assert site_from_node_config(parsed) == site
+
+
+def test_node_config_without_site_settings_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        site_from_node_config({"partition-id": 0, "num-partitions": 2})
+    message = str(err.value)
+    assert message.startswith("node-config: site: Field required; data: Field required")
+    assert message.endswith("start the SuperNode with fed-client join")
+    with pytest.raises(ConfigError, match="device: Value error, must be 'cpu' or 'cuda"):
+        site_from_node_config({"site": "a", "data": "/d", "workdir": "/w", "device": "gpu"})
+
+
+def test_training_cases_come_from_the_cache_the_second_time(phantom_root: Path, tmp_path: Path) -> None:
+    site = _site(phantom_root, tmp_path)
+    first = load_training_cases(site, PreprocessConfig())
+    assert [c.case_id for c in first] == ["site1_000", "site1_001"]
+    assert len(list(site.cache_dir.glob("*.npz"))) == 2
+    again = load_training_cases(site, PreprocessConfig())
+    np.testing.assert_array_equal(again[0].image, first[0].image)
+
+
+def test_unlabelled_site_is_refused(tmp_path: Path, phantom_root: Path) -> None:
+    images = tmp_path / "site" / "images"
+    images.mkdir(parents=True)
+    source = next((phantom_root / "site-1" / "imagesTr").iterdir())
+    (images / "a.nii.gz").write_bytes(source.read_bytes())
+    site = SiteConfig(site="x", data=tmp_path / "site", workdir=tmp_path / "w")
+    with pytest.raises(DataError, match=r"site x: .* has no labelled case to train on"):
+        load_training_cases(site, PreprocessConfig())
+
+
+def test_train_locally_changes_weights_and_reports_aggregates_only(phantom_root: Path, tmp_path: Path) -> None:
+    cases = load_training_cases(_site(phantom_root, tmp_path), PreprocessConfig())
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    start = arrays_from_model(model)
+    new, result = train_locally(start, TASK, cases, "cpu", seed=3)
+    assert list(new.keys()) == list(start.keys())
+    changed = [k for k in start if not np.array_equal(start[k].numpy(), new[k].numpy())]
+    assert len(changed) > len(start) // 2
+    assert (result.cases, result.samples) == (2, 4)
+    assert result.loss > 0 and result.seconds > 0
+
+
+def test_deadline_interrupts_long_work_and_is_disarmed_after() -> None:
+    with pytest.raises(DeadlineExceeded), deadline(0.2):
+        time.sleep(5)
+    with deadline(0.2):
+        pass
+    time.sleep(0.4)  # no late alarm
+
+
+def _train_message(arrays_record: object, config: ConfigRecord) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(RecordDict({ARRAYS_KEY: arrays_record, CONFIG_KEY: config}), metadata=metadata)  # type: ignore[dict-item]
+
+
+def test_train_handler_replies_with_weights_metrics_and_site_name(phantom_root: Path, tmp_path: Path) -> None:
+    site = _site(phantom_root, tmp_path)
+    node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
+    config = task_config(TASK)
+    config["server-round"] = 3
+    config["proximal-mu"] = 0.1
+    arrays = arrays_from_model(build_model(TINY))
+    context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+    reply = train(_train_message(arrays, config), context)
+    assert not reply.has_error()
+    assert set(reply.content[ARRAYS_KEY].keys()) == set(arrays.keys())
+    metrics = reply.content[METRICS_KEY]
+    assert dict(metrics) | {"train-loss": 0, "train-seconds": 0} == {
+        "num-examples": 2,
+        "train-loss": 0,
+        "train-samples": 4,
+        "train-seconds": 0,
+    }
+    assert reply.content[SITE_KEY]["name"] == "site-1"
+    assert reply.metadata.dst_node_id == 0
+    assert "site site-1 round 3: replying" in (tmp_path / "logs" / "clientapp.log").read_text()

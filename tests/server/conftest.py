@@ -1,0 +1,85 @@
+"""Helpers for server tests: Flower messages built without a running Flower runtime."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+
+def make_metadata(src: int, dst: int = 0) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="x",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def train_reply(
+    node: int,
+    weights: dict[str, np.ndarray],
+    cases: int,
+    loss: float = 0.5,
+    site: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Message:
+    """A site's train reply the way fedseg.client.app builds it."""
+    record = {
+        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+        "metrics": MetricRecord(
+            metrics
+            if metrics is not None
+            else {"num-examples": cases, "train-loss": loss, "train-samples": 4 * cases, "train-seconds": 1.5}
+        ),
+    }
+    if site is not None:
+        record["site"] = ConfigRecord({"name": site})
+    return Message(RecordDict(record), metadata=make_metadata(node))
+
+
+def error_reply(node: int, reason: str = "boom") -> Message:
+    return Message(Error(code=0, reason=reason), metadata=make_metadata(node))
+
+
+@pytest.fixture
+def weights() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((2, 2), np.float32), "n": np.array(3, dtype=np.int64)}
+
+
+@pytest.fixture
+def reply() -> object:
+    """Factory of train replies: ``reply(node, weights, cases, loss=..., site=..., metrics=...)``."""
+    return train_reply
+
+
+@pytest.fixture
+def failed_reply() -> object:
+    """Factory of error replies: ``failed_reply(node, reason)``."""
+    return error_reply
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend to be inside a ServerApp process, so strategies can create instruction messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Two 16³ phantom sites (2 cases each) and a 1-case validation set, generated once per session."""
+    from fedseg.common.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("server-phantoms") / "data"
+    generate_phantoms(root, sites=2, cases_per_site=2, val_cases=1, size=(16, 16, 16))
+    return root

@@ -1,0 +1,117 @@
+"""End to end on loopback: `fed-server start` + two `fed-client join`, 2 rounds, then no process left over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from fedseg.common.checkpoint import read_meta
+from fedseg.common.phantoms import generate_phantoms
+from fedseg.server.history import read_history
+from fedseg.server.processes import free_port, tagged_processes
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
+
+TAG = "FEDSEG_E2E_TAG"
+CLI = "from fedseg.{side}.cli import main; main()"
+
+
+def _spawn(side: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-c", CLI.format(side=side), *args], env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
+
+
+def _server_toml(tmp_path: Path, data: Path, port: int) -> Path:
+    config = {
+        "rounds": 2,
+        "min_sites": 2,
+        "round_timeout": 120.0,
+        "site_wait_timeout": 120.0,
+        "output_dir": str(tmp_path / "run"),
+        "port": port,
+        "model": {"feature_scale": 16},
+        "train": {"steps": 4, "batch_size": 2, "patch_size": [32, 32, 32], "lr": 3e-3, "amp": False},
+        "validation": {
+            "data": str(data / "validation"),
+            "labels": str(data / "validation" / "labels.toml"),
+            "patch_size": [32, 32, 32],
+        },
+    }
+    path = tmp_path / "server.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate_phantoms(data, sites=2, cases_per_site=2, val_cases=1, size=(32, 32, 32))
+    port = free_port()
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, **{TAG: tag, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    started = time.monotonic()
+    server = _spawn("server", ["start", "--config", str(_server_toml(tmp_path, data, port))], env, tmp_path / "s.log")
+    sites = [
+        _spawn(
+            "client",
+            [
+                "join",
+                "--site",
+                name,
+                "--data",
+                str(data / name),
+                "--labels",
+                str(data / name / "labels.toml"),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--workdir",
+                str(tmp_path / "sites" / name),
+            ],
+            env,
+            tmp_path / f"{name}.log",
+        )
+        for name in ("site-1", "site-2")
+    ]
+    try:
+        server.wait(timeout=170)
+    finally:
+        for site in sites:
+            site.send_signal(signal.SIGTERM)
+        for site in sites:
+            site.wait(timeout=60)
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+    output = (tmp_path / "s.log").read_text()
+    assert server.returncode == 0, output[-2000:]
+    assert "finished:completed" in output
+    assert time.monotonic() - started < 180
+
+    rows = read_history(tmp_path / "run")
+    assert [r.round for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert sorted(s.site for s in row.sites) == ["site-1", "site-2"]
+        assert all(s.cases == 2 and s.samples == 8 for s in row.sites)
+        assert row.failures == 0
+        assert row.bytes_out > 0 and row.bytes_in > 0
+    assert set(rows[2].dice) == {"dice_pancreas", "dice_spleen", "dice_kidney", "dice_liver", "dice_mean"}
+    assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
+    assert read_meta(tmp_path / "run" / "checkpoints" / "last.pt").round == 2
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+    assert [s.returncode for s in sites] == [0, 0]
+    for name in ("site-1", "site-2"):
+        assert f"site {name} left the federation" in (tmp_path / f"{name}.log").read_text()
+    deadline = time.monotonic() + 15
+    while (left := tagged_processes(tag, TAG)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], "processes left over"
