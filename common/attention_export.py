@@ -1,3 +1,4 @@
+# mypy: untyped-calls-exclude=SimpleITK
 """Export attention-gate coefficients α: NIfTI maps in the input geometry and a PNG montage (paper Fig. 3 style)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import SimpleITK as sitk
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -54,6 +56,11 @@ def focus_slices(labels: np.ndarray | None, shape: tuple[int, int, int]) -> tupl
     return shape[0] // 2, shape[2] // 2
 
 
+def _lps(volume: Volume) -> Volume:
+    """The volume reoriented to LPS: (z, y, x) runs inferior→superior, anterior→posterior, right→left."""
+    return Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS"))
+
+
 def _show(ax: Axes, ct: np.ndarray, alpha: np.ndarray, aspect: float, origin: Literal["upper", "lower"]) -> None:
     ax.imshow(ct, cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect, origin=origin)
     ax.imshow(alpha, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45, aspect=aspect, origin=origin)
@@ -80,13 +87,16 @@ def write_montage(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    z, x = focus_slices(labels, image.shape)
-    sz, sy, sx = image.spacing
-    ct = image.array.astype(np.float32)
+    # Display in radiological convention whatever the file's direction cosines (RAS NIfTI, LPS DICOM, ...).
+    oriented = _lps(image.with_array(image.array.astype(np.float32)))
+    ct = oriented.array
+    focus = _lps(image.with_array(labels.astype(np.uint8))).array if labels is not None else None
+    z, x = focus_slices(focus, oriented.shape)
+    sz, sy, sx = oriented.spacing
     fig = Figure(figsize=(7.0, 3.2 * max(1, len(maps))), layout="constrained")
     axes = fig.subplots(max(1, len(maps)), 2, squeeze=False)
     for row, (name, volume) in enumerate(sorted(maps.items())):
-        alpha = volume.array
+        alpha = _lps(volume).array
         _show(axes[row][0], ct[z], alpha[z], aspect=sy / sx, origin="upper")
         _show(axes[row][1], ct[:, :, x], alpha[:, :, x], aspect=sz / sy, origin="lower")
         axes[row][0].set_ylabel(name)

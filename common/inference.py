@@ -78,8 +78,8 @@ def _predictor(model: nn.Module, attention: bool) -> Callable[[torch.Tensor], di
         raise ValueError(f"{type(model).__name__} has no attention gates; predict without attention")
 
     def run(window: torch.Tensor) -> dict[str, torch.Tensor]:
-        if window.is_cuda:
-            window = window.contiguous(memory_format=torch.channels_last_3d)
+        # channels_last_3d makes oneDNN / cuDNN 3-D convolutions several times faster (CPU measured 1.2-4x).
+        window = window.contiguous(memory_format=torch.channels_last_3d)
         if attention:
             logits, maps = forward_with_attention(window)  # type: ignore[misc]
             out = {name: alpha.float() for name, alpha in maps.items()}

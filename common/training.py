@@ -48,7 +48,10 @@ class TrainConfig(BaseModel):
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     augment: bool = True
-    amp: bool = Field(default=True, description="bf16 autocast and channels_last_3d on CUDA; ignored on CPU")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
+    channels_last: bool = Field(
+        default=True, description="channels_last_3d memory format: much faster 3-D convolutions on CPU and CUDA"
+    )
     seed: int = 0
     val_every: int = Field(default=1, ge=1, description="validate every this many epochs (when val cases given)")
     prox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight μ; 0 disables it")
@@ -75,6 +78,7 @@ class TrainReport:
         samples: patches seen (steps × batch size).
         steps: optimiser steps taken.
         seconds: wall time of the loop, validation included.
+        val_seconds: the part of ``seconds`` spent validating.
         dice: per-class Dice of the last validation (``validate`` keys), ``None`` if not validated.
         loss_history: training loss of every step.
         val_history: (step, ``validate`` result) for every validation run.
@@ -84,14 +88,16 @@ class TrainReport:
     samples: int
     steps: int
     seconds: float
+    val_seconds: float = 0.0
     dice: dict[str, float] | None = None
     loss_history: list[float] = field(default_factory=list)
     val_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
-        """Training throughput in patches per second."""
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        """Training throughput in patches per second (validation time excluded)."""
+        train_seconds = self.seconds - self.val_seconds
+        return self.samples / train_seconds if train_seconds > 0 else 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,10 +180,12 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _to_device(batch: tuple[Tensor, Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _to_device(
+    batch: tuple[Tensor, Tensor, Tensor], device: torch.device, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     image, label, mask = batch
     image = image.to(device, non_blocking=True)
-    if device.type == "cuda":
+    if channels_last:
         image = image.contiguous(memory_format=torch.channels_last_3d)
     return image, label.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
@@ -215,7 +223,7 @@ def train_model(
     device = torch.device(device)
     seed_everything(cfg.seed)
     model.to(device)
-    if device.type == "cuda" and cfg.amp:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # missing from stubs
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     loss_fn = DiceLoss(ce_weight=cfg.ce_weight)
@@ -229,15 +237,17 @@ def train_model(
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total, loss=float("nan"), speed=0.0)
         for step, batch in enumerate(sampler, start=1):
-            image, label, mask = _to_device(batch, device)
+            image, label, mask = _to_device(batch, device, cfg.channels_last)
             loss = _train_step(model, optimizer, loss_fn, prox, image, label, mask, cfg.amp)
             report.loss_history.append(loss)
             report.samples += image.shape[0]
             report.steps = step
-            speed = report.samples / (time.perf_counter() - start)
+            speed = report.samples / (time.perf_counter() - start - report.val_seconds)
             bar.update(task, advance=1, loss=loss, speed=speed)
             if val_cases and (step % val_steps == 0 or step == total):
+                val_start = time.perf_counter()
                 report.dice = validate(model, val_cases, cfg.patch_size, device)
+                report.val_seconds += time.perf_counter() - val_start
                 report.val_history.append((step, report.dice))
                 log.info("step %d: validation %s", step, _format_dice(report.dice))
                 model.train()

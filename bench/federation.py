@@ -1,0 +1,194 @@
+"""Federation benchmark on phantom sites: (a) Flower overhead per round, (b) federated vs centralised vs alone.
+
+(a) **Overhead.** A real loopback federation (SuperLink + one ``fed-client join`` per site) with the paper-size
+    Attention U-Net (feature_scale 4, 6.47 M parameters) and a token training budget. Per round: wall time minus
+    the slowest site's local training time, and the bytes each site downloads and uploads (weights payload from
+    the history; wire bytes from Flower's own counters).
+(b) **Accuracy.** The same phantom sites trained three ways with the same small network and patch:
+
+    * federated: ``--rounds`` R rounds × ``--local-steps`` E steps at every site (FedAvg by training cases);
+    * centralised: one model on the pooled cases for ``sites × R × E`` steps (the federation's total compute);
+    * alone: each site on its own cases for the same ``sites × R × E`` steps.
+
+    Dice per organ on the neutral validation set (sliding window). Targets: federated mean ≥ 0.95 × centralised,
+    and above every site alone.
+
+    python bench/federation.py                                  # both parts, defaults below (~30 min on 2 cores)
+    python bench/federation.py --skip-overhead --rounds 2 --local-steps 5    # a quick smoke run of part (b)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedseg.common.logs import setup_logging
+from fedseg.common.manifest import GLOBAL_CLASSES, load_manifest
+from fedseg.common.model import ModelConfig, build_model, count_parameters
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.training import TrainConfig, train_model
+from fedseg.common.validation import validate
+from fedseg.server.config import ServerConfig, build_config
+from fedseg.server.demo import DemoOptions, ensure_phantoms, join_argv
+from fedseg.server.federation import run_to_end, start_server
+from fedseg.server.flwrctl import RunStatus
+from fedseg.server.history import RoundRow
+from fedseg.server.processes import Supervisor, free_port
+from fedseg.server.runs import new_spec
+
+ORGANS = GLOBAL_CLASSES[1:]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-federation"), help="work folder")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--cases", type=int, default=3, help="phantom cases per site")
+    parser.add_argument("--val-cases", type=int, default=3)
+    parser.add_argument("--size", type=int, default=48, help="phantom grid side at 2 mm")
+    parser.add_argument("--rounds", type=int, default=6, help="R: federated rounds (accuracy part)")
+    parser.add_argument("--local-steps", type=int, default=30, help="E: local steps per round")
+    parser.add_argument("--feature-scale", type=int, default=16, help="network width divisor (accuracy part)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--overhead-rounds", type=int, default=3)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    return parser.parse_args()
+
+
+def train_settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
+    return {"steps": steps, "batch_size": 2, "patch_size": [32, 48, 48], "lr": args.lr, "amp": False}
+
+
+def federate(args: argparse.Namespace, name: str, settings: dict[str, Any]) -> tuple[list[RoundRow], RunStatus]:
+    """Run one loopback federation over the phantom sites; return its history rows and Flower's final status."""
+    out = args.out / name
+    if out.exists():
+        shutil.rmtree(out)
+    raw = {"min_sites": args.sites, "port": free_port(), "output_dir": str(out / "run"), **settings}
+    cfg: ServerConfig = build_config(raw, args.out.resolve(), name)
+    spec = new_spec(cfg)
+    rows: list[RoundRow] = []
+    threads = str(max(1, (os.cpu_count() or 1) // args.sites))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    with Supervisor() as sup:
+        server = start_server(sup, cfg)
+        sites = []
+        for i in range(1, args.sites + 1):
+            argv = join_argv(f"site-{i}", args.out / "data" / f"site-{i}", cfg.address, out / "sites" / f"site-{i}")
+            sites.append(sup.start(f"site-{i}", argv, env=env, log_path=out / "logs" / f"site-{i}.log"))
+        _, status = run_to_end(server, spec, rows.append, watch=sites)
+    return rows, status
+
+
+def overhead(args: argparse.Namespace) -> None:
+    params = count_parameters(build_model(ModelConfig(feature_scale=4)))
+    settings = {
+        "rounds": args.overhead_rounds,
+        "model": {"feature_scale": 4},
+        "train": {"steps": 2, "batch_size": 2, "patch_size": [32, 32, 32], "lr": 1e-4, "amp": False},
+    }
+    rows, status = federate(args, "overhead", settings)
+    print(f"\n(a) overhead: paper-size Attention U-Net, {params:,} parameters, {args.sites} sites, loopback, CPU")
+    columns = ("round", "wall s", "slowest site s", "overhead s", "down MB/site", "up MB/site")
+    widths = (5, 7, 15, 11, 13, 11)
+    print(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
+    trained = [r for r in rows if r.round > 0]
+    for row in trained:
+        slowest = max(s.seconds for s in row.sites)
+        down = row.bytes_out / max(1, len(row.sites)) / 1e6
+        up = sum(s.bytes_in for s in row.sites) / max(1, len(row.sites)) / 1e6
+        spent = row.seconds - slowest
+        print(f"{row.round:>5} {row.seconds:>7.1f} {slowest:>15.1f} {spent:>11.1f} {down:>13.2f} {up:>11.2f}")
+    mean_overhead = sum(r.seconds - max(s.seconds for s in r.sites) for r in trained) / len(trained)
+    per = len(trained) * args.sites
+    print(f"mean overhead per round: {mean_overhead:.1f} s")
+    print(
+        f"Flower wire counters for the run: {status.bytes_out / 1e6:.1f} MB out, {status.bytes_in / 1e6:.1f} MB in "
+        f"= {status.bytes_out / per / 1e6:.2f} MB down and {status.bytes_in / per / 1e6:.2f} MB up per site-round"
+    )
+
+
+def load_site(root: Path, cache: Path) -> list[PreparedCase]:
+    manifest = load_manifest(root / "labels.toml")
+    return [c for c in prepare_site(root, manifest, PreprocessConfig(), cache) if c.label is not None]
+
+
+def train_alone(args: argparse.Namespace, cases: list[PreparedCase], steps: int) -> tuple[dict[str, float], float]:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_scale=args.feature_scale))
+    cfg = TrainConfig(**train_settings(args, steps))
+    start = time.perf_counter()
+    train_model(model, cases, cfg, "cpu", progress=False)
+    val = load_site(args.out / "data" / "validation", args.out / "cache" / "validation")
+    return validate(model, val, (48, 48, 48), "cpu"), time.perf_counter() - start
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    settings = {
+        "rounds": args.rounds,
+        "model": {"feature_scale": args.feature_scale},
+        "train": train_settings(args, args.local_steps),
+        "validation": {
+            "data": str(args.out / "data" / "validation"),
+            "labels": str(args.out / "data" / "validation" / "labels.toml"),
+            "patch_size": [48, 48, 48],
+        },
+    }
+    started = time.perf_counter()
+    rows, _ = federate(args, "accuracy", settings)
+    results: list[tuple[str, dict[str, Any], float, int]] = []
+    final = rows[-1]
+    fed_dice = {k: (v if v is not None else float("nan")) for k, v in final.dice.items()}
+    results.append((f"federated ({args.rounds}x{args.local_steps} steps/site)", fed_dice, time.perf_counter() - started,
+                    args.rounds * args.local_steps))  # fmt: skip
+    total = args.sites * args.rounds * args.local_steps
+    sites = {f"site-{i}": load_site(args.out / "data" / f"site-{i}", args.out / "cache" / f"site-{i}")
+             for i in range(1, args.sites + 1)}  # fmt: skip
+    pooled = [c for cases in sites.values() for c in cases]
+    dice, seconds = train_alone(args, pooled, total)
+    results.append(("centralised (pooled)", dice, seconds, total))
+    for name, cases in sites.items():
+        dice, seconds = train_alone(args, cases, total)
+        results.append((f"{name} alone", dice, seconds, total))
+    print(f"\n(b) accuracy on {args.val_cases} validation phantoms ({args.size}^3 at 2 mm), feature_scale "
+          f"{args.feature_scale}, {args.sites} sites x {args.cases} cases")  # fmt: skip
+    header = f"{'setting':<36} {'steps':>6} " + " ".join(f"{o:>8}" for o in ORGANS) + f" {'mean':>6} {'s':>6}"
+    print(header)
+    for name, dice, seconds, steps in results:
+        organs = " ".join(f"{dice.get(f'dice_{o}', float('nan')):>8.3f}" for o in ORGANS)
+        print(f"{name:<36} {steps:>6} {organs} {dice['dice_mean']:>6.3f} {seconds:>6.0f}")
+    fed, central = results[0][1]["dice_mean"], results[1][1]["dice_mean"]
+    alone = [r[1]["dice_mean"] for r in results[2:]]
+    print(f"federated / centralised = {fed / central:.3f} (target >= 0.95); "
+          f"federated - best alone = {fed - max(alone):+.3f} (target > 0)")  # fmt: skip
+    print("federated mean Dice by round: " + " ".join(f"{r.round}:{r.mean_dice:.3f}" for r in rows))
+
+
+def main() -> None:
+    args = parse_args()
+    setup_logging(False)
+    args.out = args.out.resolve()
+    ensure_phantoms(
+        DemoOptions(
+            out=args.out,
+            sites=args.sites,
+            size=(args.size, args.size, args.size),
+            cases_per_site=args.cases,
+            val_cases=args.val_cases,
+        )
+    )
+    if not args.skip_overhead:
+        overhead(args)
+    if not args.skip_accuracy:
+        accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
