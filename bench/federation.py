@@ -7,8 +7,9 @@
 (b) **Accuracy.** The same phantom sites trained three ways with the same small network and patch:
 
     * federated: ``--rounds`` R rounds × ``--local-steps`` E steps at every site (FedAvg by training cases);
-    * centralised: one model on the pooled cases for ``sites × R × E`` steps (the federation's total compute);
-    * alone: each site on its own cases for the same ``sites × R × E`` steps.
+    * centralised: one model on the pooled cases for the same total epochs, R × E steps (an "epoch" is a fixed
+      number of steps, as in nnU-Net); ``--baseline-steps`` changes it, e.g. to sites × R × E for equal compute;
+    * alone: each site on its own cases for the same R × E steps.
 
     Dice per organ on the neutral validation set (sliding window). Targets: federated mean ≥ 0.95 × centralised,
     and above every site alone.
@@ -56,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=30, help="E: local steps per round")
     parser.add_argument("--feature-scale", type=int, default=16, help="network width divisor (accuracy part)")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--baseline-steps", type=int, default=None, help="centralised/alone steps (default R x E)")
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
@@ -148,7 +150,7 @@ def accuracy(args: argparse.Namespace) -> None:
     fed_dice = {k: (v if v is not None else float("nan")) for k, v in final.dice.items()}
     results.append((f"federated ({args.rounds}x{args.local_steps} steps/site)", fed_dice, time.perf_counter() - started,
                     args.rounds * args.local_steps))  # fmt: skip
-    total = args.sites * args.rounds * args.local_steps
+    total = args.baseline_steps or args.rounds * args.local_steps
     sites = {f"site-{i}": load_site(args.out / "data" / f"site-{i}", args.out / "cache" / f"site-{i}")
              for i in range(1, args.sites + 1)}  # fmt: skip
     pooled = [c for cases in sites.values() for c in cases]

@@ -1,8 +1,13 @@
-"""End to end on loopback: `fed-server start` + two `fed-client join`, 2 rounds, then no process left over."""
+"""End to end on loopback over HTTPS: `fed-server start` + two `fed-client join`, 2 rounds, no process left over.
+
+TLS uses a throw-away CA and server certificate (openssl); the plain-HTTP path runs end to end in
+tests/server/test_site_failure.py and tests/server/test_start_shutdown.py.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +23,34 @@ from fedseg.common.phantoms import generate_phantoms
 from fedseg.server.history import read_history
 from fedseg.server.processes import free_port, tagged_processes
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+]
 
 TAG = "FEDSEG_E2E_TAG"
 CLI = "from fedseg.{side}.cli import main; main()"
+SITES = ("site-1", "site-2")
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_certificates(folder: Path) -> dict[str, str]:
+    """A throw-away CA and a server certificate valid for localhost and 127.0.0.1 (the ``[tls]`` table)."""
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.pem"))
+    subject = ["-nodes", "-days", "2", "-subj"]
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", *subject, "/CN=fedseg-test-ca", "-keyout", str(ca_key), "-out", str(ca)
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr))
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+    signing = ["-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2", "-extfile", str(ext)]
+    _openssl("x509", "-req", "-in", str(csr), *signing, "-out", str(cert))
+    return {"ca": str(ca), "cert": str(cert), "key": str(key)}
 
 
 def _spawn(side: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -33,6 +62,7 @@ def _spawn(side: str, args: list[str], env: dict[str, str], log: Path) -> subpro
 
 def _server_toml(tmp_path: Path, data: Path, port: int) -> Path:
     config = {
+        "tls": make_certificates(tmp_path),
         "rounds": 2,
         "min_sites": 2,
         "round_timeout": 120.0,
@@ -52,6 +82,12 @@ def _server_toml(tmp_path: Path, data: Path, port: int) -> Path:
     return path
 
 
+def _join_args(name: str, data: Path, port: int, tmp_path: Path) -> list[str]:
+    site = ["join", "--site", name, "--data", str(data / name), "--labels", str(data / name / "labels.toml")]
+    connection = ["--server", f"127.0.0.1:{port}", "--root-certificates", str(tmp_path / "ca.crt")]
+    return [*site, *connection, "--workdir", str(tmp_path / "sites" / name)]
+
+
 def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_phantoms(data, sites=2, cases_per_site=2, val_cases=1, size=(32, 32, 32))
@@ -60,27 +96,7 @@ def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     env = dict(os.environ, **{TAG: tag, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     started = time.monotonic()
     server = _spawn("server", ["start", "--config", str(_server_toml(tmp_path, data, port))], env, tmp_path / "s.log")
-    sites = [
-        _spawn(
-            "client",
-            [
-                "join",
-                "--site",
-                name,
-                "--data",
-                str(data / name),
-                "--labels",
-                str(data / name / "labels.toml"),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--workdir",
-                str(tmp_path / "sites" / name),
-            ],
-            env,
-            tmp_path / f"{name}.log",
-        )
-        for name in ("site-1", "site-2")
-    ]
+    sites = [_spawn("client", _join_args(name, data, port, tmp_path), env, tmp_path / f"{name}.log") for name in SITES]
     try:
         server.wait(timeout=170)
     finally:
