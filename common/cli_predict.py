@@ -28,7 +28,8 @@ from fedseg.common.checkpoint import CheckpointMeta, load_checkpoint
 from fedseg.common.cliutil import guarded
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.inference import predict_volume
-from fedseg.common.io import NIFTI_SUFFIXES, is_nifti, read_volume, write_volume
+from fedseg.common.io import is_nifti, read_volume, write_volume
+from fedseg.common.layouts import case_stem
 from fedseg.common.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,6 @@ class PredictResult:
     shape: tuple[int, int, int]
     seconds: float
     files: list[Path]
-
-
-def case_stem(path: Path) -> str:
-    """``ct.nii.gz`` -> ``ct``; a DICOM folder keeps its name."""
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def find_inputs(path: Path) -> list[Path]:
