@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--feature-scale", type=int, default=8, help="4 = the paper's network (4x the compute)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (the paper's 1e-4 needs ~10x the steps)")
+    parser.add_argument("--schedule", choices=("constant", "poly"), default="poly", help="learning-rate schedule")
+    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     parser.add_argument("--ce-weight", type=float, default=1.0, help="cross-entropy weight added to Dice")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,6 +108,8 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
             "patch_size": patch,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "lr_schedule": args.schedule,
+            "warmup_steps": args.warmup,
             "ce_weight": args.ce_weight,
             "seed": args.seed,
         }
@@ -132,7 +136,8 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
 def print_tables(results: list[ArchResult], args: argparse.Namespace, n_train: int, n_val: int) -> None:
     print(
         f"\nphantoms {args.size}^3 at 2 mm, 3 sites x {args.cases_per_site} train cases ({n_train}), {n_val} val;"
-        f" patch {args.patch}, batch {args.batch_size}, feature_scale {args.feature_scale}, lr {args.lr},"
+        f" patch {args.patch}, batch {args.batch_size}, feature_scale {args.feature_scale}, lr {args.lr}"
+        f" ({args.schedule}, warm-up {args.warmup}),"
         f" ce_weight {args.ce_weight}, {args.steps} steps, {torch.get_num_threads()} CPU threads\n"
     )
     head = "| model | params | " + " | ".join(f"Dice {o}" for o in ORGANS) + " | mean fg Dice |"

@@ -147,7 +147,10 @@ def run_training(run: TrainRun, progress: bool = True) -> list[dict[str, float]]
     rows = []
     for epoch in range(start, run.train.epochs + 1):
         epoch_cfg = run.train.model_copy(update={"epochs": 1, "steps": None, "seed": run.train.seed + epoch})
-        report = train_model(model, cases, epoch_cfg, run.device, progress=progress, optimizer=optimizer)
+        schedule = ((epoch - 1) * run.train.steps_per_epoch, run.train.epochs * run.train.steps_per_epoch)
+        report = train_model(
+            model, cases, epoch_cfg, run.device, progress=progress, optimizer=optimizer, schedule=schedule
+        )
         row = {"epoch": float(epoch), "loss": report.mean_loss, "seconds": report.seconds}
         row["samples_per_second"] = report.samples_per_second
         if val_cases:
@@ -176,6 +179,10 @@ def train_command(
     feature_scale: Annotated[int, typer.Option(help="Divides the base filters 64..1024 (paper: 4).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Patches per step.")] = 2,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    lr_schedule: Annotated[
+        Literal["constant", "poly"], typer.Option(help="constant, or poly: (1 - t/T)^0.9 decay over all epochs.")
+    ] = "constant",
+    warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and augmentation.")] = 0,
@@ -195,6 +202,8 @@ def train_command(
             "patch_size": patch_size,
             "batch_size": batch_size,
             "lr": lr,
+            "lr_schedule": lr_schedule,
+            "warmup_steps": warmup,
             "seed": seed,
         }
     )

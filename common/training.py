@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,6 +45,10 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=2, ge=1)
     patch_size: tuple[int, int, int] = Field(default=(96, 160, 160), description="(D, H, W), multiples of 16")
     lr: float = Field(default=1e-4, gt=0)
+    lr_schedule: Literal["constant", "poly"] = Field(
+        default="constant", description="constant (the paper) or nnU-Net's poly decay (1 - t/T)^0.9 to zero"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="linear learning-rate warm-up from lr/warmup_steps")
     weight_decay: float = Field(default=1e-6, ge=0)
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
@@ -67,6 +72,22 @@ class TrainConfig(BaseModel):
     def total_steps(self) -> int:
         """The number of optimiser steps one :func:`train_model` call runs."""
         return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch
+
+
+#: Exponent of the poly learning-rate decay (nnU-Net's value).
+POLY_EXPONENT = 0.9
+
+
+def lr_factor(step: int, total: int, schedule: Literal["constant", "poly"], warmup: int = 0) -> float:
+    """Multiplier of the base learning rate for optimiser step ``step`` (0-based) of a ``total``-step schedule.
+
+    ``poly`` decays as (1 - step/total)^0.9, reaching 0 after the last step; ``warmup`` > 0 first ramps the
+    rate linearly over that many steps, (step + 1) / warmup. Steps past ``total`` keep the final factor.
+    """
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "constant" or total <= 0:
+        return warm
+    return float(warm * (1.0 - min(step, total) / total) ** POLY_EXPONENT)
 
 
 @dataclass
@@ -199,6 +220,7 @@ def train_model(
     val_cases: Sequence[PreparedCase] | None = None,
     progress: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``cfg.total_steps`` steps on random patches of ``cases``.
 
@@ -213,6 +235,8 @@ def train_model(
         progress: show a rich progress bar with loss and speed.
         optimizer: an optimiser over ``model``'s parameters to continue (keeps Adam state across calls);
             a fresh :func:`make_optimizer` one when ``None``.
+        schedule: ``(steps already taken, total steps)`` of a learning-rate schedule that spans several calls
+            (``fed-eval train`` calls once per epoch); defaults to ``(0, cfg.total_steps)``.
 
     Returns:
         A :class:`TrainReport`.
@@ -231,6 +255,7 @@ def train_model(
     sampler = PatchSampler(cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed)
     val_steps = cfg.val_every * cfg.steps_per_epoch
     total = cfg.total_steps
+    done, horizon = schedule if schedule is not None else (0, total)
     report = TrainReport(mean_loss=float("nan"), samples=0, steps=0, seconds=0.0)
     start = time.perf_counter()
     model.train()
@@ -238,6 +263,7 @@ def train_model(
         task = bar.add_task("train", total=total, loss=float("nan"), speed=0.0)
         for step, batch in enumerate(sampler, start=1):
             image, label, mask = _to_device(batch, device, cfg.channels_last)
+            _set_lr(optimizer, cfg.lr * lr_factor(done + step - 1, horizon, cfg.lr_schedule, cfg.warmup_steps))
             loss = _train_step(model, optimizer, loss_fn, prox, image, label, mask, cfg.amp)
             report.loss_history.append(loss)
             report.samples += image.shape[0]
@@ -256,6 +282,11 @@ def train_model(
     report.seconds = time.perf_counter() - start
     report.mean_loss = float(np.mean(report.loss_history))
     return report
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _train_step(

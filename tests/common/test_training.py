@@ -17,7 +17,7 @@ from fedseg.common.manifest import LabelManifest
 from fedseg.common.model import ModelConfig, build_model
 from fedseg.common.phantoms import generate_phantoms
 from fedseg.common.preprocess import PreparedCase, PreprocessConfig, preprocess_case
-from fedseg.common.training import ProximalTerm, TrainConfig, train_model
+from fedseg.common.training import ProximalTerm, TrainConfig, lr_factor, train_model
 from fedseg.common.validation import validate
 
 TINY = ModelConfig(feature_scale=16)
@@ -99,6 +99,38 @@ def test_train_model_validates_every_epoch(case: PreparedCase) -> None:
     assert [step for step, _ in report.val_history] == [2, 4]
 
 
+def test_lr_factor_hand_computed() -> None:
+    assert [lr_factor(s, 10, "constant") for s in (0, 5, 20)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 10, "poly") == 1.0
+    assert lr_factor(5, 10, "poly") == pytest.approx(0.5**0.9)
+    assert lr_factor(10, 10, "poly") == 0.0 and lr_factor(15, 10, "poly") == 0.0
+    assert [lr_factor(s, 10, "constant", warmup=4) for s in (0, 1, 3, 8)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor(1, 10, "poly", warmup=4) == pytest.approx(0.5 * 0.9**0.9)
+
+
+class _LrRecorder(torch.optim.SGD):
+    """SGD that records the learning rate of every step (what train_model set before stepping)."""
+
+    def __init__(self, params: object) -> None:
+        super().__init__(params, lr=1.0)  # type: ignore[arg-type]
+        self.seen: list[float] = []
+
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        self.seen.append(self.param_groups[0]["lr"])
+
+
+def test_train_model_applies_schedule_across_calls(case: PreparedCase) -> None:
+    model = _model()
+    opt = _LrRecorder(model.parameters())
+    cfg = _config(steps=2, lr=1.0, lr_schedule="poly")
+    train_model(model, [case], cfg, "cpu", progress=False, optimizer=opt, schedule=(0, 4))
+    train_model(model, [case], cfg, "cpu", progress=False, optimizer=opt, schedule=(2, 4))
+    assert opt.seen == pytest.approx([1.0, 0.75**0.9, 0.5**0.9, 0.25**0.9])
+    constant = _LrRecorder(model.parameters())
+    train_model(model, [case], _config(steps=2, lr=0.5), "cpu", progress=False, optimizer=constant)
+    assert constant.seen == [0.5, 0.5]
+
+
 def _distance(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
     return sum(float((p.detach() - reference[n]).pow(2).sum()) for n, p in model.named_parameters()) ** 0.5
 
@@ -163,15 +195,16 @@ def test_train_cli_writes_checkpoints_and_resumes(phantom_root: Path, tmp_path: 
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv"}
     assert read_meta(out / "last.pt").epoch == 1
-    result = runner.invoke(app, _train_args(phantom_root, out, 2, "--resume"))
+    result = runner.invoke(app, _train_args(phantom_root, out, 2, "--resume", "--lr-schedule", "poly"))
     assert result.exit_code == 0, result.output
     rows = _rows(out / "metrics.csv")
     assert [int(float(r["epoch"])) for r in rows] == [1, 2]
     assert {"loss", "dice_liver", "dice_mean", "samples_per_second"} <= set(rows[0])
     _, meta = load_checkpoint(out / "last.pt", expect=ModelConfig(feature_scale=16))
     assert meta.epoch == 2 and meta.patch_size == (16, 32, 32)
-    state = torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"]
-    assert float(next(iter(state.values()))["step"]) == 4.0  # Adam state continued across the resume
+    optimizer = torch.load(out / "last.pt", weights_only=True)["optimizer"]
+    assert float(next(iter(optimizer["state"].values()))["step"]) == 4.0  # Adam state continued across the resume
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(1e-4 * 0.25**0.9)  # poly at step 4 of 2 x 2
 
 
 def _error(args: list[str]) -> tuple[int, str]:
