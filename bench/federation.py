@@ -29,18 +29,18 @@ from typing import Any
 
 import torch
 
+from fedseg.common.flwrctl import RunStatus
 from fedseg.common.logs import setup_logging
 from fedseg.common.manifest import GLOBAL_CLASSES, load_manifest
 from fedseg.common.model import ModelConfig, build_model, count_parameters
 from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.processes import Supervisor, free_port
 from fedseg.common.training import TrainConfig, train_model
 from fedseg.common.validation import validate
 from fedseg.server.config import ServerConfig, build_config
 from fedseg.server.demo import DemoOptions, ensure_phantoms, join_argv
 from fedseg.server.federation import run_to_end, start_server
-from fedseg.server.flwrctl import RunStatus
 from fedseg.server.history import RoundRow
-from fedseg.server.processes import Supervisor, free_port
 from fedseg.server.runs import new_spec
 
 ORGANS = GLOBAL_CLASSES[1:]

@@ -13,8 +13,9 @@ from flwr.clientapp import ClientApp
 
 from fedseg.client.site import load_training_cases, site_from_node_config
 from fedseg.client.training import deadline, train_locally
-from fedseg.server.applog import detach, log_to_file
-from fedseg.server.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+from fedseg.common.applog import detach, log_to_file
+from fedseg.common.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+from fedseg.common.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def train(msg: Message, context: Context) -> Message:
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
             seed = round_seed(task.train.seed, server_round, site.site)
-            new_arrays, result = train_locally(arrays, task, cases, site.device, seed)
+            new_arrays, result = train_locally(arrays, task, cases, resolve_device(site.device), seed)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
     except Exception:

@@ -15,6 +15,7 @@ from fedseg.common.cliutil import guarded
 from fedseg.common.errors import ConfigError
 from fedseg.common.logs import console
 from fedseg.common.preprocess import PreprocessConfig
+from fedseg.common.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def join_command(
             "--labels", help="Label manifest (TOML/JSON) or built-in name (default: DATA/labels.toml, else 1..4)."
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to train: cpu or cuda[:N].")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Where to train: cpu, cuda, cuda:N or auto.")] = "cpu",
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Private folder for cache and logs (default: ./fedseg-<site>).")
     ] = None,
@@ -68,6 +69,7 @@ def join_command(
         workdir=(workdir or Path(f"fedseg-{site}")).resolve(),
         device=device,
     )
+    resolve_device(cfg.device)
     cfg, report, cases = check_and_prepare(cfg, PreprocessConfig())
     console.print(
         f"site [bold]{escape(site)}[/]: {len(report.usable)} usable, {len(report.skipped)} skipped; "

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, write_node_config
 from fedseg.common.errors import DataError
+from fedseg.common.flwrctl import flower_env, flower_executable
 from fedseg.common.layouts import CaseFiles
 from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.processes import Supervisor, free_port
 from fedseg.common.sitecheck import SiteReport, check_site
-from fedseg.server.flwrctl import flower_env, flower_executable
-from fedseg.server.processes import Supervisor, free_port
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedseg.common.cliutil import format_validation_error
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.manifest import SITE_MANIFEST, LabelManifest, site_manifest
 from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.training import DeviceName
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class SiteConfig(BaseModel):
         data: dataset folder (any layout ``fed-client check`` accepts).
         labels: label manifest file or built-in name; None = data already in global numbering.
         workdir: the site's private folder (cache, logs, Flower home).
-        device: ``cpu`` or ``cuda[:N]``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -41,14 +42,7 @@ class SiteConfig(BaseModel):
     data: Path
     labels: str | None = None
     workdir: Path
-    device: str = "cpu"
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value != "cpu" and not value.startswith("cuda"):
-            raise ValueError(f"must be 'cpu' or 'cuda[:N]', got {value!r}")
-        return value
+    device: DeviceName = "cpu"
 
     @property
     def cache_dir(self) -> Path:

@@ -9,13 +9,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
+import torch
 from flwr.app import ArrayRecord
 
 from fedseg.common.model import build_model
 from fedseg.common.preprocess import PreparedCase
+from fedseg.common.protocol import LocalResult, TrainTask
 from fedseg.common.training import train_model
-from fedseg.server.protocol import LocalResult, TrainTask
-from fedseg.server.weights import arrays_from_model, load_arrays
+from fedseg.common.weights import arrays_from_model, load_arrays
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def train_locally(
     arrays: ArrayRecord,
     task: TrainTask,
     cases: Sequence[PreparedCase],
-    device: str,
+    device: torch.device | str,
     seed: int,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.

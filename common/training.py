@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
@@ -121,8 +122,29 @@ class TrainReport:
         return self.samples / train_seconds if train_seconds > 0 else 0.0
 
 
-def resolve_device(name: str) -> torch.device:
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(value: str) -> str:
+    """``value`` if it names a device fedseg can use (``auto``, ``cpu``, ``cuda``, ``cuda:N``); else ValueError.
+
+    Only the spelling is checked; :func:`resolve_device` checks that the device exists on this machine.
+    """
+    if not _DEVICE_NAME.fullmatch(value):
+        raise ValueError(f"must be cpu, cuda, cuda:N or auto, got {value!r}")
+    return value
+
+
+#: A config field naming a device: validated spelling, resolved with :func:`resolve_device` where it is used.
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
+
+
+def resolve_device(name: str, setting: str = "--device") -> torch.device:
     """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a torch device that exists here.
+
+    Args:
+        name: the device name.
+        setting: what the user set it with, for the error message (an option or a config key).
 
     Raises:
         ConfigError: the name is not a device, or CUDA was asked for but is not available.
@@ -130,16 +152,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_device_name(name)
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{setting} {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} requested but CUDA is not available here; use --device cpu")
+            raise ConfigError(f"{setting} = {name} but CUDA is not available here; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ConfigError(f"{setting} = {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
 
 

@@ -11,10 +11,11 @@ from rich.markup import escape
 from fedseg.common.cliutil import guarded
 from fedseg.common.errors import ConfigError
 from fedseg.common.logs import console
+from fedseg.common.processes import Supervisor
+from fedseg.common.training import resolve_device
 from fedseg.server.config import RunSpec, load_server_config
 from fedseg.server.federation import run_to_end, start_server
 from fedseg.server.live import LiveRounds, summary_lines
-from fedseg.server.processes import Supervisor
 from fedseg.server.runs import new_spec, resume_spec
 
 
@@ -22,13 +23,14 @@ def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str])
     """The run that ``start`` should execute: a new one from ``config``, or the continuation of ``resume``.
 
     Raises:
-        ConfigError: both or an invalid value were given.
+        ConfigError: both or an invalid value were given, or validation.device is not on this machine.
     """
     if config is not None and resume is not None:
         raise ConfigError("pass either --config (new run) or --resume RUN_DIR (continue a run), not both")
-    if resume is not None:
-        return resume_spec(resume, overrides)
-    return new_spec(load_server_config(config, overrides))
+    spec = resume_spec(resume, overrides) if resume is not None else new_spec(load_server_config(config, overrides))
+    if spec.config.validation.data is not None:
+        resolve_device(spec.config.validation.device, "validation.device")
+    return spec
 
 
 def run_and_report(spec: RunSpec) -> None:

@@ -41,14 +41,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedseg.common.cliutil import format_validation_error
 from fedseg.common.errors import ConfigError
 from fedseg.common.manifest import load_manifest
 from fedseg.common.model import ModelConfig
 from fedseg.common.preprocess import PreprocessConfig
-from fedseg.common.training import TrainConfig
+from fedseg.common.training import DeviceName, TrainConfig
 
 #: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
 RUN_CONFIG_KEY = "config-json"
@@ -85,15 +85,8 @@ class ValidationConfig(BaseModel):
         default=None, description="label manifest file or built-in name; default data/labels.toml, else 1..4"
     )
     patch_size: tuple[int, int, int] | None = Field(default=None, description="sliding window; default train's")
-    device: str = "cpu"
+    device: DeviceName = "cpu"
     max_cases: int | None = Field(default=None, ge=1)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value != "cpu" and not value.startswith("cuda"):
-            raise ValueError(f"must be 'cpu' or 'cuda[:N]', got {value!r}")
-        return value
 
 
 class TLSConfig(BaseModel):

@@ -25,12 +25,12 @@ from fedseg.common.inference import predict_volume
 from fedseg.common.io import read_volume
 from fedseg.common.layouts import discover_cases
 from fedseg.common.phantoms import generate_phantoms
+from fedseg.common.processes import Child, Supervisor, free_port
 from fedseg.server.checkpoints import BEST, LAST
 from fedseg.server.config import RunSpec, ServerConfig, build_config, merge, parse_overrides
 from fedseg.server.federation import Server, run_to_end, start_server
 from fedseg.server.history import RoundRow
 from fedseg.server.live import LiveRounds
-from fedseg.server.processes import Child, Supervisor, free_port
 from fedseg.server.rounds import CHECKPOINT_DIR
 from fedseg.server.runs import CONFIG_FILE, new_spec
 

@@ -10,6 +10,7 @@ from torch import nn
 from fedseg.common.errors import DataError
 from fedseg.common.manifest import site_manifest
 from fedseg.common.preprocess import PreparedCase, prepare_site
+from fedseg.common.training import resolve_device
 from fedseg.common.validation import class_names_for, validate
 from fedseg.server.config import ServerConfig
 
@@ -39,7 +40,7 @@ class CentralValidator:
             raise DataError(f"validation.data = {cfg.validation.data} holds no labelled case to validate on")
         self.cases: list[PreparedCase] = labelled
         self.patch = cfg.validation_patch
-        self.device = cfg.validation.device
+        self.device = resolve_device(cfg.validation.device)
         self.class_names = class_names_for(cfg.model.n_classes)
         log.info("central validation: %d cases from %s", len(labelled), cfg.validation.data)
 

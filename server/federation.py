@@ -1,6 +1,6 @@
 """Drive a whole federated run from ``fed-server``: SuperLink up, run submitted, followed to the end, all stopped.
 
-Everything runs under a :class:`~fedseg.server.processes.Supervisor`, so the SuperLink, its SuperExec and the
+Everything runs under a :class:`~fedseg.common.processes.Supervisor`, so the SuperLink, its SuperExec and the
 ServerApp process are gone when the ``with`` block ends, whether the run completed, failed or was interrupted.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.flwrctl import FlowerControl, RunStatus, write_connection
+from fedseg.common.processes import Child, Supervisor
 from fedseg.server.app import EXIT_MARKER, LOG_FILE
 from fedseg.server.config import RunSpec, ServerConfig
-from fedseg.server.flwrctl import FlowerControl, RunStatus, write_connection
 from fedseg.server.history import RoundRow, read_history
-from fedseg.server.processes import Child, Supervisor
 from fedseg.server.runs import PRIVATE_DIR, save_config, stage_app, write_run_config
 from fedseg.server.superlink import local_address, start_superlink
 

@@ -14,14 +14,14 @@ from torch import nn
 
 from fedseg.common.checkpoint import CheckpointMeta, config_hash, load_checkpoint
 from fedseg.common.model import build_model
+from fedseg.common.protocol import TrainTask, task_config
 from fedseg.common.validation import class_names_for
+from fedseg.common.weights import arrays_from_model, load_arrays
 from fedseg.server.checkpoints import GlobalCheckpoints
 from fedseg.server.config import RunSpec
 from fedseg.server.evaluation import CentralValidator
 from fedseg.server.history import History, RoundRow, clean_dice
-from fedseg.server.protocol import TrainTask, task_config
 from fedseg.server.strategy import RecordingStrategy, RoundStats, build_strategy
-from fedseg.server.weights import arrays_from_model, load_arrays
 
 log = logging.getLogger(__name__)
 

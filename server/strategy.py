@@ -22,9 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from fedseg.server.config import ServerConfig
 from fedseg.server.history import SiteRound
-from fedseg.server.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 

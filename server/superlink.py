@@ -10,9 +10,9 @@ import urllib.request
 from pathlib import Path
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.flwrctl import flower_env, flower_executable
+from fedseg.common.processes import Child, Supervisor
 from fedseg.server.config import ServerConfig
-from fedseg.server.flwrctl import flower_env, flower_executable
-from fedseg.server.processes import Child, Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import tomli_w
 
 from fedseg.common.checkpoint import read_meta
 from fedseg.common.phantoms import generate_phantoms
+from fedseg.common.processes import free_port, tagged_processes
 from fedseg.server.history import read_history
-from fedseg.server.processes import free_port, tagged_processes
 
 pytestmark = [
     pytest.mark.slow,

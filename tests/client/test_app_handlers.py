@@ -17,9 +17,9 @@ from fedseg.client.training import DeadlineExceeded, deadline, train_locally
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.model import ModelConfig, build_model
 from fedseg.common.preprocess import PreprocessConfig
+from fedseg.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
 from fedseg.common.training import TrainConfig
-from fedseg.server.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
-from fedseg.server.weights import arrays_from_model
+from fedseg.common.weights import arrays_from_model
 
 TINY = ModelConfig(feature_scale=64)
 TASK = TrainTask(
@@ -49,7 +49,7 @@ def test_node_config_without_site_settings_is_a_clear_error() -> None:
     message = str(err.value)
     assert message.startswith("node-config: site: Field required; data: Field required")
     assert message.endswith("start the SuperNode with fed-client join")
-    with pytest.raises(ConfigError, match="device: Value error, must be 'cpu' or 'cuda"):
+    with pytest.raises(ConfigError, match="device: Value error, must be cpu, cuda, cuda:N or auto"):
         site_from_node_config({"site": "a", "data": "/d", "workdir": "/w", "device": "gpu"})
 
 

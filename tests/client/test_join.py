@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedseg.client import join as join_module
@@ -107,7 +108,12 @@ def test_supernode_is_restarted_until_the_limit(tmp_path: Path, monkeypatch: pyt
         (["--server", "localhost"], "--server must look like HOST:PORT (e.g. 10.0.0.5:9092), got 'localhost'"),
         (["--server", "h:99999"], "--server must look like HOST:PORT"),
         (["--root-certificates", "/nonexistent/ca.crt"], "--root-certificates /nonexistent/ca.crt does not exist"),
-        (["--device", "gpu"], "device: Value error, must be 'cpu' or 'cuda[:N]', got 'gpu'"),
+        (["--device", "gpu"], "device: Value error, must be cpu, cuda, cuda:N or auto, got 'gpu'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device = cuda but CUDA is not available here; use cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_join_cli_rejects_bad_options_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:

@@ -12,12 +12,20 @@ from typer.testing import CliRunner
 
 from fedseg.common.checkpoint import load_checkpoint, read_meta
 from fedseg.common.cli import app
+from fedseg.common.errors import ConfigError
 from fedseg.common.io import Volume
 from fedseg.common.manifest import LabelManifest
 from fedseg.common.model import ModelConfig, build_model
 from fedseg.common.phantoms import generate_phantoms
 from fedseg.common.preprocess import PreparedCase, PreprocessConfig, preprocess_case
-from fedseg.common.training import ProximalTerm, TrainConfig, lr_factor, train_model
+from fedseg.common.training import (
+    ProximalTerm,
+    TrainConfig,
+    check_device_name,
+    lr_factor,
+    resolve_device,
+    train_model,
+)
 from fedseg.common.validation import validate
 
 TINY = ModelConfig(feature_scale=16)
@@ -97,6 +105,24 @@ def test_train_model_validates_every_epoch(case: PreparedCase) -> None:
     cfg = _config(steps=None, epochs=2, steps_per_epoch=2, val_every=1)
     report = train_model(_model(), [case], cfg, "cpu", val_cases=[case], progress=False)
     assert [step for step, _ in report.val_history] == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda", "cuda:1", "auto"])
+def test_device_names_accepted(name: str) -> None:
+    assert check_device_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["gpu", "cudafoo", "cuda:", "cuda:x", "CPU", "mps", ""])
+def test_device_names_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match="must be cpu, cuda, cuda:N or auto"):
+        check_device_name(name)
+    with pytest.raises(ConfigError, match=r"validation\.device .* is not a device"):
+        resolve_device(name, "validation.device")
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_lr_factor_hand_computed() -> None:

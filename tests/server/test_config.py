@@ -54,7 +54,10 @@ def test_relative_validation_path_is_resolved_against_the_file(tmp_path: Path) -
         ("fraction = 1.5\n", "server.toml: fraction: Input should be less than or equal to 1"),
         ("min_sites = 2\nmin_replies = 3\n", "min_replies (3) cannot exceed min_sites (2)"),
         ("[train]\npatch_size = [30, 32, 32]\n", "train.patch_size: Value error, every side must be a positive"),
-        ("[validation]\ndevice = 'tpu'\n", "validation.device: Value error, must be 'cpu' or 'cuda[:N]', got 'tpu'"),
+        (
+            "[validation]\ndevice = 'tpu'\n",
+            "validation.device: Value error, must be cpu, cuda, cuda:N or auto, got 'tpu'",
+        ),
         ("[validation]\ndata = 'nowhere'\n", "server.toml: validation.data = "),
         ("[tls]\nca = 'ca.crt'\n", "tls.cert: Field required"),
         ("supernode_auth = true\n", "supernode_auth needs a [tls] table"),

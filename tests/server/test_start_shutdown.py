@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fedseg.common.processes import free_port, tagged_processes
 from fedseg.server.history import read_history
-from fedseg.server.processes import free_port, tagged_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
 

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedseg.common.errors import IncompatibleModelError
-from fedseg.server.weights import arrays_from_model, load_arrays, state_dict_from_arrays
+from fedseg.common.weights import arrays_from_model, load_arrays, state_dict_from_arrays
 
 
 def _net() -> nn.Module:

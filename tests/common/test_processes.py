@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.server.processes import Supervisor, descendants, free_port, tagged_processes
+from fedseg.common.processes import Supervisor, descendants, free_port, tagged_processes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 

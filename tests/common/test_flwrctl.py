@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.flwrctl import CONNECTION, flower_env, parse_run_status, write_connection
 from fedseg.server.config import ServerConfig, TLSConfig
-from fedseg.server.flwrctl import CONNECTION, flower_env, parse_run_status, write_connection
 from fedseg.server.superlink import health_url, local_address, superlink_argv
 
 LS_ANSWER = {

@@ -8,8 +8,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from fedseg.common.errors import ConfigError
 from fedseg.common.model import ModelConfig
 from fedseg.common.preprocess import PreprocessConfig
+from fedseg.common.protocol import LocalResult, TrainTask, read_task, reply_content, round_seed, task_config
 from fedseg.common.training import TrainConfig
-from fedseg.server.protocol import LocalResult, TrainTask, read_task, reply_content, round_seed, task_config
 
 TASK = TrainTask(model=ModelConfig(), train=TrainConfig(steps=3), preprocess=PreprocessConfig(), deadline=60.0)
 
