@@ -58,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (the paper's 1e-4 needs ~10x the steps)")
     parser.add_argument("--schedule", choices=("constant", "poly"), default="poly", help="learning-rate schedule")
     parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    parser.add_argument(
+        "--affine-prob", type=float, default=1.0, help="share of patches with the paper's random affine (1 = paper)"
+    )
     parser.add_argument("--ce-weight", type=float, default=1.0, help="cross-entropy weight added to Dice")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,6 +113,7 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
             "lr": args.lr,
             "lr_schedule": args.schedule,
             "warmup_steps": args.warmup,
+            "affine_prob": args.affine_prob,
             "ce_weight": args.ce_weight,
             "seed": args.seed,
         }
@@ -137,7 +141,7 @@ def print_tables(results: list[ArchResult], args: argparse.Namespace, n_train: i
     print(
         f"\nphantoms {args.size}^3 at 2 mm, 3 sites x {args.cases_per_site} train cases ({n_train}), {n_val} val;"
         f" patch {args.patch}, batch {args.batch_size}, feature_scale {args.feature_scale}, lr {args.lr}"
-        f" ({args.schedule}, warm-up {args.warmup}),"
+        f" ({args.schedule}, warm-up {args.warmup}), affine p {args.affine_prob},"
         f" ce_weight {args.ce_weight}, {args.steps} steps, {torch.get_num_threads()} CPU threads\n"
     )
     head = "| model | params | " + " | ".join(f"Dice {o}" for o in ORGANS) + " | mean fg Dice |"

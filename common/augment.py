@@ -18,10 +18,12 @@ is the patch sampler's random patch position (:mod:`fedseg.common.sampling`).
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 import numpy as np
 import torch
 from monai.transforms.compose import Compose
+from monai.transforms.croppad.dictionary import CenterSpatialCropd
 from monai.transforms.spatial.dictionary import RandAffined, RandFlipd
 
 #: Rotation range (degrees), translation (fraction of the patch), zoom half-range (1 ± this), flip probability.
@@ -47,29 +49,37 @@ class PatchAugmenter:
     Args:
         patch_size: output ``(D, H, W)``.
         seed: seeds MONAI's random state; the same seed and call sequence give the same patches.
+        affine_prob: probability that a patch gets the random affine (the paper: 1.0; nnU-Net uses ~0.2 per
+            spatial transform). Otherwise the patch is the plain centre of the region. Flips stay at p = 0.5.
     """
 
-    def __init__(self, patch_size: tuple[int, int, int], seed: int) -> None:
+    def __init__(self, patch_size: tuple[int, int, int], seed: int, affine_prob: float = 1.0) -> None:
+        if not 0.0 <= affine_prob <= 1.0:
+            raise ValueError(f"affine_prob must be in [0, 1], got {affine_prob}")
         _, h, w = patch_size
         self.patch_size = patch_size
-        self._transform = Compose(
+        self.affine_prob = affine_prob
+        self._rng = np.random.default_rng(seed)
+        self._affine = RandAffined(
+            keys=_KEYS,
+            spatial_size=(h, w),
+            prob=1.0,
+            rotate_range=(math.radians(ROTATION_DEG),),
+            translate_range=(TRANSLATION * h, TRANSLATION * w),
+            scale_range=(ZOOM, ZOOM),
+            mode=("bilinear", "nearest"),
+            padding_mode=("border", "zeros"),
+            cache_grid=True,
+        )
+        self._affine.set_random_state(seed=seed % 2**32)
+        self._crop = CenterSpatialCropd(keys=_KEYS, roi_size=(h, w))
+        self._flips = Compose(
             [
-                RandAffined(
-                    keys=_KEYS,
-                    spatial_size=(h, w),
-                    prob=1.0,
-                    rotate_range=(math.radians(ROTATION_DEG),),
-                    translate_range=(TRANSLATION * h, TRANSLATION * w),
-                    scale_range=(ZOOM, ZOOM),
-                    mode=("bilinear", "nearest"),
-                    padding_mode=("border", "zeros"),
-                    cache_grid=True,
-                ),
                 RandFlipd(keys=_KEYS, prob=FLIP_PROB, spatial_axis=0),
                 RandFlipd(keys=_KEYS, prob=FLIP_PROB, spatial_axis=1),
             ]
         )
-        self._transform.set_random_state(seed=seed % 2**32)
+        self._flips.set_random_state(seed=(seed + 1) % 2**32)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Augment one region.
@@ -85,11 +95,12 @@ class PatchAugmenter:
             raise ValueError(
                 f"image {image.shape} and label {label.shape} must both be (D={self.patch_size[0]}, H', W')"
             )
-        data = {
+        data: dict[Hashable, torch.Tensor] = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "label": torch.from_numpy(label.astype(np.float32)),
         }
-        out = self._transform(data)
+        spatial = self._affine if self._rng.random() < self.affine_prob else self._crop
+        out = self._flips(spatial(data))
         patch = out["image"].as_tensor().numpy().astype(np.float32, copy=False)
         labels = np.rint(out["label"].as_tensor().numpy()).astype(np.uint8)
         return patch, labels

@@ -54,6 +54,7 @@ class PatchSampler:
         foreground_prob: probability that a patch is centred on a foreground voxel.
         augment: apply the paper's augmentation (:mod:`fedseg.common.augment`).
         seed: seeds positions and augmentation.
+        affine_prob: with ``augment``, the probability that a patch gets the random affine.
 
     Raises:
         DataError: no cases, or a case without a label.
@@ -68,6 +69,7 @@ class PatchSampler:
         foreground_prob: float = 0.33,
         augment: bool = True,
         seed: int = 0,
+        affine_prob: float = 1.0,
     ) -> None:
         if not cases:
             raise DataError("no training cases; check that the site's dataset folder lists labelled images")
@@ -84,7 +86,7 @@ class PatchSampler:
         self.batch_size = batch_size
         self.foreground_prob = foreground_prob
         self._rng = np.random.default_rng(seed)
-        self._augmenter = PatchAugmenter(self.patch_size, seed) if augment else None
+        self._augmenter = PatchAugmenter(self.patch_size, seed, affine_prob) if augment else None
         self._centres = [foreground_centres(case, self._rng) for case in self.cases]
         self._fill = [float(case.image.min()) for case in self.cases]
 

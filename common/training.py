@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     augment: bool = True
+    affine_prob: float = Field(
+        default=1.0, ge=0, le=1, description="share of patches that get the paper's random affine (with augment)"
+    )
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU")
     channels_last: bool = Field(
         default=True, description="channels_last_3d memory format: much faster 3-D convolutions on CPU and CUDA"
@@ -273,7 +276,9 @@ def train_model(
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     loss_fn = DiceLoss(ce_weight=cfg.ce_weight)
     prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
-    sampler = PatchSampler(cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed)
+    sampler = PatchSampler(
+        cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed, cfg.affine_prob
+    )
     val_steps = cfg.val_every * cfg.steps_per_epoch
     total = cfg.total_steps
     done, horizon = schedule if schedule is not None else (0, total)

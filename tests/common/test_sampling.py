@@ -144,3 +144,39 @@ def test_sampler_rejects_bad_input() -> None:
         PatchSampler([make_case(np.zeros((8, 8, 8)), None, name="unl")], (16, 16, 16))
     with pytest.raises(ValueError, match="foreground_prob in"):
         PatchSampler([organ_case(16)], (16, 16, 16), foreground_prob=1.5)
+
+
+def test_affine_prob_zero_gives_plain_centre_crops_up_to_flips() -> None:
+    rng = np.random.default_rng(0)
+    region = rng.normal(size=(8, 29, 29)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(8, 29, 29)).astype(np.uint8)
+    flips = (lambda a: a, lambda a: a[:, ::-1], lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, ::-1])
+    image_centre, label_centre = region[:, 6:22, 6:22], labels[:, 6:22, 6:22]  # (29 - 16) // 2 = 6
+    augmenter = PatchAugmenter((8, 16, 16), seed=0, affine_prob=0.0)
+    seen = set()
+    for _ in range(12):
+        image, label = augmenter(region, labels)
+        matches = [i for i, flip in enumerate(flips) if np.array_equal(image, flip(image_centre))]
+        assert len(matches) == 1, "expected an exact (possibly flipped) centre crop"
+        assert np.array_equal(label, flips[matches[0]](label_centre))
+        seen.add(matches[0])
+    assert len(seen) > 1  # the flips still happen
+
+
+def test_affine_prob_one_always_resamples_and_zero_to_one_mixes() -> None:
+    rng = np.random.default_rng(1)
+    region = rng.normal(size=(8, 29, 29)).astype(np.float32)
+    labels = np.zeros((8, 29, 29), np.uint8)
+    centre = region[:, 6:22, 6:22]
+
+    def exact_crops(prob: float) -> int:
+        augmenter = PatchAugmenter((8, 16, 16), seed=3, affine_prob=prob)
+        patches = [augmenter(region, labels)[0] for _ in range(40)]
+        flips = (centre, centre[:, ::-1], centre[:, :, ::-1], centre[:, ::-1, ::-1])
+        return sum(any(np.array_equal(p, f) for f in flips) for p in patches)
+
+    assert exact_crops(1.0) == 0
+    assert exact_crops(0.0) == 40
+    assert 5 <= exact_crops(0.5) <= 35
+    with pytest.raises(ValueError, match="affine_prob"):
+        PatchAugmenter((8, 16, 16), seed=0, affine_prob=1.5)
