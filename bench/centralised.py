@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ce-weight", type=float, default=1.0, help="cross-entropy weight added to Dice")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tta", action=argparse.BooleanOptionalAction, default=True, help="evaluate with mirroring test-time aug."
+    )
     parser.add_argument("--arch", choices=("both", "attention-unet", "unet"), default="both")
     parser.add_argument("--log-every", type=int, default=0, help="also validate (and log) every N steps; 0 = off")
     return parser.parse_args()
@@ -80,13 +83,13 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[PreparedCase], list[Pre
 
 
 def evaluate(
-    model: torch.nn.Module, cases: list[PreparedCase], patch: tuple[int, int, int], attention: bool
+    model: torch.nn.Module, cases: list[PreparedCase], patch: tuple[int, int, int], attention: bool, tta: bool
 ) -> tuple[dict[str, float], float, dict[str, tuple[float, float]]]:
     """Mean Dice per organ, mean inference seconds per volume, mean α (inside, outside) organs per gate."""
     scores, seconds, alphas = [], [], {}
     for case in cases:
         start = time.perf_counter()
-        pred = sliding_window_predict(model, case.image, patch, "cpu", attention=attention)
+        pred = sliding_window_predict(model, case.image, patch, "cpu", attention=attention, tta=tta)
         seconds.append(time.perf_counter() - start)
         scores.append(case_dice(pred.labels, case, len(GLOBAL_CLASSES)))
         for gate, alpha in gate_maps(pred.attention).items():
@@ -122,7 +125,7 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
     model = build_model(model_cfg)
     print(f"training {arch} ({count_parameters(model):,} parameters) for {args.steps} steps ...", flush=True)
     report = train_model(model, train, cfg, "cpu", val_cases=val if args.log_every else None)
-    dice, infer, alpha = evaluate(model, val, cfg.patch_size, attention=arch == "attention-unet")
+    dice, infer, alpha = evaluate(model, val, cfg.patch_size, arch == "attention-unet", args.tta)
     meta = CheckpointMeta(
         model=model_cfg,
         class_names=GLOBAL_CLASSES,
@@ -141,7 +144,7 @@ def print_tables(results: list[ArchResult], args: argparse.Namespace, n_train: i
     print(
         f"\nphantoms {args.size}^3 at 2 mm, 3 sites x {args.cases_per_site} train cases ({n_train}), {n_val} val;"
         f" patch {args.patch}, batch {args.batch_size}, feature_scale {args.feature_scale}, lr {args.lr}"
-        f" ({args.schedule}, warm-up {args.warmup}), affine p {args.affine_prob},"
+        f" ({args.schedule}, warm-up {args.warmup}), affine p {args.affine_prob}, TTA {args.tta},"
         f" ce_weight {args.ce_weight}, {args.steps} steps, {torch.get_num_threads()} CPU threads\n"
     )
     head = "| model | params | " + " | ".join(f"Dice {o}" for o in ORGANS) + " | mean fg Dice |"

@@ -183,6 +183,10 @@ def train_command(
         Literal["constant", "poly"], typer.Option(help="constant, or poly: (1 - t/T)^0.9 decay over all epochs.")
     ] = "constant",
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = 0,
+    ce_weight: Annotated[float, typer.Option(help="Cross-entropy weight added to the Dice loss (paper: 0).")] = 0.0,
+    affine_prob: Annotated[
+        float, typer.Option(help="Share of patches that get the paper's random affine (paper: 1; flips always).")
+    ] = 1.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and augmentation.")] = 0,
@@ -204,6 +208,8 @@ def train_command(
             "lr": lr,
             "lr_schedule": lr_schedule,
             "warmup_steps": warmup,
+            "ce_weight": ce_weight,
+            "affine_prob": affine_prob,
             "seed": seed,
         }
     )

@@ -91,6 +91,10 @@ def _predictor(model: nn.Module, attention: bool) -> Callable[[torch.Tensor], di
     return run
 
 
+#: Flips (axes of the (z, y, x) volume) averaged by test-time augmentation: the in-plane flips training applies.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
+
+
 def sliding_window_predict(
     model: nn.Module,
     image: np.ndarray,
@@ -101,6 +105,7 @@ def sliding_window_predict(
     attention: bool = False,
     sw_batch_size: int = 2,
     amp: bool = True,
+    tta: bool = False,
 ) -> Prediction:
     """Predict a whole prepared volume with overlapping Gaussian-weighted windows.
 
@@ -116,36 +121,59 @@ def sliding_window_predict(
         attention: also blend the attention maps of ``model.forward_with_attention``.
         sw_batch_size: windows per forward pass.
         amp: bf16 autocast on CUDA.
+        tta: test-time augmentation: average the outputs over the :data:`TTA_FLIPS` mirrorings (4x the time).
 
     Returns:
         The blended :class:`Prediction` with the input's (z, y, x) shape.
     """
     device = torch.device(device)
-    roi = window_size(image.shape, patch)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    flips = TTA_FLIPS if tta else ((),)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast_for(device, amp):
-            blended = sliding_window_inference(
-                x,
-                roi_size=roi,
-                sw_batch_size=sw_batch_size,
-                predictor=_predictor(model, attention),
-                overlap=overlap,
-                mode="gaussian",
-                padding_mode="constant",
-                cval=float(image.min()),
-                sw_device=device,
-                device=torch.device("cpu"),
-            )
+        total: dict[str, torch.Tensor] = {}
+        for axes in flips:
+            dims = [axis + 2 for axis in axes]  # (batch, channel, z, y, x)
+            window_input = torch.flip(x, dims) if dims else x
+            for name, value in _blend(model, window_input, patch, device, overlap, attention, sw_batch_size, amp):
+                value = torch.flip(value, dims) if dims else value
+                total[name] = total[name] + value if name in total else value
     finally:
         model.train(was_training)
-    assert isinstance(blended, dict)  # our predictor always returns a dict
+    blended = {name: value / len(flips) for name, value in total.items()}
     probabilities = blended.pop("probabilities")[0].float().numpy()
     labels = probabilities.argmax(axis=0).astype(np.uint8)
     maps = {name: alpha[0].float().numpy() for name, alpha in sorted(blended.items())}
     return Prediction(probabilities=probabilities, labels=labels, attention=maps)
+
+
+def _blend(
+    model: nn.Module,
+    x: torch.Tensor,
+    patch: tuple[int, int, int],
+    device: torch.device,
+    overlap: float,
+    attention: bool,
+    sw_batch_size: int,
+    amp: bool,
+) -> list[tuple[str, torch.Tensor]]:
+    """MONAI's Gaussian-weighted sliding window over ``x`` (1, 1, z, y, x): (name, blended (1, C, z, y, x))."""
+    with torch.inference_mode(), autocast_for(device, amp):
+        blended = sliding_window_inference(
+            x,
+            roi_size=window_size(tuple(x.shape[2:]), patch),
+            sw_batch_size=sw_batch_size,
+            predictor=_predictor(model, attention),
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(x.min()),
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
+    assert isinstance(blended, dict)  # our predictor always returns a dict
+    return [(name, value.float()) for name, value in blended.items()]
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,7 @@ def predict_volume(
     attention: bool = False,
     probabilities: bool = False,
     overlap: float = 0.5,
+    tta: bool = False,
 ) -> VolumePrediction:
     """Preprocess a CT as in training, predict it whole, and resample the results to its own geometry.
 
@@ -183,12 +212,15 @@ def predict_volume(
         attention: also return the attention maps (Attention U-Net only).
         probabilities: also return one probability volume per class.
         overlap: sliding-window overlap.
+        tta: average over the in-plane mirrorings (see :func:`sliding_window_predict`).
 
     Returns:
         The :class:`VolumePrediction` on ``volume``'s grid.
     """
     case = preprocess_case(volume, None, default_manifest(), meta.preprocess)
-    pred = sliding_window_predict(model, case.image, meta.patch_size, device, overlap=overlap, attention=attention)
+    pred = sliding_window_predict(
+        model, case.image, meta.patch_size, device, overlap=overlap, attention=attention, tta=tta
+    )
     restored = restore_to_source(pred.labels, case, is_label=True)
     labels = restored.with_array(restored.array.astype(np.uint8))
     probs = {}

@@ -69,6 +69,35 @@ def test_sliding_window_blends_attention_maps() -> None:
     np.testing.assert_allclose(pred.attention["att3"][0], 1 - expected, atol=1e-5)
 
 
+class RampNet(nn.Module):
+    """Class 1 logit = 4 * x / (W - 1) within the window, class 0 logit = 0: not mirror-equivariant in x."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = x.shape[-1]
+        ramp = (4.0 * torch.arange(width, dtype=torch.float32) / (width - 1)).expand(x.shape)
+        return torch.cat([torch.zeros_like(x), ramp], dim=1)
+
+
+def test_tta_averages_the_in_plane_mirrorings_hand_computed() -> None:
+    image = np.zeros((16, 16, 16), np.float32)
+    plain = sliding_window_predict(RampNet(), image, (16, 16, 16), "cpu")
+    tta = sliding_window_predict(RampNet(), image, (16, 16, 16), "cpu", tta=True)
+    sigmoid = 1 / (1 + np.exp(-4.0 * np.arange(16) / 15))
+    np.testing.assert_allclose(plain.probabilities[1, 3, 5], sigmoid, atol=1e-6)
+    # half the mirrorings flip x: the average is symmetric, (σ(r) + σ(reversed r)) / 2
+    np.testing.assert_allclose(tta.probabilities[1, 3, 5], (sigmoid + sigmoid[::-1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(tta.probabilities.sum(axis=0), 1.0, atol=1e-6)
+
+
+def test_tta_leaves_a_voxelwise_model_unchanged() -> None:
+    image = np.random.default_rng(2).normal(size=(20, 24, 28)).astype(np.float32)
+    plain = sliding_window_predict(VoxelwiseNet(), image, (16, 16, 16), "cpu", attention=True)
+    tta = sliding_window_predict(VoxelwiseNet(), image, (16, 16, 16), "cpu", attention=True, tta=True)
+    np.testing.assert_allclose(tta.probabilities, plain.probabilities, atol=1e-5)
+    np.testing.assert_allclose(tta.attention["att2"], plain.attention["att2"], atol=1e-5)
+    np.testing.assert_array_equal(tta.labels, plain.labels)
+
+
 def test_sliding_window_restores_training_mode() -> None:
     net = VoxelwiseNet().train()
     sliding_window_predict(net, np.zeros((16, 16, 16), np.float32), (16, 16, 16), "cpu")

@@ -111,7 +111,7 @@ def test_predict_real_ct_keeps_geometry_and_writes_probabilities(
     assert stacked.min() >= 0.0 and stacked.max() <= 1.0
 
 
-def test_predict_dicom_series_keeps_geometry_and_exports_attention(
+def test_predict_dicom_series_with_tta_keeps_geometry_and_exports_attention(
     att_checkpoint: Path, real_ct_path: Path, tmp_path: Path
 ) -> None:
     ct = sitk.ReadImage(str(real_ct_path))[20:84, 10:70, 5:17]  # 64 x 60 x 12 crop, same direction
@@ -129,6 +129,7 @@ def test_predict_dicom_series_keeps_geometry_and_exports_attention(
             "--out",
             str(out),
             "--attention",
+            "--tta",
             "--device",
             "cpu",
         ],

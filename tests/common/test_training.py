@@ -217,7 +217,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_train_cli_writes_checkpoints_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(app, _train_args(phantom_root, out, 1))
+    result = runner.invoke(app, _train_args(phantom_root, out, 1, "--ce-weight", "1", "--affine-prob", "0.3"))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv"}
     assert read_meta(out / "last.pt").epoch == 1
@@ -244,6 +244,8 @@ def test_train_cli_errors(phantom_root: Path, tmp_path: Path) -> None:
     assert code == 1 and "--resume:" in output and "does not exist" in output
     code, output = _error(_train_args(phantom_root, out, 1, "--patch", "16,30,32"))
     assert code == 1 and "multiple of 16" in output
+    code, output = _error(_train_args(phantom_root, out, 1, "--affine-prob", "1.5"))
+    assert code == 1 and "affine_prob" in output and "less than or equal to 1" in output
     code, output = _error(_train_args(phantom_root, out, 1, "--patch", "abc"))
     assert code == 1 and "--patch must be three integers" in output
     code, output = _error(["train", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
