@@ -9,6 +9,11 @@ symmetric (``s`` in numerator and denominator), so a class absent from both the 
 ``d = 1`` (loss 0). The released code adds ``2 s`` on top and scores such classes 2 instead; this module does
 not copy that. The Dice loss is ``1 - mean(d)`` over the included ``(b, c)`` pairs.
 
+With ``batch_dice`` (nnU-Net's choice for 3-D patches) the sums run over the whole batch instead, one term per
+class, ``d[c] = (2 * sum_b sum(p * t) + s) / (sum_b (sum(p) + sum(t)) + s)``, counting only the samples that
+annotate ``c``: a class missing from one patch then no longer gives that patch a loss of ~1 for any probability
+it puts there.
+
 Partially labelled sites (``class_mask``): a site that does not annotate, say, the liver labels liver voxels
 as background. For every sample the unannotated classes are *excluded*:
 
@@ -36,6 +41,7 @@ class DiceLoss(nn.Module):
         include_background: Keep class 0 in the Dice mean (the paper does). It always stays in the softmax.
         smooth: Symmetric smoothing ``s`` added to numerator and denominator of every Dice term.
         ce_weight: Weight of the cross-entropy term added to the Dice loss; ``0`` disables it.
+        batch_dice: One Dice term per class over the whole batch instead of one per sample and class.
 
     Example:
         >>> loss = DiceLoss(ce_weight=1.0)
@@ -44,7 +50,9 @@ class DiceLoss(nn.Module):
         >>> loss(logits, target, class_mask=torch.tensor([True, True, False, True, True])).backward()
     """
 
-    def __init__(self, include_background: bool = True, smooth: float = 1e-5, ce_weight: float = 0.0) -> None:
+    def __init__(
+        self, include_background: bool = True, smooth: float = 1e-5, ce_weight: float = 0.0, batch_dice: bool = False
+    ) -> None:
         super().__init__()
         if smooth <= 0:
             raise ValueError(f"smooth must be > 0 so that empty classes are defined, got {smooth}")
@@ -53,6 +61,7 @@ class DiceLoss(nn.Module):
         self.include_background = include_background
         self.smooth = smooth
         self.ce_weight = ce_weight
+        self.batch_dice = batch_dice
 
     def forward(self, logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -> Tensor:
         """Compute the loss.
@@ -85,11 +94,15 @@ class DiceLoss(nn.Module):
         _check_no_masked_labels(counts, mask)
         p_at_target = probs.gather(1, flat_target.unsqueeze(1)).squeeze(1)
         intersection = torch.zeros_like(counts).scatter_add_(1, flat_target, p_at_target)
-        dice = (2.0 * intersection + self.smooth) / (probs.sum(dim=2) + counts + self.smooth)
-
         include = mask.clone()
         if not self.include_background:
             include[:, 0] = False
+        denominator = probs.sum(dim=2) + counts
+        if self.batch_dice:
+            weights = include.to(intersection.dtype)  # a sample adds to class c only where it annotates c
+            intersection, denominator = (intersection * weights).sum(0, True), (denominator * weights).sum(0, True)
+            include = include.any(dim=0, keepdim=True)
+        dice = (2.0 * intersection + self.smooth) / (denominator + self.smooth)
         loss = _masked_mean(1.0 - dice, include)
         if self.ce_weight > 0:
             loss = loss + self.ce_weight * F.cross_entropy(flat_logits, flat_target)

@@ -52,6 +52,7 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(default=0, ge=0, description="linear learning-rate warm-up from lr/warmup_steps")
     weight_decay: float = Field(default=1e-6, ge=0)
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
+    batch_dice: bool = Field(default=False, description="one Dice term per class over the batch (nnU-Net 3-D)")
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     augment: bool = True
     affine_prob: float = Field(
@@ -274,7 +275,7 @@ def train_model(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # missing from stubs
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    loss_fn = DiceLoss(ce_weight=cfg.ce_weight)
+    loss_fn = DiceLoss(ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice)
     prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
     sampler = PatchSampler(
         cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed, cfg.affine_prob

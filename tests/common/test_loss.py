@@ -155,3 +155,21 @@ def test_loss_bad_inputs_raise() -> None:
         DiceLoss()(logits, target, class_mask=torch.tensor([True, False]))
     with pytest.raises(ValueError, match="smooth must be > 0"):
         DiceLoss(smooth=0.0)
+
+
+def test_batch_dice_hand_computed() -> None:
+    logits = torch.zeros(2, 2, 2)  # p = 0.5 for both classes everywhere
+    target = torch.tensor([[1, 1], [0, 0]])
+    # per sample: d[0] = (0, 2/3), d[1] = (2/3, 0) -> loss mean(1, 1/3, 1/3, 1) = 2/3
+    assert float(DiceLoss()(logits, target)) == pytest.approx(2 / 3, abs=1e-4)
+    # over the batch: each class has intersection 1 and p + t sums 4 -> d = 0.5
+    assert float(DiceLoss(batch_dice=True)(logits, target)) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_batch_dice_counts_a_class_only_where_annotated() -> None:
+    logits = torch.zeros(2, 2, 2)
+    target = torch.tensor([[1, 1], [0, 0]])
+    mask = torch.tensor([[True, True], [True, False]])  # sample 1 does not annotate class 1: its p1 becomes 0
+    # class 0: 2 * (0 + 2) / ((1 + 0) + (2 + 2)) = 0.8; class 1 from sample 0 only: 2 * 1 / (1 + 2) = 2/3
+    expected = ((1 - 0.8) + (1 - 2 / 3)) / 2
+    assert float(DiceLoss(batch_dice=True)(logits, target, mask)) == pytest.approx(expected, abs=1e-4)
