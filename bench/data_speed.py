@@ -18,8 +18,9 @@ import torch
 
 from fedseg.common.manifest import load_manifest
 from fedseg.common.phantoms import generate_phantoms
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.sampling import PatchSampler
+from fedseg.common.sitecache import prepare_site
 
 
 def triple(text: str) -> tuple[int, int, int]:

@@ -33,8 +33,9 @@ from fedseg.common.flwrctl import RunStatus
 from fedseg.common.logs import setup_logging
 from fedseg.common.manifest import GLOBAL_CLASSES, load_manifest
 from fedseg.common.model import ModelConfig, build_model, count_parameters
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.processes import Supervisor, free_port
+from fedseg.common.sitecache import prepare_site
 from fedseg.common.training import TrainConfig, train_model
 from fedseg.common.validation import validate
 from fedseg.server.config import ServerConfig, build_config

@@ -19,8 +19,9 @@ from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, wri
 from fedseg.common.errors import DataError
 from fedseg.common.flwrctl import flower_env, flower_executable
 from fedseg.common.layouts import CaseFiles
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.processes import Supervisor, free_port
+from fedseg.common.sitecache import prepare_site
 from fedseg.common.sitecheck import SiteReport, check_site
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedseg.common.cliutil import format_validation_error
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.manifest import SITE_MANIFEST, LabelManifest, site_manifest
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.sitecache import prepare_site
 from fedseg.common.training import DeviceName
 
 log = logging.getLogger(__name__)

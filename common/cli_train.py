@@ -32,7 +32,8 @@ from fedseg.common.cliutil import guarded, parse_triple
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.manifest import default_manifest, load_manifest
 from fedseg.common.model import ModelConfig, build_model
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig, prepare_site
+from fedseg.common.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.sitecache import prepare_site
 from fedseg.common.training import TrainConfig, make_optimizer, resolve_device, train_model
 from fedseg.common.validation import MEAN_KEY, class_names_for, validate
 

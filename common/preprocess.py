@@ -23,36 +23,25 @@ Pipeline of :func:`preprocess_case` (all resampling by SimpleITK, in physical sp
 
 :func:`restore_to_source` maps a label or probability map on the prepared grid back onto the source grid with
 one physical-space resampling (nearest for labels, linear for probabilities); the result has exactly the source
-shape, spacing, origin and direction. :func:`prepare_site` caches prepared cases on disk (see its docstring).
+shape, spacing, origin and direction. :func:`fedseg.common.sitecache.prepare_site` runs this over a whole
+dataset folder with a disk cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
-import zipfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.progress import Progress
 
 from fedseg.common.errors import DataError
-from fedseg.common.io import Volume, read_volume
-from fedseg.common.layouts import CaseFiles, discover_cases
-from fedseg.common.logs import console
+from fedseg.common.io import Volume
 from fedseg.common.manifest import LabelManifest
 
 log = logging.getLogger(__name__)
-
-#: Bump when the preprocessing code changes what it produces, so stale cache entries are not reused.
-CACHE_VERSION = 1
 
 _AXIS_PAIRS = ({"L", "R"}, {"A", "P"}, {"S", "I"})
 
@@ -293,113 +282,3 @@ def _check_same_grid(image: Volume, label: Volume, case_id: str) -> None:
             f"case {case_id}: label geometry (spacing {label.spacing}, origin {label.origin}) differs from the "
             f"image's ({image.spacing}, {image.origin}); resample the label onto the image grid"
         )
-
-
-def prepare_site(
-    root: str | Path,
-    manifest: LabelManifest,
-    cfg: PreprocessConfig,
-    cache_dir: str | Path | None,
-) -> list[PreparedCase]:
-    """Preprocess every case of a site's dataset folder, reusing cached results.
-
-    Each prepared case is stored as ``cache_dir/<case_id>.<fingerprint>.npz``. The fingerprint hashes the image
-    and label files' resolved paths, sizes and modification times (every file of a DICOM folder), the manifest,
-    ``cfg`` and :data:`CACHE_VERSION`, so editing a file or a setting re-preprocesses only what changed; a
-    second run loads everything from the cache. Old entries are never deleted (delete the folder to reclaim
-    space); unreadable entries are recomputed.
-
-    Args:
-        root: dataset folder in any layout :func:`~fedseg.common.layouts.discover_cases` accepts.
-        manifest: the site's label mapping.
-        cfg: preprocessing settings.
-        cache_dir: cache folder (created when missing), or None to preprocess without caching.
-
-    Returns:
-        Prepared cases sorted by case id.
-
-    Raises:
-        DataError: unreadable dataset, image or label (the message names the file or case).
-    """
-    cases = discover_cases(root)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    prepared, hits = [], 0
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"prepare {Path(root).name}", total=len(cases))
-        for files in cases:
-            path = cache / f"{files.case_id}.{case_fingerprint(files, manifest, cfg)}.npz" if cache else None
-            case = _load_cached(path) if path is not None else None
-            if case is None:
-                case = _prepare_files(files, manifest, cfg)
-                if path is not None:
-                    _save_cached(case, path)
-            else:
-                hits += 1
-            prepared.append(case)
-            progress.advance(task)
-    log.info("prepared %d cases of %s (%d from cache)", len(prepared), root, hits)
-    return prepared
-
-
-def case_fingerprint(files: CaseFiles, manifest: LabelManifest, cfg: PreprocessConfig) -> str:
-    """16 hex digits identifying a case's source files (path, size, mtime), the manifest and the settings."""
-    payload = {
-        "version": CACHE_VERSION,
-        "image": _stamp(files.image),
-        "label": _stamp(files.label) if files.label is not None else None,
-        "manifest": manifest.model_dump(mode="json"),
-        "config": cfg.model_dump(mode="json"),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _stamp(path: Path) -> list[tuple[str, int, int]]:
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    stamps = []
-    for file in files:
-        stat = file.stat()
-        stamps.append((str(file.resolve()), stat.st_size, stat.st_mtime_ns))
-    return stamps
-
-
-def _prepare_files(files: CaseFiles, manifest: LabelManifest, cfg: PreprocessConfig) -> PreparedCase:
-    image = read_volume(files.image)
-    label = read_volume(files.label) if files.label is not None else None
-    return preprocess_case(image, label, manifest, cfg, case_id=files.case_id)
-
-
-def _save_cached(case: PreparedCase, path: Path) -> None:
-    """Write ``case`` atomically (temporary file, then rename) so an interrupted run leaves no broken entry."""
-    arrays: dict[str, Any] = {  # Any: np.savez's **kwds would otherwise clash with its allow_pickle flag
-        "image": case.image,
-        "annotated": np.asarray(case.annotated, bool),
-        "meta": np.asarray(json.dumps({"case_id": case.case_id, "source": asdict(case.source)})),
-    }
-    if case.label is not None:
-        arrays["label"] = case.label
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_cached(path: Path) -> PreparedCase | None:
-    """The cached case at ``path``, or None when absent or unreadable (then it is recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            label = data["label"] if "label" in data.files else None
-            image, annotated = data["image"], tuple(bool(v) for v in data["annotated"])
-        grids = {key: Grid(**{k: tuple(v) for k, v in value.items()}) for key, value in meta["source"].items()}
-        return PreparedCase(meta["case_id"], image, label, annotated, SourceGeometry(**grids))
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
-        log.warning("cache entry %s is unreadable (%s); preprocessing the case again", path, err)
-        return None

@@ -9,7 +9,8 @@ from torch import nn
 
 from fedseg.common.errors import DataError
 from fedseg.common.manifest import site_manifest
-from fedseg.common.preprocess import PreparedCase, prepare_site
+from fedseg.common.preprocess import PreparedCase
+from fedseg.common.sitecache import prepare_site
 from fedseg.common.training import resolve_device
 from fedseg.common.validation import class_names_for, validate
 from fedseg.server.config import ServerConfig

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedseg.common import preprocess
+from fedseg.common import sitecache
 from fedseg.common.errors import DataError
 from fedseg.common.io import Volume, read_volume
 from fedseg.common.manifest import LabelManifest, load_manifest
@@ -19,10 +19,10 @@ from fedseg.common.preprocess import (
     PreparedCase,
     PreprocessConfig,
     normalise,
-    prepare_site,
     preprocess_case,
     restore_to_source,
 )
+from fedseg.common.sitecache import prepare_site
 
 IDENTITY = LabelManifest(labels={1: "pancreas", 2: "spleen"})
 
@@ -169,13 +169,13 @@ def phantom_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    original = preprocess.preprocess_case
+    original = sitecache.preprocess_case
 
     def counting(*args: object, **kwargs: object) -> PreparedCase:
         calls.append(str(kwargs.get("case_id")))
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(preprocess, "preprocess_case", counting)
+    monkeypatch.setattr(sitecache, "preprocess_case", counting)
     return calls
 
 
