@@ -185,6 +185,9 @@ def train_command(
     ] = "constant",
     warmup: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = 0,
     ce_weight: Annotated[float, typer.Option(help="Cross-entropy weight added to the Dice loss (paper: 0).")] = 0.0,
+    batch_dice: Annotated[
+        bool, typer.Option("--batch-dice", help="One Dice term per class over the batch (nnU-Net).")
+    ] = False,
     affine_prob: Annotated[
         float, typer.Option(help="Share of patches that get the paper's random affine (paper: 1; flips always).")
     ] = 1.0,
@@ -211,6 +214,7 @@ def train_command(
             "warmup_steps": warmup,
             "ce_weight": ce_weight,
             "affine_prob": affine_prob,
+            "batch_dice": batch_dice,
             "seed": seed,
         }
     )

@@ -217,7 +217,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_train_cli_writes_checkpoints_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(app, _train_args(phantom_root, out, 1, "--ce-weight", "1", "--affine-prob", "0.3"))
+    recipe = ("--ce-weight", "1", "--affine-prob", "0.3", "--batch-dice")
+    result = runner.invoke(app, _train_args(phantom_root, out, 1, *recipe))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv"}
     assert read_meta(out / "last.pt").epoch == 1
