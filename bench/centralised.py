@@ -12,6 +12,7 @@ inside vs outside the organ masks.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,12 @@ def parse_args() -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> tuple[list[PreparedCase], list[PreparedCase]]:
     root = args.out / f"phantoms-{args.size}-{args.cases_per_site}-{args.val_cases}-{args.seed}"
-    if not root.exists():
+    if not root.exists():  # generate into a side folder first, so an interrupted run leaves nothing half-written
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         size = (args.size, args.size, args.size)
-        generate_phantoms(root, 3, args.cases_per_site, args.val_cases, size, args.seed)
+        generate_phantoms(partial, 3, args.cases_per_site, args.val_cases, size, args.seed)
+        partial.rename(root)
     cache = args.out / "cache"
     train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache)
     return train, load_cases([root / "validation"], PreprocessConfig(), cache)
