@@ -30,6 +30,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         task, server_round = read_task(config)
+        log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)

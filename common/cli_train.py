@@ -81,7 +81,7 @@ def _score(metrics: dict[str, float]) -> float:
 
 def _append_csv(path: Path, row: dict[str, float]) -> None:
     new = not path.exists()
-    with path.open("a", newline="") as handle:
+    with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
             writer.writeheader()

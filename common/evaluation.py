@@ -242,7 +242,7 @@ def write_json(report: EvaluationReport, path: Path) -> None:
 def write_csv(report: EvaluationReport, path: Path) -> None:
     """Write :func:`report_rows` as CSV (NaN as an empty cell); DataError if the file cannot be written."""
     try:
-        with path.open("w", newline="") as handle:
+        with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for row in report_rows(report):
@@ -270,7 +270,7 @@ def _nifti_by_case(folder: Path) -> dict[str, Path]:
 
 def _write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
     except OSError as err:
         raise DataError(
             f"{path}: cannot write ({err.strerror or err}); check the folder exists and is writable"

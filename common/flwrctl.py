@@ -73,7 +73,7 @@ def write_connection(home: Path, address: str, root_certificates: Path | None) -
     else:
         conn["root-certificates"] = str(root_certificates.resolve())
     path = home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+    path.write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}), encoding="utf-8")
     return path
 
 

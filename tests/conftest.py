@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,20 @@ import pytest
 import SimpleITK as sitk
 
 DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_locale() -> Iterator[None]:
+    """Undo GDCM's locale change after every test.
+
+    Writing a DICOM file with SimpleITK (the DICOM tests build their series that way; fedseg itself never writes
+    DICOM) leaves the C library's whole locale at "C". The preferred encoding then becomes ASCII, and every later
+    ``open``/``read_text``/``subprocess(text=True)`` in this process fails on the first "α" or "→". This was the
+    in-process interaction that made the federation end-to-end tests fail in a single pytest run.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture
