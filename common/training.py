@@ -47,7 +47,9 @@ class TrainConfig(BaseModel):
     patch_size: tuple[int, int, int] = Field(default=(96, 160, 160), description="(D, H, W), multiples of 16")
     lr: float = Field(default=1e-4, gt=0)
     lr_schedule: Literal["constant", "poly"] = Field(
-        default="constant", description="constant (the paper) or nnU-Net's poly decay (1 - t/T)^0.9 to zero"
+        default="constant",
+        description="constant (the paper) or nnU-Net's poly decay (1 - t/T)^0.9 to zero over one train_model call "
+        "(in a federation: within each round) unless the caller passes a schedule spanning calls",
     )
     warmup_steps: int = Field(default=0, ge=0, description="linear learning-rate warm-up from lr/warmup_steps")
     weight_decay: float = Field(default=1e-6, ge=0)
