@@ -64,10 +64,16 @@ def window_size(shape: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[in
     return d, h, w
 
 
-def autocast_for(device: torch.device, enabled: bool = True) -> Any:
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU (fp32 is faster and exact there)."""
+def autocast_for(device: torch.device, enabled: bool = True, cpu_bf16: bool = False) -> Any:
+    """bf16 autocast on CUDA when enabled; on the CPU only with ``cpu_bf16`` too, else a no-op (exact fp32).
+
+    CPUs with AVX-512 BF16 or AMX run 3-D convolutions faster in bf16 (``bench/cpu_bf16.py`` times a training
+    step both ways); CPUs without it emulate bf16 and are slower.
+    """
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 

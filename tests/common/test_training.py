@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fedseg.common.checkpoint import load_checkpoint, read_meta
 from fedseg.common.cli import app
 from fedseg.common.errors import ConfigError
+from fedseg.common.inference import autocast_for
 from fedseg.common.io import Volume
 from fedseg.common.manifest import LabelManifest
 from fedseg.common.model import ModelConfig, build_model
@@ -123,6 +124,17 @@ def test_device_names_rejected(name: str) -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_cpu_bf16_autocasts_training_on_the_cpu(case: PreparedCase) -> None:
+    conv = torch.nn.Conv3d(1, 2, 3)
+    x = torch.randn(1, 1, 8, 8, 8)
+    with autocast_for(torch.device("cpu"), True):
+        assert conv(x).dtype == torch.float32  # amp alone never touches the CPU
+    with autocast_for(torch.device("cpu"), True, cpu_bf16=True):
+        assert conv(x).dtype == torch.bfloat16
+    report = train_model(_model(), [case], _config(steps=3, cpu_bf16=True), "cpu", progress=False)
+    assert report.steps == 3 and all(np.isfinite(report.loss_history))
 
 
 def test_lr_factor_hand_computed() -> None:
