@@ -229,7 +229,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_train_cli_writes_checkpoints_and_resumes(phantom_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    recipe = ("--ce-weight", "1", "--affine-prob", "0.3", "--batch-dice")
+    recipe = ("--ce-weight", "1", "--affine-prob", "0.3", "--batch-dice", "--cpu-bf16")
     result = runner.invoke(app, _train_args(phantom_root, out, 1, *recipe))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.csv"}
