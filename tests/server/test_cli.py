@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedseg.common.errors import ConfigError, DataError
@@ -32,6 +33,14 @@ def test_bad_arguments_give_one_line_and_exit_code(args: list[str], message: str
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code in (1, 2), result.output
     assert message in result.output.replace("\n", " ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_start_refuses_a_validation_device_this_machine_lacks(tmp_path: Path) -> None:
+    args = ["start", f"validation.data={tmp_path}", "validation.device=cuda", f"output_dir={tmp_path / 'run'}"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "validation.device = cuda but CUDA is not available here; use cpu" in result.output.replace("\n", " ")
 
 
 def test_stage_app_holds_only_the_thin_pyproject(tmp_path: Path) -> None:
