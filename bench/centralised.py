@@ -25,17 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedseg.common.attention_export import gate_maps, inside_outside
-from fedseg.common.checkpoint import CheckpointMeta, config_hash, save_checkpoint
-from fedseg.common.cli_train import load_cases
-from fedseg.common.inference import sliding_window_predict
-from fedseg.common.logs import setup_logging
-from fedseg.common.manifest import GLOBAL_CLASSES
-from fedseg.common.model import ModelConfig, build_model, count_parameters
-from fedseg.common.phantoms import generate_phantoms
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig
-from fedseg.common.training import TrainConfig, TrainReport, train_model
-from fedseg.common.validation import case_dice
+from fedseg.common.cli.logs import setup_logging
+from fedseg.common.cli.train import load_cases
+from fedseg.common.data.manifest import GLOBAL_CLASSES
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, save_checkpoint
+from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.inference import gate_maps, sliding_window_predict
+from fedseg.common.engine.train import TrainReport, train_model
+from fedseg.common.engine.validation import case_dice
+from fedseg.common.eval.attention_export import inside_outside
+from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
+from fedseg.common.synthetic.phantoms import generate_phantoms
 
 ORGANS = GLOBAL_CLASSES[1:]
 TARGETS = {"pancreas": 0.60, "spleen": 0.85, "kidney": 0.85, "liver": 0.85}
@@ -146,7 +147,7 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
         class_names=GLOBAL_CLASSES,
         preprocess=PreprocessConfig(),
         patch_size=cfg.patch_size,
-        config_hash=config_hash(model_cfg, PreprocessConfig(), cfg),
+        config_hash=config_hash(model=model_cfg, preprocess=PreprocessConfig()),
         seed=args.seed,
         metrics={f"dice_{k}": v for k, v in dice.items()},
         epoch=1,

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from fedseg.common.inference import autocast_for
-from fedseg.common.loss import DiceLoss
-from fedseg.common.model import ModelConfig, build_model
+from fedseg.common.engine.device import autocast_for
+from fedseg.common.nn.loss import DiceLoss
+from fedseg.common.nn.model import ModelConfig, build_model
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fedseg.common.manifest import load_manifest
-from fedseg.common.phantoms import generate_phantoms
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig
-from fedseg.common.sampling import PatchSampler
-from fedseg.common.sitecache import prepare_site
+from fedseg.common.data.manifest import load_manifest
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sampling import PatchSampler
+from fedseg.common.data.sitecache import prepare_site
+from fedseg.common.synthetic.phantoms import generate_phantoms
 
 
 def triple(text: str) -> tuple[int, int, int]:

@@ -29,20 +29,21 @@ from typing import Any
 
 import torch
 
-from fedseg.common.flwrctl import RunStatus
-from fedseg.common.logs import setup_logging
-from fedseg.common.manifest import GLOBAL_CLASSES, load_manifest
-from fedseg.common.model import ModelConfig, build_model, count_parameters
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig
-from fedseg.common.processes import Supervisor, free_port
-from fedseg.common.sitecache import prepare_site
-from fedseg.common.training import TrainConfig, train_model
-from fedseg.common.validation import validate
+from fedseg.common.cli.logs import setup_logging
+from fedseg.common.data.manifest import GLOBAL_CLASSES, load_manifest
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sitecache import prepare_site
+from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.train import train_model
+from fedseg.common.engine.validation import validate
+from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
+from fedseg.common.runtime.flwrctl import RunStatus
+from fedseg.common.runtime.processes import Supervisor, free_port
 from fedseg.server.config import ServerConfig, build_config
-from fedseg.server.demo import DemoOptions, ensure_phantoms, join_argv
-from fedseg.server.federation import run_to_end, start_server
-from fedseg.server.history import RoundRow
-from fedseg.server.runs import new_spec
+from fedseg.server.control.demo import DemoOptions, ensure_phantoms, join_argv
+from fedseg.server.control.launch import run_to_end, start_server
+from fedseg.server.control.runs import new_spec
+from fedseg.server.run.history import RoundRow
 
 ORGANS = GLOBAL_CLASSES[1:]
 

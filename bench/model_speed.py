@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from monai.networks.nets.attentionunet import AttentionUnet
 from torch import Tensor, nn
 
-from fedseg.common.model import AttentionUNet3D, UNet3D, check_spatial_size, count_parameters
+from fedseg.common.nn.model import AttentionUNet3D, UNet3D, check_spatial_size, count_parameters
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

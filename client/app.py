@@ -13,9 +13,9 @@ from flwr.clientapp import ClientApp
 
 from fedseg.client.site import load_training_cases, site_from_node_config
 from fedseg.client.training import deadline, train_locally
-from fedseg.common.applog import detach, log_to_file
-from fedseg.common.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
-from fedseg.common.training import resolve_device
+from fedseg.common.engine.device import resolve_device
+from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+from fedseg.common.runtime.applog import detach, log_to_file
 
 log = logging.getLogger(__name__)
 

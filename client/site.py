@@ -14,12 +14,11 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedseg.common.cliutil import format_validation_error
-from fedseg.common.errors import ConfigError, DataError
-from fedseg.common.manifest import SITE_MANIFEST, LabelManifest, site_manifest
-from fedseg.common.preprocess import PreparedCase, PreprocessConfig
-from fedseg.common.sitecache import prepare_site
-from fedseg.common.training import DeviceName
+from fedseg.common.data.manifest import SITE_MANIFEST, LabelManifest, site_manifest
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sitecache import prepare_labelled
+from fedseg.common.engine.device import DeviceName
+from fedseg.common.errors import ConfigError, format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +98,6 @@ def load_training_cases(site: SiteConfig, preprocess: PreprocessConfig) -> list[
     Raises:
         DataError: no labelled case is usable.
     """
-    cases = prepare_site(site.data, site.manifest(), preprocess, site.cache_dir)
-    labelled = [c for c in cases if c.label is not None]
-    if not labelled:
-        raise DataError(f"site {site.site}: {site.data} has no labelled case to train on")
-    return labelled
+    return prepare_labelled(
+        site.data, site.manifest(), preprocess, site.cache_dir, role=f"site {site.site}", use="train on"
+    )

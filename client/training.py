@@ -12,11 +12,11 @@ from types import FrameType
 import torch
 from flwr.app import ArrayRecord
 
-from fedseg.common.model import build_model
-from fedseg.common.preprocess import PreparedCase
-from fedseg.common.protocol import LocalResult, TrainTask
-from fedseg.common.training import train_model
-from fedseg.common.weights import arrays_from_model, load_arrays
+from fedseg.common.data.preprocess import PreparedCase
+from fedseg.common.engine.train import train_model
+from fedseg.common.fl.protocol import LocalResult, TrainTask
+from fedseg.common.fl.weights import arrays_from_model, load_arrays
+from fedseg.common.nn.model import build_model
 
 log = logging.getLogger(__name__)
 

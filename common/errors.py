@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class FedsegError(Exception):
     """Base class: a user-facing problem with a one-line, actionable message."""
@@ -17,3 +19,12 @@ class DataError(FedsegError):
 
 class IncompatibleModelError(FedsegError):
     """Weights or a checkpoint do not fit the requested architecture or classes."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """Turn a pydantic error into ``field: message`` parts on one line."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(x) for x in item["loc"]) or "value"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)

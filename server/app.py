@@ -14,12 +14,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from pydantic import ValidationError
 
-from fedseg.common.applog import detach, log_to_file
-from fedseg.common.cliutil import format_validation_error
-from fedseg.common.errors import ConfigError
+from fedseg.common.errors import ConfigError, format_validation_error
+from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
-from fedseg.server.rounds import serve
-from fedseg.server.runs import PRIVATE_DIR
+from fedseg.server.control.runs import PRIVATE_DIR
+from fedseg.server.run.loop import serve
 
 log = logging.getLogger(__name__)
 

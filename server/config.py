@@ -43,12 +43,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedseg.common.cliutil import format_validation_error
-from fedseg.common.errors import ConfigError
-from fedseg.common.manifest import load_manifest
-from fedseg.common.model import ModelConfig
-from fedseg.common.preprocess import PreprocessConfig
-from fedseg.common.training import DeviceName, TrainConfig
+from fedseg.common.data.manifest import load_manifest
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.device import DeviceName
+from fedseg.common.errors import ConfigError, format_validation_error
+from fedseg.common.nn.model import ModelConfig
+from fedseg.common.runtime.processes import host_port
 
 #: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
 RUN_CONFIG_KEY = "config-json"
@@ -134,7 +135,7 @@ class ServerConfig(BaseModel):
     @property
     def address(self) -> str:
         """``host:port`` of the SuperLink, as sites dial it."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def loopback(self) -> bool:

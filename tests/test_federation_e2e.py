@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+import torch
 
-from fedseg.common.checkpoint import read_meta
-from fedseg.common.phantoms import generate_phantoms
-from fedseg.common.processes import free_port, tagged_processes
-from fedseg.server.history import read_history
+from fedseg.common.engine.checkpoint import load_checkpoint, read_meta
+from fedseg.common.nn.model import ModelConfig, build_model
+from fedseg.common.runtime.processes import free_port, tagged_processes
+from fedseg.common.synthetic.phantoms import generate_phantoms
+from fedseg.server.run.history import read_history
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,7 +32,7 @@ pytestmark = [
 ]
 
 TAG = "FEDSEG_E2E_TAG"
-CLI = "from fedseg.{side}.cli import main; main()"
+CLI = "from fedseg.{side}.cli.main import main; main()"
 SITES = ("site-1", "site-2")
 
 
@@ -122,6 +124,14 @@ def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     assert set(rows[2].dice) == {"dice_pancreas", "dice_spleen", "dice_kidney", "dice_liver", "dice_mean"}
     assert len((tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()) == 4
     assert read_meta(tmp_path / "run" / "checkpoints" / "last.pt").round == 2
+    # the federation learned: the global model moved away from its seeded start and central Dice rose
+    torch.manual_seed(0)  # the ServerApp's seeded initial model (seed = 0)
+    start = build_model(ModelConfig(feature_scale=16)).state_dict()
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").model.state_dict()
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.allclose(v, final[k])]
+    assert len(moved) > len(start) // 2
+    dice = [row.dice["dice_mean"] for row in rows]
+    assert dice[2] > dice[0] + 0.02, dice
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
     assert [s.returncode for s in sites] == [0, 0]

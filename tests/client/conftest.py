@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.common.phantoms import generate_phantoms
+from fedseg.common.synthetic.phantoms import generate_phantoms
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,16 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.common.config import parse_config_args
 
+from fedseg.client import training as client_training
 from fedseg.client.app import train
 from fedseg.client.site import SiteConfig, load_training_cases, site_from_node_config, write_node_config
 from fedseg.client.training import DeadlineExceeded, deadline, train_locally
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError, DataError
-from fedseg.common.model import ModelConfig, build_model
-from fedseg.common.preprocess import PreprocessConfig
-from fedseg.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
-from fedseg.common.training import TrainConfig
-from fedseg.common.weights import arrays_from_model
+from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
+from fedseg.common.fl.weights import arrays_from_model
+from fedseg.common.nn.model import ModelConfig, build_model
 
 TINY = ModelConfig(feature_scale=64)
 TASK = TrainTask(
@@ -108,7 +109,17 @@ def _train_message(arrays_record: object, config: ConfigRecord) -> Message:
     return Message(RecordDict({ARRAYS_KEY: arrays_record, CONFIG_KEY: config}), metadata=metadata)  # type: ignore[dict-item]
 
 
-def test_train_handler_replies_with_weights_metrics_and_site_name(phantom_root: Path, tmp_path: Path) -> None:
+def test_train_handler_replies_with_weights_metrics_and_site_name(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[TrainConfig] = []
+    real_train_model = client_training.train_model
+
+    def spy(model: torch.nn.Module, cases: object, cfg: TrainConfig, *args: object, **kwargs: object) -> object:
+        seen.append(cfg)
+        return real_train_model(model, cases, cfg, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_training, "train_model", spy)
     site = _site(phantom_root, tmp_path)
     node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
     config = task_config(TASK)
@@ -119,13 +130,12 @@ def test_train_handler_replies_with_weights_metrics_and_site_name(phantom_root: 
     reply = train(_train_message(arrays, config), context)
     assert not reply.has_error()
     assert set(reply.content[ARRAYS_KEY].keys()) == set(arrays.keys())
-    metrics = reply.content[METRICS_KEY]
-    assert dict(metrics) | {"train-loss": 0, "train-seconds": 0} == {
-        "num-examples": 2,
-        "train-loss": 0,
-        "train-samples": 4,
-        "train-seconds": 0,
-    }
+    metrics = dict(reply.content[METRICS_KEY])
+    assert set(metrics) == {"num-examples", "train-loss", "train-samples", "train-seconds"}
+    assert (metrics["num-examples"], metrics["train-samples"]) == (2, 4)
+    assert 0 < metrics["train-loss"] < 10 and 0 < metrics["train-seconds"] < 600
+    assert [cfg.prox_mu for cfg in seen] == [0.1]  # FedProx's μ from the message reached the trainer
+    assert seen[0].steps == TASK.train.steps
     assert reply.content[SITE_KEY]["name"] == "site-1"
     assert reply.metadata.dst_node_id == 0
     assert "site site-1 round 3: replying" in (tmp_path / "logs" / "clientapp.log").read_text()

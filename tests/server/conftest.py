@@ -78,7 +78,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> object:
     """Two 16³ phantom sites (2 cases each) and a 1-case validation set, generated once per session."""
-    from fedseg.common.phantoms import generate_phantoms
+    from fedseg.common.synthetic.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("server-phantoms") / "data"
     generate_phantoms(root, sites=2, cases_per_site=2, val_cases=1, size=(16, 16, 16))

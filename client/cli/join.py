@@ -1,0 +1,88 @@
+"""`fed-client join`: check and prepare a site's data, then serve it to a federation as a Flower SuperNode."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fedseg.client.site import SiteConfig, resolve_labels
+from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
+from fedseg.common.cli.shell import guarded
+from fedseg.common.console import console
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.engine.device import resolve_device
+from fedseg.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _check_server(server: str) -> str:
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--server must look like HOST:PORT (e.g. 10.0.0.5:9092), got {server!r}")
+    return server
+
+
+@guarded
+def join_command(
+    site: Annotated[str, typer.Option("--site", help="This site's name, as the server will report it.")],
+    data: Annotated[Path, typer.Option("--data", help="The site's dataset folder (MSD, nnU-Net or images/+labels/).")],
+    server: Annotated[str, typer.Option("--server", help="The SuperLink's HOST:PORT.")] = "127.0.0.1:9092",
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels", help="Label manifest (TOML/JSON) or built-in name (default: DATA/labels.toml, else 1..4)."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="Where to train: cpu, cuda, cuda:N or auto.")] = "cpu",
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Private folder for cache and logs (default: ./fedseg-<site>).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Local port of the SuperNode runtime API (default: a free one).")
+    ] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option("--root-certificates", help="CA certificate for HTTPS; omit for plain HTTP.")
+    ] = None,
+    auth_key: Annotated[
+        Path | None, typer.Option("--auth-key", help="SuperNode private key when the server enforces node auth.")
+    ] = None,
+    max_restarts: Annotated[
+        int | None, typer.Option("--max-restarts", help="Stop after this many SuperNode restarts (default: never).")
+    ] = None,
+) -> None:
+    """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
+    _check_server(server)
+    for name, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{name} {path} does not exist")
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a folder; pass the site's dataset folder")
+    cfg = SiteConfig(
+        site=site,
+        data=data.resolve(),
+        labels=resolve_labels(data, labels),
+        workdir=(workdir or Path(f"fedseg-{site}")).resolve(),
+        device=device,
+    )
+    resolve_device(cfg.device)
+    cfg, report, cases = check_and_prepare(cfg, PreprocessConfig())
+    console.print(
+        f"site [bold]{escape(site)}[/]: {len(report.usable)} usable, {len(report.skipped)} skipped; "
+        f"{len(cases)} cases cached in {escape(str(cfg.cache_dir))}"
+    )
+    opts = JoinOptions(
+        server=server,
+        port=port if port is not None else default_port(),
+        root_certificates=root_certificates.resolve() if root_certificates else None,
+        auth_key=auth_key.resolve() if auth_key else None,
+        max_restarts=max_restarts,
+    )
+    try:
+        run_supernode(cfg, opts)
+    except KeyboardInterrupt:
+        console.print(f"site [bold]{escape(site)}[/] left the federation")

@@ -1,0 +1,22 @@
+"""`fed-client` command-line entry point: assembles the commands, each defined in its own `cli_*` module."""
+
+from __future__ import annotations
+
+from fedseg.client.cli.check import check_command
+from fedseg.client.cli.join import join_command
+from fedseg.common.cli.shell import make_app
+
+app = make_app(
+    "fed-client",
+    "Run a hospital site: check its data and join a federation.",
+)
+
+
+# Command registrations (one line each, alphabetical):
+app.command("check")(check_command)
+app.command("join")(join_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

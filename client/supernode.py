@@ -1,0 +1,168 @@
+"""Become a Flower SuperNode for one site: check and prepare the data, then run ``flower-supernode`` in a restart loop.
+
+The SuperNode exits when the SuperLink it knew is gone (an in-memory SuperLink that restarted answers its
+heartbeat with HTTP 401), so ``fed-client join`` supervises it: any exit other than our own shutdown restarts
+it after a back-off (1 s doubling to 30 s, reset after a minute of healthy running). Ctrl-C or SIGTERM stops
+it, and its helpers, cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, write_node_config
+from fedseg.common.data.layouts import CaseFiles
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sitecache import prepare_site
+from fedseg.common.data.sitecheck import SiteReport, check_site
+from fedseg.common.errors import DataError
+from fedseg.common.runtime.flwrctl import flower_env, flower_executable
+from fedseg.common.runtime.processes import Supervisor, free_port
+
+log = logging.getLogger(__name__)
+
+HEALTHY_SECONDS = 60.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    """How a site connects.
+
+    Attributes:
+        server: the SuperLink's ``host:port``.
+        port: local port of the SuperNode's runtime API (distinct per SuperNode on one machine).
+        root_certificates: CA certificate for HTTPS; None means plain HTTP (``--insecure``).
+        auth_key: SuperNode private key (ECDSA, SSH format) when the SuperLink enforces node auth.
+        max_restarts: give up after this many restarts; None restarts forever.
+    """
+
+    server: str
+    port: int
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    max_restarts: int | None = None
+
+
+def usable_view(cases: Sequence[CaseFiles], folder: Path) -> Path:
+    """A plain ``images/`` + ``labels/`` folder of symbolic links to the usable cases only.
+
+    Training then never touches a case the site check rejected; the preprocessing cache still keys on the
+    resolved original files.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for case in cases:
+        if case.label is None:
+            continue
+        image_name = case.case_id if case.image.is_dir() else case.case_id + _nifti_suffix(case.image)
+        (folder / "images" / image_name).symlink_to(case.image.resolve())
+        (folder / "labels" / (case.case_id + _nifti_suffix(case.label))).symlink_to(case.label.resolve())
+    return folder
+
+
+def _nifti_suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+
+
+def check_and_prepare(
+    site: SiteConfig, preprocess: PreprocessConfig
+) -> tuple[SiteConfig, SiteReport, list[PreparedCase]]:
+    """Run the site check, refuse a site without usable cases, then fill the preprocessing cache.
+
+    When the check skipped cases, the returned config points ``data`` at a view of the usable ones
+    (``<workdir>/usable``), so the ClientApp trains on exactly what the check accepted.
+
+    Raises:
+        DataError: no usable case (the message quotes the first reason).
+    """
+    report = check_site(site.data, site.manifest())
+    for case_id, reason in report.skipped:
+        log.warning("skipping case %s: %s", case_id, reason)
+    if not report.usable:
+        first = f" (first problem: {report.skipped[0][1]})" if report.skipped else ""
+        raise DataError(f"site {site.site}: {site.data} has no usable case{first}; fix the data and run again")
+    if report.skipped:
+        view = usable_view(report.usable, site.workdir / "usable")
+        site = site.model_copy(update={"data": view, "labels": resolve_labels(site.data, site.labels)})
+    cases = prepare_site(site.data, site.manifest(), preprocess, site.cache_dir)
+    log.info("site %s: %d usable cases prepared in %s", site.site, len(cases), site.cache_dir)
+    return site, report, cases
+
+
+def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
+    """Command line of ``flower-supernode`` for this site."""
+    argv = [
+        flower_executable("flower-supernode"),
+        "--superlink",
+        opts.server,
+        "--port",
+        str(opts.port),
+        "--node-config",
+        str(node_config),
+    ]
+    if opts.root_certificates is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(opts.root_certificates)]
+    if opts.auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(opts.auth_key)]
+    return argv
+
+
+def next_backoff(previous: float, ran_for: float) -> float:
+    """Seconds to wait before the next restart: doubles up to 30 s, back to 1 s after a healthy minute."""
+    if ran_for >= HEALTHY_SECONDS:
+        return 1.0
+    return min(MAX_BACKOFF, max(1.0, previous * 2))
+
+
+def run_supernode(
+    site: SiteConfig,
+    opts: JoinOptions,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run the SuperNode until interrupted (or ``opts.max_restarts`` is exhausted); return how often it restarted.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C or SIGTERM (after the SuperNode has been stopped).
+    """
+    node_config = write_node_config(site, site.workdir / NODE_CONFIG_FILE)
+    argv = supernode_argv(opts, node_config)
+    env = flower_env(site.workdir / "flwr-home")
+    restarts = 0
+    backoff = 0.5
+    with Supervisor() as sup:
+        while True:
+            started = time.monotonic()
+            child = sup.start("supernode", argv, env=env, log_path=site.log_dir / "supernode.log")
+            log.info("site %s: SuperNode (pid %d) connecting to %s", site.site, child.pid, opts.server)
+            code = child.process.wait()
+            ran_for = time.monotonic() - started
+            sup.stop(child)
+            if opts.max_restarts is not None and restarts >= opts.max_restarts:
+                log.error("site %s: SuperNode exited with code %s; no restarts left", site.site, code)
+                return restarts
+            backoff = next_backoff(backoff, ran_for)
+            restarts += 1
+            log.warning(
+                "site %s: SuperNode exited with code %s after %.0f s; restarting in %.0f s (restart %d)",
+                site.site,
+                code,
+                ran_for,
+                backoff,
+                restarts,
+            )
+            sleep(backoff)
+
+
+def default_port() -> int:
+    """A free local port for the SuperNode's runtime API."""
+    return free_port()

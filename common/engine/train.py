@@ -1,0 +1,224 @@
+"""Local training: a step-budgeted Adam + Dice loop, usable centrally and by a federated client every round.
+
+The loop is a plain function so a Flower client can call it once per round with the global weights already
+loaded into ``model``; everything it needs comes in through :class:`TrainConfig` and the arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from fedseg.common.console import console
+from fedseg.common.data.preprocess import PreparedCase
+from fedseg.common.data.sampling import PatchSampler
+from fedseg.common.engine.config import TrainConfig, lr_factor
+from fedseg.common.engine.device import autocast_for, seed_everything
+from fedseg.common.engine.validation import validate
+from fedseg.common.nn.loss import DiceLoss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainReport:
+    """What one :func:`train_model` call did.
+
+    Attributes:
+        mean_loss: mean training loss (Dice [+ CE], without the proximal term) over all steps.
+        samples: patches seen (steps × batch size).
+        steps: optimiser steps taken.
+        seconds: wall time of the loop, validation included.
+        val_seconds: the part of ``seconds`` spent validating.
+        dice: per-class Dice of the last validation (``validate`` keys), ``None`` if not validated.
+        loss_history: training loss of every step.
+        val_history: (step, ``validate`` result) for every validation run.
+    """
+
+    mean_loss: float
+    samples: int
+    steps: int
+    seconds: float
+    val_seconds: float = 0.0
+    dice: dict[str, float] | None = None
+    loss_history: list[float] = field(default_factory=list)
+    val_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training throughput in patches per second (validation time excluded)."""
+        train_seconds = self.seconds - self.val_seconds
+        return self.samples / train_seconds if train_seconds > 0 else 0.0
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (β 0.9/0.999) with the configured learning rate and weight decay, as in the paper."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class ProximalTerm:
+    """FedProx penalty μ/2 · ‖w − w_ref‖² over the trainable parameters (buffers such as BN statistics excluded).
+
+    Args:
+        model: the model being trained.
+        mu: the proximal weight μ (> 0).
+        reference: reference weights by parameter name (e.g. the round's global model); defaults to a copy of
+            ``model``'s parameters at construction time, which is what FedProx uses.
+
+    Raises:
+        ValueError: ``reference`` misses a parameter or has a different shape.
+    """
+
+    def __init__(self, model: nn.Module, mu: float, reference: Mapping[str, Tensor] | None = None) -> None:
+        self.mu = mu
+        self.params: list[Tensor] = []
+        self.refs: list[Tensor] = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            ref = param if reference is None else reference.get(name)
+            if ref is None or tuple(ref.shape) != tuple(param.shape):
+                raise ValueError(f"reference weights miss parameter {name!r} or its shape {tuple(param.shape)}")
+            self.params.append(param)
+            self.refs.append(ref.detach().to(device=param.device, dtype=param.dtype).clone())
+
+    def __call__(self) -> Tensor:
+        """The penalty as a scalar tensor attached to the parameters' graph."""
+        total = torch.stack([(p - r).pow(2).sum() for p, r in zip(self.params, self.refs, strict=True)]).sum()
+        return 0.5 * self.mu * total
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[speed]:.2f} patch/s"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _to_device(
+    batch: tuple[Tensor, Tensor, Tensor], device: torch.device, channels_last: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    image, label, mask = batch
+    image = image.to(device, non_blocking=True)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    return image, label.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def train_model(
+    model: nn.Module,
+    cases: Sequence[PreparedCase],
+    cfg: TrainConfig,
+    device: torch.device | str,
+    reference_weights: Mapping[str, Tensor] | None = None,
+    val_cases: Sequence[PreparedCase] | None = None,
+    progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedule: tuple[int, int] | None = None,
+) -> TrainReport:
+    """Train ``model`` in place for ``cfg.total_steps`` steps on random patches of ``cases``.
+
+    Args:
+        model: the network; its current weights are the starting point (moved to ``device``).
+        cases: prepared training cases with labels.
+        cfg: budget and hyper-parameters; ``cfg.seed`` fixes sampling and augmentation.
+        device: "cpu", "cuda", or a torch device.
+        reference_weights: FedProx reference (parameter name -> tensor); defaults to the starting weights.
+            Only used when ``cfg.prox_mu > 0``.
+        val_cases: when given, whole-volume validation runs every ``cfg.val_every`` epochs and at the end.
+        progress: show a rich progress bar with loss and speed.
+        optimizer: an optimiser over ``model``'s parameters to continue (keeps Adam state across calls);
+            a fresh :func:`make_optimizer` one when ``None``.
+        schedule: ``(steps already taken, total steps)`` of a learning-rate schedule that spans several calls
+            (``fed-eval train`` calls once per epoch); defaults to ``(0, cfg.total_steps)``.
+
+    Returns:
+        A :class:`TrainReport`.
+
+    Raises:
+        DataError: no cases, or a case without a label (from :class:`PatchSampler`).
+    """
+    device = torch.device(device)
+    seed_everything(cfg.seed)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # missing from stubs
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    loss_fn = DiceLoss(ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice)
+    prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
+    sampler = PatchSampler(
+        cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed, cfg.affine_prob
+    )
+    val_steps = cfg.val_every * cfg.steps_per_epoch
+    total = cfg.total_steps
+    done, horizon = schedule if schedule is not None else (0, total)
+    report = TrainReport(mean_loss=float("nan"), samples=0, steps=0, seconds=0.0)
+    start = time.perf_counter()
+    model.train()
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=total, loss=float("nan"), speed=0.0)
+        for step, batch in enumerate(sampler, start=1):
+            image, label, mask = _to_device(batch, device, cfg.channels_last)
+            _set_lr(optimizer, cfg.lr * lr_factor(done + step - 1, horizon, cfg.lr_schedule, cfg.warmup_steps))
+            loss = _train_step(model, optimizer, loss_fn, prox, image, label, mask, cfg)
+            report.loss_history.append(loss)
+            report.samples += image.shape[0]
+            report.steps = step
+            speed = report.samples / (time.perf_counter() - start - report.val_seconds)
+            bar.update(task, advance=1, loss=loss, speed=speed)
+            if val_cases and (step % val_steps == 0 or step == total):
+                val_start = time.perf_counter()
+                report.dice = validate(model, val_cases, cfg.patch_size, device)
+                report.val_seconds += time.perf_counter() - val_start
+                report.val_history.append((step, report.dice))
+                log.info("step %d: validation %s", step, _format_dice(report.dice))
+                model.train()
+            if step >= total:
+                break
+    report.seconds = time.perf_counter() - start
+    report.mean_loss = float(np.mean(report.loss_history))
+    return report
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: DiceLoss,
+    prox: ProximalTerm | None,
+    image: Tensor,
+    label: Tensor,
+    mask: Tensor,
+    cfg: TrainConfig,
+) -> float:
+    """One forward/backward/update; returns the data loss (without the proximal term)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(image.device, cfg.amp, cfg.cpu_bf16):
+        logits = model(image)
+    loss = loss_fn(logits.float(), label, mask)
+    objective = loss + prox() if prox is not None else loss
+    objective.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _format_dice(dice: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in dice.items())

@@ -1,0 +1,64 @@
+"""`fed-server start`: run a federation from a server.toml (or continue one with --resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fedseg.common.cli.shell import guarded
+from fedseg.common.console import console
+from fedseg.common.engine.device import resolve_device
+from fedseg.common.errors import ConfigError
+from fedseg.common.runtime.processes import Supervisor
+from fedseg.server.cli.live import LiveRounds, summary_lines
+from fedseg.server.config import RunSpec, load_server_config
+from fedseg.server.control.launch import run_to_end, start_server
+from fedseg.server.control.runs import new_spec, resume_spec
+
+
+def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str]) -> RunSpec:
+    """The run that ``start`` should execute: a new one from ``config``, or the continuation of ``resume``.
+
+    Raises:
+        ConfigError: both or an invalid value were given, or validation.device is not on this machine.
+    """
+    if config is not None and resume is not None:
+        raise ConfigError("pass either --config (new run) or --resume RUN_DIR (continue a run), not both")
+    spec = resume_spec(resume, overrides) if resume is not None else new_spec(load_server_config(config, overrides))
+    if spec.config.validation.data is not None:
+        resolve_device(spec.config.validation.device, "validation.device")
+    return spec
+
+
+def run_and_report(spec: RunSpec) -> None:
+    """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary."""
+    with Supervisor() as sup:
+        server = start_server(sup, spec.config)
+        console.print(
+            f"SuperLink listening on [bold]{escape(spec.config.address)}[/]; sites join with "
+            f"`fed-client join --server {escape(spec.config.address)} --site NAME --data DIR`"
+        )
+        with LiveRounds() as live:
+            run_id, status = run_to_end(server, spec, live.add)
+    for line in summary_lines(live.rows):
+        console.print(line)
+    out = escape(str(spec.config.output_dir))
+    console.print(f"run {run_id} {status.status} in {status.elapsed:.0f} s; results in [bold]{out}[/]")
+
+
+@guarded
+def start_command(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Config overrides key=value, e.g. rounds=5 train.lr=1e-4 strategy.name=fedprox."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Server config (TOML).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this output folder from its last round.")
+    ] = None,
+) -> None:
+    """Start a SuperLink, run the federation to the end, then stop every process."""
+    run_and_report(run_spec_for(config, resume, overrides or []))

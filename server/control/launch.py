@@ -1,0 +1,159 @@
+"""Drive a whole federated run from ``fed-server``: SuperLink up, run submitted, followed to the end, all stopped.
+
+Everything runs under a :class:`~fedseg.common.runtime.processes.Supervisor`, so the SuperLink, its SuperExec and the
+ServerApp process are gone when the ``with`` block ends, whether the run completed, failed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedseg.common.errors import FedsegError
+from fedseg.common.runtime.flwrctl import FlowerControl, RunStatus, write_connection
+from fedseg.common.runtime.processes import Child, Supervisor
+from fedseg.server.app import EXIT_MARKER, LOG_FILE
+from fedseg.server.config import RunSpec, ServerConfig
+from fedseg.server.control.runs import PRIVATE_DIR, save_config, stage_app, write_run_config
+from fedseg.server.control.superlink import local_address, start_superlink
+from fedseg.server.run.history import RoundRow, read_history
+
+log = logging.getLogger(__name__)
+
+#: Seconds between ``flwr ls`` calls (each costs ~1 s of CPU) while the ServerApp is still running ...
+STATUS_EVERY = 15.0
+#: ... and once it has written its exit marker.
+STATUS_EVERY_AFTER_EXIT = 1.0
+#: Consecutive failed ``flwr ls`` calls tolerated (a loaded machine can make one time out).
+STATUS_FAILURES = 5
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exceeded|Interrupt)\b.*")
+
+
+@dataclass
+class Server:
+    """A running SuperLink and the ``flwr`` CLI bound to it."""
+
+    cfg: ServerConfig
+    superlink: Child
+    control: FlowerControl
+
+    @property
+    def private_dir(self) -> Path:
+        """``<output_dir>/.fedseg``: FLWR_HOME, the staged FAB and the run-config file."""
+        return self.cfg.output_dir / PRIVATE_DIR
+
+
+def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
+    """Start the SuperLink for ``cfg`` under ``sup`` and write the CLI connection."""
+    private = cfg.output_dir / PRIVATE_DIR
+    home = private / "flwr-home"
+    write_connection(home, local_address(cfg), cfg.tls.ca if cfg.tls is not None else None)
+    child = start_superlink(sup, cfg, home, cfg.output_dir / "logs" / "superlink.log")
+    return Server(cfg=cfg, superlink=child, control=FlowerControl(home))
+
+
+def submit(server: Server, spec: RunSpec) -> int:
+    """Submit our thin FAB with ``spec`` as run config; return the run id."""
+    save_config(spec.config)
+    (spec.config.output_dir / EXIT_MARKER).unlink(missing_ok=True)
+    app_dir = stage_app(server.private_dir / "app")
+    run_config = write_run_config(spec, server.private_dir / "run-config.toml")
+    run_id = server.control.submit(app_dir, run_config)
+    log.info("submitted run %d (rounds %d..%d)", run_id, spec.first_round, spec.config.rounds)
+    return run_id
+
+
+def failure_reason(out_dir: Path, status: RunStatus) -> str:
+    """The most useful line explaining a failed run: the ServerApp's last exception, else Flower's details."""
+    path = out_dir / LOG_FILE
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        for line in reversed(lines):
+            if _EXCEPTION_LINE.match(line):
+                return line[:400]
+    return f"{status.status} ({status.details})"
+
+
+def follow(
+    server: Server,
+    run_id: int,
+    on_row: Callable[[RoundRow], None] | None = None,
+    watch: Sequence[Child] = (),
+    poll: float = 1.0,
+) -> RunStatus:
+    """Wait for the run to finish, calling ``on_row`` for each new history row as it appears.
+
+    Args:
+        server: the running SuperLink.
+        run_id: the run to follow.
+        on_row: called once per new history row.
+        watch: processes that must stay alive (the demo's sites); one exiting fails the run.
+        poll: seconds between looks at the history file.
+
+    Raises:
+        FedsegError: the SuperLink or a watched process died, or the run failed (the ServerApp's error is quoted).
+    """
+    out = server.cfg.output_dir
+    seen = {r.round for r in read_history(out)}
+    last_status = 0.0
+    failures = 0
+    while True:
+        _report_new_rows(out, seen, on_row)
+        _check_alive([server.superlink, *watch])
+        every = STATUS_EVERY_AFTER_EXIT if (out / EXIT_MARKER).is_file() else STATUS_EVERY
+        if time.monotonic() - last_status >= every:
+            last_status = time.monotonic()
+            status, failures = _poll_status(server, run_id, failures)
+            if status is not None and status.finished:
+                _report_new_rows(out, seen, on_row)
+                if not status.succeeded:
+                    raise FedsegError(f"run {run_id} failed: {failure_reason(out, status)}")
+                return status
+        time.sleep(poll)
+
+
+def _report_new_rows(out: Path, seen: set[int], on_row: Callable[[RoundRow], None] | None) -> None:
+    for row in read_history(out):
+        if row.round not in seen:
+            seen.add(row.round)
+            if on_row is not None:
+                on_row(row)
+
+
+def _check_alive(children: Sequence[Child]) -> None:
+    for child in children:
+        if child.process.poll() is not None:
+            tail = child.log_tail(1)[-300:]
+            code = child.process.returncode
+            raise FedsegError(f"{child.name} exited with code {code}: {tail} (log: {child.log_path})")
+
+
+def _poll_status(server: Server, run_id: int, failures: int) -> tuple[RunStatus | None, int]:
+    """One ``flwr ls``; a failure returns None unless it is the :data:`STATUS_FAILURES`-th in a row (then raises)."""
+    try:
+        return server.control.status(run_id), 0
+    except FedsegError as err:
+        if failures + 1 >= STATUS_FAILURES:
+            raise
+        log.warning("could not get the run status (%s); retrying", err)
+        return None, failures + 1
+
+
+def run_to_end(
+    server: Server,
+    spec: RunSpec,
+    on_row: Callable[[RoundRow], None] | None = None,
+    watch: Sequence[Child] = (),
+) -> tuple[int, RunStatus]:
+    """Submit ``spec`` and follow it; on Ctrl-C ask the SuperLink to stop the run before re-raising."""
+    run_id = submit(server, spec)
+    try:
+        return run_id, follow(server, run_id, on_row, watch)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping run %d", run_id)
+        server.control.stop(run_id)
+        raise

@@ -1,0 +1,154 @@
+"""What the ServerApp does around Flower's round loop: central validation, checkpoints and history each round."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, load_checkpoint
+from fedseg.common.engine.keeper import CheckpointKeeper
+from fedseg.common.engine.validation import MEAN_KEY, class_names_for
+from fedseg.common.fl.protocol import TrainTask, task_config
+from fedseg.common.fl.weights import arrays_from_model, load_arrays
+from fedseg.common.nn.model import build_model
+from fedseg.server.config import RunSpec
+from fedseg.server.run.central import CentralValidator
+from fedseg.server.run.history import History, RoundRow, clean_dice
+from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CACHE_DIR = "cache"
+
+
+def initial_model(spec: RunSpec) -> nn.Module:
+    """The model of the first round: a checkpoint's weights when resuming, else a seeded initialisation."""
+    cfg = spec.config
+    if spec.initial_checkpoint is not None:
+        loaded = load_checkpoint(
+            spec.initial_checkpoint, expect=cfg.model, classes=class_names_for(cfg.model.n_classes)
+        )
+        return loaded.model
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model)
+
+
+def train_task(spec: RunSpec) -> TrainTask:
+    """The per-round task sent to every site."""
+    cfg = spec.config
+    return TrainTask(
+        model=cfg.model,
+        train=cfg.train,
+        preprocess=cfg.preprocess,
+        deadline=cfg.round_timeout,
+        round_offset=spec.first_round - 1,
+    )
+
+
+class RoundEvaluator:
+    """Flower's ``evaluate_fn``: after each round, validate, checkpoint and append a history row.
+
+    Args:
+        spec: the run (global round numbering starts at ``spec.first_round``).
+        model: a model instance the weights are loaded into.
+        validator: central validation, or None to skip Dice.
+        checkpoints: ``last.pt`` / ``best.pt`` keeper.
+        history: the run's history files.
+        stats: per-round statistics recorded by the strategy (read, not modified).
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        model: nn.Module,
+        validator: CentralValidator | None,
+        checkpoints: CheckpointKeeper,
+        history: History,
+        stats: dict[int, RoundStats],
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.validator = validator
+        self.checkpoints = checkpoints
+        self.history = history
+        self.stats = stats
+        self.class_names = class_names_for(spec.config.model.n_classes)
+        self.hash = config_hash(model=spec.config.model, preprocess=spec.config.preprocess)
+        self.since = time.monotonic()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Score, save and record the global model after ``server_round`` (0 = before training)."""
+        if server_round == 0 and self.spec.first_round > 1:
+            self.since = time.monotonic()
+            return None  # a resumed run's starting model was scored by the run that produced it
+        global_round = self.spec.first_round - 1 + server_round
+        load_arrays(self.model, arrays)
+        dice = self.validator(self.model) if self.validator is not None else {}
+        metrics = {k: v for k, v in dice.items() if not math.isnan(v)}
+        meta = CheckpointMeta(
+            model=self.spec.config.model,
+            class_names=self.class_names,
+            preprocess=self.spec.config.preprocess,
+            patch_size=self.spec.config.train.patch_size,
+            config_hash=self.hash,
+            seed=self.spec.config.seed,
+            metrics=metrics,
+            score=metrics.get(MEAN_KEY),
+            round=global_round,
+        )
+        best = self.checkpoints.save(self.model, meta)
+        stats = self.stats.get(server_round, RoundStats())
+        now = time.monotonic()
+        row = RoundRow(
+            round=global_round,
+            seconds=now - self.since,
+            sites=stats.sites,
+            failures=stats.failures,
+            dice=clean_dice(dice),
+            bytes_out=stats.bytes_out,
+            bytes_in=stats.bytes_in,
+            best=best,
+        )
+        self.history.append(row)
+        self.since = now
+        log.info("round %d done in %.1f s: %s", global_round, row.seconds, _dice_text(dice))
+        record: dict[str, int | float | list[int] | list[float]] = dict(metrics)
+        return MetricRecord(record) if record else None
+
+
+def _dice_text(dice: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in dice.items()) or "(no central validation)"
+
+
+def serve(grid: Grid, spec: RunSpec) -> None:
+    """Run ``spec.num_rounds`` rounds of the configured strategy on ``grid``, recording every round.
+
+    Args:
+        grid: Flower's grid (from ``@app.main``).
+        spec: the validated run description.
+    """
+    cfg = spec.config
+    out: Path = cfg.output_dir
+    model = initial_model(spec)
+    validator = CentralValidator(cfg, out / CACHE_DIR / "validation") if cfg.validation.data is not None else None
+    history = History(out)
+    history.truncate(spec.first_round - 1)
+    strategy = RecordingStrategy(build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout)
+    evaluator = RoundEvaluator(spec, model, validator, CheckpointKeeper(out / CHECKPOINT_DIR), history, strategy.stats)
+    log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays_from_model(model),
+        num_rounds=spec.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=task_config(train_task(spec)),
+        evaluate_fn=evaluator,
+    )

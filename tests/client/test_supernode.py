@@ -1,0 +1,128 @@
+"""`fed-client join`: data check before joining, SuperNode command line, restart loop, CLI errors."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedseg.client import supernode as join_module
+from fedseg.client.cli.main import app
+from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels
+from fedseg.client.supernode import JoinOptions, check_and_prepare, next_backoff, run_supernode, supernode_argv
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.errors import DataError
+
+runner = CliRunner()
+
+
+def _site(data: Path, workdir: Path) -> SiteConfig:
+    return SiteConfig(site="s1", data=data, labels=str(data / "labels.toml"), workdir=workdir)
+
+
+def test_supernode_argv_plain_and_with_tls_and_auth(tmp_path: Path) -> None:
+    argv = supernode_argv(JoinOptions(server="10.0.0.5:9092", port=9999), tmp_path / "n.toml")
+    assert argv[1:] == ["--superlink", "10.0.0.5:9092", "--port", "9999", "--node-config", str(tmp_path / "n.toml"),
+                        "--insecure"]  # fmt: skip
+    secure = JoinOptions(server="h:1", port=1, root_certificates=tmp_path / "ca.crt", auth_key=tmp_path / "k")
+    argv = supernode_argv(secure, tmp_path / "n.toml")
+    assert "--insecure" not in argv
+    assert argv[-4:] == ["--root-certificates", str(tmp_path / "ca.crt"), "--auth-supernode-private-key",
+                         str(tmp_path / "k")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("previous", "ran_for", "expected"), [(0.5, 1.0, 1.0), (1.0, 5.0, 2.0), (16.0, 5.0, 30.0), (30.0, 120.0, 1.0)]
+)
+def test_backoff_doubles_to_a_cap_and_resets_after_healthy_running(
+    previous: float, ran_for: float, expected: float
+) -> None:
+    assert next_backoff(previous, ran_for) == expected
+
+
+def test_check_and_prepare_fills_the_cache(phantom_root: Path, tmp_path: Path) -> None:
+    site, report, cases = check_and_prepare(_site(phantom_root / "site-1", tmp_path), PreprocessConfig())
+    assert site.data == phantom_root / "site-1"
+    assert len(report.usable) == 2 and not report.skipped
+    assert len(cases) == 2 and len(list(site.cache_dir.glob("*.npz"))) == 2
+
+
+def test_skipped_cases_are_left_out_through_a_view(phantom_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_root / "site-1", data)
+    broken = sorted((data / "labelsTr").iterdir())[1]
+    broken.write_bytes(b"not a nifti")
+    site, report, cases = check_and_prepare(_site(data, tmp_path / "work"), PreprocessConfig())
+    assert [case_id for case_id, _ in report.skipped] == ["site1_001"]
+    assert site.data == tmp_path / "work" / "usable"
+    assert [c.case_id for c in cases] == ["site1_000"]
+    assert (site.data / "images" / "site1_000.nii.gz").resolve() == (data / "imagesTr" / "site1_000.nii.gz").resolve()
+
+
+def test_labels_default_to_the_manifest_beside_the_data(phantom_root: Path, tmp_path: Path) -> None:
+    assert resolve_labels(phantom_root / "site-1", None) == str((phantom_root / "site-1" / "labels.toml").resolve())
+    assert resolve_labels(tmp_path, None) is None
+    assert resolve_labels(tmp_path, "phantom") == "phantom"
+
+
+def test_view_keeps_the_manifest_of_the_original_folder(phantom_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_root / "site-1", data)
+    sorted((data / "labelsTr").iterdir())[0].write_bytes(b"broken")
+    site = SiteConfig(site="s1", data=data, workdir=tmp_path / "work")  # labels.toml found beside the data
+    site, _, _ = check_and_prepare(site, PreprocessConfig())
+    assert site.labels == str((data / "labels.toml").resolve())
+    assert site.manifest().site == "site-1"
+
+
+def test_site_without_usable_case_is_refused(phantom_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_root / "site-1", data)
+    for label in (data / "labelsTr").iterdir():
+        label.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"site s1: .*data has no usable case \(first problem: .*\); fix the data"):
+        check_and_prepare(_site(data, tmp_path / "work"), PreprocessConfig())
+
+
+def test_supernode_is_restarted_until_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "fake-supernode"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('fake', sys.argv[1:])\nsys.exit(3)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(join_module, "flower_executable", lambda name: str(fake))
+    waits: list[float] = []
+    site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
+    restarts = run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=2), sleep=waits.append)
+    assert restarts == 2
+    assert waits == [1.0, 2.0]
+    assert (tmp_path / "work" / NODE_CONFIG_FILE).read_text().startswith('site = "s1"')
+    assert (tmp_path / "work" / "logs" / "supernode.log").read_text().count("fake") == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--server", "localhost"], "--server must look like HOST:PORT (e.g. 10.0.0.5:9092), got 'localhost'"),
+        (["--server", "h:99999"], "--server must look like HOST:PORT"),
+        (["--root-certificates", "/nonexistent/ca.crt"], "--root-certificates /nonexistent/ca.crt does not exist"),
+        (["--device", "gpu"], "device: Value error, must be cpu, cuda, cuda:N or auto, got 'gpu'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device = cuda but CUDA is not available here; use cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
+    ],
+)
+def test_join_cli_rejects_bad_options_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path), *args])
+    assert result.exit_code == 1
+    assert message in result.output.replace("\n", " ")
+
+
+def test_join_cli_rejects_a_missing_data_folder(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "--data" in result.output and "is not a folder" in result.output
