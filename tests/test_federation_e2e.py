@@ -67,8 +67,8 @@ def _server_toml(tmp_path: Path, data: Path, port: int) -> Path:
         "tls": make_certificates(tmp_path),
         "rounds": 2,
         "min_sites": 2,
-        "round_timeout": 120.0,
-        "site_wait_timeout": 120.0,
+        "round_timeout": 300.0,
+        "site_wait_timeout": 300.0,
         "output_dir": str(tmp_path / "run"),
         "port": port,
         "model": {"feature_scale": 16},
@@ -96,23 +96,21 @@ def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     port = free_port()
     tag = uuid.uuid4().hex
     env = dict(os.environ, **{TAG: tag, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
-    started = time.monotonic()
     server = _spawn("server", ["start", "--config", str(_server_toml(tmp_path, data, port))], env, tmp_path / "s.log")
     sites = [_spawn("client", _join_args(name, data, port, tmp_path), env, tmp_path / f"{name}.log") for name in SITES]
     try:
-        server.wait(timeout=170)
+        server.wait(timeout=900)  # a ceiling for a loaded machine, not an expectation
     finally:
         for site in sites:
             site.send_signal(signal.SIGTERM)
         for site in sites:
-            site.wait(timeout=60)
+            site.wait(timeout=120)
         if server.poll() is None:
             server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
+            server.wait(timeout=120)
     output = (tmp_path / "s.log").read_text()
     assert server.returncode == 0, output[-2000:]
     assert "finished:completed" in output
-    assert time.monotonic() - started < 180
 
     rows = read_history(tmp_path / "run")
     assert [r.round for r in rows] == [0, 1, 2]
@@ -137,7 +135,7 @@ def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     assert [s.returncode for s in sites] == [0, 0]
     for name in ("site-1", "site-2"):
         assert f"site {name} left the federation" in (tmp_path / f"{name}.log").read_text()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while (left := tagged_processes(tag, TAG)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == [], "processes left over"

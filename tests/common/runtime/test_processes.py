@@ -45,7 +45,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_for(path: Path, timeout: float = 20.0) -> str:
+def _wait_for(path: Path, timeout: float = 120.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.is_file() and path.read_text():
@@ -80,7 +80,7 @@ def test_orphan_of_an_exited_child_is_swept_by_tag(tmp_path: Path) -> None:
     with Supervisor(stop_timeout=5) as sup:
         child = sup.start("orphaner", [sys.executable, "-c", ORPHANING, str(marker)])
         orphan = int(_wait_for(marker))
-        child.process.wait(timeout=20)
+        child.process.wait(timeout=120)
         assert _alive(orphan)
         assert orphan not in descendants(child.pid)
     assert not _alive(orphan)
@@ -88,13 +88,13 @@ def test_orphan_of_an_exited_child_is_swept_by_tag(tmp_path: Path) -> None:
 
 def test_sigterm_is_escalated_to_sigkill(tmp_path: Path) -> None:
     marker = tmp_path / "ready"
-    start = time.monotonic()
     with Supervisor(stop_timeout=1.0) as sup:
         child = sup.start("stubborn", [sys.executable, "-c", IGNORES_SIGTERM, str(marker)])
         _wait_for(marker)
+        start = time.monotonic()
     assert not _alive(child.pid)
     assert child.process.returncode == -signal.SIGKILL
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 15  # killed after the 1 s grace period, far below 300 s of sleep
 
 
 def test_children_stop_when_the_block_raises(tmp_path: Path) -> None:
@@ -116,5 +116,5 @@ def test_sigterm_to_us_becomes_keyboard_interrupt(tmp_path: Path) -> None:
 def test_log_tail_reads_the_childs_output(tmp_path: Path) -> None:
     with Supervisor() as sup:
         child = sup.start("echo", [sys.executable, "-c", "print('one'); print('two')"], log_path=tmp_path / "e.log")
-        child.process.wait(timeout=20)
+        child.process.wait(timeout=120)
         assert child.log_tail(1) == "two"

@@ -21,6 +21,9 @@ from fedseg.server.run.history import read_history
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
 
 TAG = "FEDSEG_FAULT_TAG"
+#: Ends round 2 (the killed site never replies), and must also cover a ClientApp's start-up (a torch import that
+#: takes 20 s or more on a loaded 2-core machine) plus training in round 3.
+ROUND_TIMEOUT = 60.0
 CLI = "from fedseg.{}.cli.main import main; main()"
 
 
@@ -52,7 +55,7 @@ def test_killed_site_does_not_hang_the_federation_and_rejoins(tmp_path: Path) ->
     config = {
         "rounds": 3,
         "min_sites": 2,
-        "round_timeout": 25.0,
+        "round_timeout": ROUND_TIMEOUT,
         "site_wait_timeout": 120.0,
         "port": port,
         "output_dir": str(tmp_path / "run"),
@@ -74,18 +77,18 @@ def test_killed_site_does_not_hang_the_federation_and_rejoins(tmp_path: Path) ->
     ]
     try:
         app_log = workdirs["site-2"] / "logs" / "clientapp.log"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 400  # a ceiling, not a wait: the loop ends on the log line
         while "round 2: training" not in _text(app_log) and time.monotonic() < deadline:
             time.sleep(0.1)  # kill site-2 while it trains round 2 (150 steps: a few seconds)
         victim = _supernode_of(workdirs["site-2"])
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
-        output, _ = server.communicate(timeout=150)
+        output, _ = server.communicate(timeout=600)
     finally:
         for site in sites:
             site.send_signal(signal.SIGTERM)
         for site in sites:
-            site.wait(timeout=60)
+            site.wait(timeout=120)
         for handle in logs.values():
             handle.close()
         if server.poll() is None:
@@ -95,10 +98,10 @@ def test_killed_site_does_not_hang_the_federation_and_rejoins(tmp_path: Path) ->
     assert [r.round for r in rows] == [0, 1, 2, 3]
     assert [s.site for s in rows[2].sites] == ["site-1"]
     assert rows[2].failures == 1
-    assert rows[2].seconds < 25.0 + 20.0
+    assert rows[2].seconds < ROUND_TIMEOUT + 60.0  # ended by the timeout (or Flower's heartbeat), not hung
     assert sorted(s.site for s in rows[3].sites) == ["site-1", "site-2"]
     assert "restart 1)" in (tmp_path / "site-2.log").read_text().replace("\n", " ")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while (left := tagged_processes(tag, TAG)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == []

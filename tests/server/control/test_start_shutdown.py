@@ -26,7 +26,7 @@ def _start(args: list[str], tag: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*FED_SERVER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_gone(tag: str, timeout: float = 15.0) -> list[int]:
+def _wait_gone(tag: str, timeout: float = 60.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while (left := tagged_processes(tag, TAG)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -37,17 +37,17 @@ def test_ctrl_c_stops_superlink_serverapp_and_all_helpers(tmp_path: Path) -> Non
     tag = uuid.uuid4().hex
     out = tmp_path / "run"
     proc = _start(["start", f"output_dir={out}", "min_sites=1", f"port={free_port()}"], tag)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 400  # a ceiling for a loaded machine; the loop ends on the history row
     while not read_history(out) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)  # round 0 recorded = the ServerApp is up and waiting for sites
     assert read_history(out), "the ServerApp never recorded round 0"
     assert len(tagged_processes(tag, TAG)) >= 4  # fed-server, superlink, superexec, serverapp
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "error: interrupted" in output
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # SIGTERM, then SIGKILL after 10 s: never a hang
     assert _wait_gone(tag) == []
 
 
@@ -59,7 +59,7 @@ def test_failing_serverapp_is_reported_in_one_line_and_cleaned_up(tmp_path: Path
         ["start", f"output_dir={tmp_path / 'run'}", f"validation.data={empty}", "min_sites=1", f"port={free_port()}"],
         tag,
     )
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 1, output
     assert "failed: fedseg.common.errors.DataError: " in output
     assert "dataset folder is empty" in output
@@ -75,7 +75,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         tag = uuid.uuid4().hex
         proc = _start(["start", f"output_dir={tmp_path / 'run'}", f"port={port}"], tag)
-        output, _ = proc.communicate(timeout=90)
+        output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 1, output
     assert f"is port {port} in use?" in output
     assert _wait_gone(tag) == []
