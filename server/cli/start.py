@@ -12,10 +12,11 @@ from fedseg.common.cli.shell import guarded
 from fedseg.common.console import console
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
-from fedseg.common.runtime.processes import Supervisor
+from fedseg.common.runtime.processes import Supervisor, host_port
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import RunSpec, load_server_config
 from fedseg.server.control.launch import run_to_end, start_server
+from fedseg.server.control.monitor import monitored
 from fedseg.server.control.runs import new_spec, resume_spec
 
 
@@ -35,13 +36,16 @@ def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str])
 
 def run_and_report(spec: RunSpec) -> None:
     """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary."""
+    cfg = spec.config
     with Supervisor() as sup:
-        server = start_server(sup, spec.config)
+        server = start_server(sup, cfg)
         console.print(
-            f"SuperLink listening on [bold]{escape(spec.config.address)}[/]; sites join with "
-            f"`fed-client join --server {escape(spec.config.address)} --site NAME --data DIR`"
+            f"SuperLink listening on [bold]{escape(cfg.address)}[/]; sites join with "
+            f"`fed-client join --server {escape(cfg.address)} --site NAME --data DIR`"
         )
-        with LiveRounds() as live:
+        if cfg.metrics.port is not None:
+            console.print(f"metrics on http://{escape(host_port(cfg.metrics.host, cfg.metrics.port))}/metrics")
+        with LiveRounds() as live, monitored(cfg, [live.on_event], [live.tick]):
             run_id, status = run_to_end(server, spec, live.add)
     for line in summary_lines(live.rows):
         console.print(line)
@@ -59,6 +63,17 @@ def start_command(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this output folder from its last round.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics here (same as metrics.port=N)."
+        ),
+    ] = None,
 ) -> None:
-    """Start a SuperLink, run the federation to the end, then stop every process."""
-    run_and_report(run_spec_for(config, resume, overrides or []))
+    """Start a SuperLink, run the federation to the end, then stop every process.
+
+    OVERRIDES are server.toml keys as key=value (dots for tables), applied after the file: rounds=5,
+    min_sites=1, train.steps=50, strategy.name=fedprox, validation.data=data/validation, metrics.port=9300.
+    """
+    extra = [f"metrics.port={metrics_port}"] if metrics_port is not None else []
+    run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))
