@@ -84,16 +84,8 @@ class RoundReporter:
         if step < total and now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
-        elapsed = max(now - self.started, 1e-9)
-        self.events.emit(
-            "progress",
-            round=self.round,
-            step=step,
-            steps=total,
-            loss=loss,
-            speed=speed,
-            steps_per_second=step / elapsed,
-        )
+        rate = step / max(now - self.train_started, 1e-9)
+        self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
 
     def end(self, ok: bool, loss: float | None = None) -> None:
         """The round ended (``ok`` = a reply was sent); the peak CUDA memory is reported on a GPU."""

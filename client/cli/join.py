@@ -23,7 +23,6 @@ from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
 from fedseg.common.runtime.events import EventTail
 from fedseg.common.runtime.exporter import EventPump, MetricsEndpoint
-from fedseg.common.runtime.processes import host_port
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ def monitored_site(
     tail = EventTail(cfg.workdir / EVENTS_FILE)
     tail.reset()
     with SiteProgress(cfg.site, server) as view, MetricsEndpoint(registry, host, port):
-        if port is not None:
-            console.print(f"metrics on http://{escape(host_port(host, port))}/metrics")
         watch = ConnectionWatch(server, metrics, on_change=view.on_state)
 
         def restarted(count: int) -> None:

@@ -12,7 +12,7 @@ from fedseg.common.cli.shell import guarded
 from fedseg.common.console import console
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
-from fedseg.common.runtime.processes import Supervisor, host_port
+from fedseg.common.runtime.processes import Supervisor
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import RunSpec, load_server_config
 from fedseg.server.control.launch import run_to_end, start_server
@@ -43,8 +43,6 @@ def run_and_report(spec: RunSpec) -> None:
             f"SuperLink listening on [bold]{escape(cfg.address)}[/]; sites join with "
             f"`fed-client join --server {escape(cfg.address)} --site NAME --data DIR`"
         )
-        if cfg.metrics.port is not None:
-            console.print(f"metrics on http://{escape(host_port(cfg.metrics.host, cfg.metrics.port))}/metrics")
         with LiveRounds() as live, monitored(cfg, [live.on_event], [live.tick]):
             run_id, status = run_to_end(server, spec, live.add)
     for line in summary_lines(live.rows):
@@ -74,6 +72,7 @@ def start_command(
 
     OVERRIDES are server.toml keys as key=value (dots for tables), applied after the file: rounds=5,
     min_sites=1, train.steps=50, strategy.name=fedprox, validation.data=data/validation, metrics.port=9300.
+    Relative paths are relative to the --config file (else to the working directory).
     """
     extra = [f"metrics.port={metrics_port}"] if metrics_port is not None else []
     run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))

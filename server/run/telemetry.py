@@ -170,9 +170,11 @@ class TelemetryGrid(Grid):
         if training:
             self.telemetry.enter("training", round_)
             self.telemetry.events.emit("sampled", round=round_, sites=len(outgoing))
-        sent = {m.metadata.dst_node_id: payload_bytes(m) for m in outgoing}
         keys = _array_keys(outgoing[0])
-        pending = set(self.inner.push_messages(outgoing))
+        ids = list(self.inner.push_messages(outgoing))
+        # message id -> (destination node, bytes sent); an error reply made by the SuperLink has no site as source
+        sent = {i: (m.metadata.dst_node_id, payload_bytes(m)) for i, m in zip(ids, outgoing, strict=False)}
+        pending = set(ids)
         start = self.clock()
         end = None if timeout is None else start + timeout
         replies: list[Message] = []
@@ -191,25 +193,27 @@ class TelemetryGrid(Grid):
             self.telemetry.enter("aggregating", round_)
         return replies
 
-    def _report_reply(self, round_: int, reply: Message, sent: dict[int, int], keys: set[str], seconds: float) -> None:
-        node = reply.metadata.src_node_id
-        site = site_of(reply)
-        if not site.startswith("node-"):
+    def _report_reply(
+        self, round_: int, reply: Message, sent: dict[str, tuple[int, int]], keys: set[str], seconds: float
+    ) -> None:
+        node, size = sent.get(reply.metadata.reply_to_message_id, (reply.metadata.src_node_id, 0))
+        site = site_of(reply) if reply.has_content() else ""
+        if site and not site.startswith("node-"):
             self._names[node] = site
         self.telemetry.events.emit(
             "reply",
             round=round_,
-            site=self._names.get(node, site),
+            site=self._names.get(node, f"node-{node}"),
             outcome=reply_outcome(reply, keys),
             bytes_in=payload_bytes(reply),
-            bytes_out=sent.get(node, 0),
+            bytes_out=size,
             seconds=seconds,
         )
 
-    def _report_missing(self, round_: int, sent: dict[int, int], replies: list[Message]) -> None:
-        answered = {r.metadata.src_node_id for r in replies}
-        for node, size in sent.items():
-            if node not in answered:
+    def _report_missing(self, round_: int, sent: dict[str, tuple[int, int]], replies: list[Message]) -> None:
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        for message_id, (node, size) in sent.items():
+            if message_id not in answered:
                 site = self._names.get(node, f"node-{node}")
                 self.telemetry.events.emit("missing", round=round_, site=site, bytes_out=size)
 
