@@ -85,6 +85,16 @@ def query(port: int, expr: str) -> dict[str, float]:
     return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in result}
 
 
+def wait_for(port: int, expr: str, at_least: float, timeout: float = 60) -> dict[str, float]:
+    """Query ``expr`` until every series (two sites) has reached ``at_least`` or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = query(port, expr)
+        if (len(found) >= 2 and min(found.values()) >= at_least) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def values_over_time(port: int, expr: str, start: float, end: float) -> list[float]:
     """Every value of a single series between ``start`` and ``end`` (1 s steps)."""
     params = {"query": expr, "start": f"{start:.0f}", "end": f"{end:.0f}", "step": "1"}
@@ -138,7 +148,6 @@ def test_prometheus_scrapes_server_and_sites(tmp_path: Path) -> None:
             for name in SITES
         ]
         server.wait(timeout=400)  # ~60 s on a quiet machine; generous for a loaded one
-        time.sleep(2)  # let Prometheus scrape the sites once more after the last round (they keep running)
         ended = time.time()
         assert server.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
         assert [r.round for r in read_history(tmp_path / "run")] == [0, 1, 2]
@@ -158,12 +167,13 @@ def test_prometheus_scrapes_server_and_sites(tmp_path: Path) -> None:
         training = query(prom_port, 'max_over_time(fedseg_server_phase_seconds_count{phase="training"}[10m])')
         assert list(training.values()) == [2.0]
 
+        # the sites keep running after the run: wait until Prometheus has scraped their last round
+        completed = wait_for(prom_port, 'max_over_time(fedseg_site_rounds_total{outcome="completed"}[10m])', 2)
+        assert sorted(completed.values()) == [2.0, 2.0]
         site_rounds = query(prom_port, "max_over_time(fedseg_site_round[10m])")
         assert sorted(site_rounds.values()) == [2.0, 2.0]
         steps = query(prom_port, "max_over_time(fedseg_site_steps_done[10m])")
         assert sorted(steps.values()) == [3.0, 3.0]
-        completed = query(prom_port, 'max_over_time(fedseg_site_rounds_total{outcome="completed"}[10m])')
-        assert sorted(completed.values()) == [2.0, 2.0]
         used_cases = query(prom_port, "max_over_time(fedseg_site_cases_used[10m])")
         assert sorted(used_cases.values()) == [2.0, 2.0]
     finally:
