@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -41,18 +41,20 @@ def mean_loss(row: RoundRow) -> float | None:
 
 
 def round_table(rows: Sequence[RoundRow], title: str = "federated rounds") -> Table:
-    """A table with one line per round: time, sites, mean train loss, central Dice per organ, best marker."""
+    """One line per round: time, sites that answered of those asked, mean train loss, Dice per organ, best.
+
+    Headers are never shortened: with 4 organs the table is under 80 characters wide, so it stays readable in an
+    80-column terminal and in a log file.
+    """
     columns = dice_columns(rows)
-    table = Table(title=title, title_justify="left")
-    table.add_column("round", justify="right")
-    table.add_column("s", justify="right")
-    table.add_column("sites", justify="right")
-    table.add_column("loss", justify="right")
-    for key in columns:
-        table.add_column(key.removeprefix("dice_"), justify="right")
-    table.add_column("best")
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    headers = ["round", "s", "sites", "loss", *(key.removeprefix("dice_") for key in columns), "best"]
+    for header in headers:
+        justify: JustifyMethod = "left" if header == "best" else "right"
+        table.add_column(header, justify=justify, no_wrap=True, min_width=len(header))
     for row in rows:
-        sites = f"{len(row.sites)}" + (f" ({row.failures} failed)" if row.failures else "")
+        asked = len(row.sites) + row.failures
+        sites = f"{len(row.sites)}/{asked}" if asked else "-"
         dice = [_fmt(row.dice.get(k)) for k in columns]
         table.add_row(str(row.round), f"{row.seconds:.1f}", sites, _fmt(mean_loss(row)), *dice, "*" if row.best else "")
     return table
