@@ -61,7 +61,7 @@ class RoundReporter:
         self.round = round_
         self.clock = clock
         self.started = clock()
-        self.train_started = self.started
+        self._first_step: tuple[int, float] | None = None
         self._last_progress = float("-inf")
 
     def start(self, steps: int) -> None:
@@ -69,9 +69,7 @@ class RoundReporter:
         self.events.emit("round_start", round=self.round, steps=steps)
 
     def phase(self, name: str, seconds: float) -> None:
-        """A phase (``load`` cases, ``train``) took ``seconds``; training starts after ``load``."""
-        if name == "load":
-            self.train_started = self.clock()
+        """A phase (``load`` cases, ``train``) took ``seconds``."""
         self.events.emit("phase", round=self.round, phase=name, seconds=seconds)
 
     def cases(self, used: int) -> None:
@@ -79,12 +77,18 @@ class RoundReporter:
         self.events.emit("cases", round=self.round, used=used)
 
     def step(self, step: int, total: int, loss: float, speed: float) -> None:
-        """Training step ``step`` of ``total`` done (``speed`` in patches/s); reported at most once a second."""
+        """Step ``step`` of ``total`` done; reported at most once a second (and always the last step).
+
+        Steps per second are measured from the first step on, so model set-up is not counted.
+        """
         now = self.clock()
         if step < total and now - self._last_progress < PROGRESS_EVERY:
             return
         self._last_progress = now
-        rate = step / max(now - self.train_started, 1e-9)
+        if self._first_step is None:
+            self._first_step = (step, now)
+        first, since = self._first_step
+        rate = (step - first) / (now - since) if now > since else 0.0
         self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
 
     def end(self, ok: bool, loss: float | None = None) -> None:
@@ -103,7 +107,7 @@ class SiteMetrics:
     Args:
         registry: where the metrics are registered.
         site: the site's name (the ``fedseg_site_info`` label).
-        device: where it trains.
+        device: where it trains (the CUDA memory gauge exists unless it is ``cpu``).
     """
 
     def __init__(self, registry: CollectorRegistry, site: str, device: str) -> None:
@@ -125,7 +129,11 @@ class SiteMetrics:
         self.skipped = Gauge("fedseg_site_cases_skipped", "Cases the site check left out", registry=r)
         self.restarts = Counter("fedseg_site_supernode_restarts", "Restarts of the Flower SuperNode", registry=r)
         self.state = Gauge("fedseg_site_state", "1 for the site's current state", ["state"], registry=r)
-        self.cuda = Gauge("fedseg_site_cuda_peak_memory_bytes", "Peak CUDA memory of the last round", registry=r)
+        self.cuda = (
+            Gauge("fedseg_site_cuda_peak_memory_bytes", "Peak CUDA memory of the last round", registry=r)
+            if device != "cpu"
+            else None
+        )
         for outcome in ("completed", "failed"):
             self.rounds.labels(outcome)
         self.current_state = "starting"
@@ -156,7 +164,7 @@ class SiteMetrics:
         elif kind == "round_end":
             self.rounds.labels("completed" if event["ok"] else "failed").inc()
             self.phase.labels("round").observe(event["seconds"])
-            if "cuda_peak_bytes" in event:
+            if "cuda_peak_bytes" in event and self.cuda is not None:
                 self.cuda.set(event["cuda_peak_bytes"])
             self.set_state("connected")
 

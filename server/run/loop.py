@@ -149,7 +149,7 @@ def serve(grid: Grid, spec: RunSpec) -> None:
     history.truncate(spec.first_round - 1)
     strategy = RecordingStrategy(build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout)
     evaluator = RoundEvaluator(spec, model, validator, CheckpointKeeper(out / CHECKPOINT_DIR), history, strategy.stats)
-    telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round)
+    telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round, cfg.rounds)
     evaluator.on_row = telemetry.round_done
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
     telemetry.run_state("running", first_round=spec.first_round, last_round=cfg.rounds, min_sites=cfg.min_sites)

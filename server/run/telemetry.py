@@ -57,10 +57,12 @@ class ServerTelemetry:
     Args:
         events: where events go.
         first_round: global number of this run's first round (resumed runs start later).
+        last_round: global number of the run's last round (no wait for a next round after it).
     """
 
-    def __init__(self, events: EventWriter, first_round: int = 1) -> None:
+    def __init__(self, events: EventWriter, first_round: int = 1, last_round: int | None = None) -> None:
         self.events = events
+        self.last_round = last_round
         self.offset = first_round - 1
         self.round = first_round - 1
         self.phase = ""
@@ -101,7 +103,8 @@ class ServerTelemetry:
             self.round = global_round
             self.enter("validating", global_round)
             result = evaluate(server_round, arrays)
-            self.enter("waiting", global_round + 1)
+            if self.last_round is None or global_round < self.last_round:
+                self.enter("waiting", global_round + 1)
             return result
 
         return wrapped

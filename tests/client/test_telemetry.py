@@ -28,7 +28,7 @@ def test_round_events_become_site_metrics(tmp_path: Path) -> None:
     report.phase("load", 2.0)
     report.cases(4)
     for step in range(1, 11):
-        clock.now = 2.0 + 0.25 * step  # 4 steps/s; progress is reported at most once a second, and at the end
+        clock.now = 12.0 + 0.25 * step  # 4 steps/s after 10 s of set-up; reported at most once a second + the end
         report.step(step, 10, loss=1.0 / step, speed=8.0)
     report.phase("train", 2.5)
     report.end(ok=True, loss=0.3)
@@ -50,13 +50,18 @@ def test_round_events_become_site_metrics(tmp_path: Path) -> None:
     assert value("fedseg_site_loss") == 0.1
     assert value("fedseg_site_cases_used") == 4
     assert value("fedseg_site_phase_seconds_sum", phase="load") == 2.0
-    assert value("fedseg_site_phase_seconds_sum", phase="round") == 4.5
+    assert value("fedseg_site_phase_seconds_sum", phase="round") == 14.5
     assert value("fedseg_site_rounds_total", outcome="completed") == 1
     assert value("fedseg_site_rounds_total", outcome="failed") == 0
     assert value("fedseg_site_state", state="connected") == 1
     assert value("fedseg_site_info", site="site-a", device="cpu") == 1
     names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
-    assert names == set(SITE_METRICS)
+    assert names == set(SITE_METRICS) - {"fedseg_site_cuda_peak_memory_bytes"}  # a CPU site has no CUDA gauge
+    gpu = CollectorRegistry()
+    SiteMetrics(gpu, "site-b", "cuda").apply({"kind": "round_end", "round": 1, "ok": True, "seconds": 1.0,
+                                             "cuda_peak_bytes": 2048})  # fmt: skip
+    assert gpu.get_sample_value("fedseg_site_cuda_peak_memory_bytes") == 2048
+    assert {m.name + ("_total" if m.type == "counter" else "") for m in gpu.collect()} == set(SITE_METRICS)
 
 
 def test_connection_watch_tells_connecting_from_connected() -> None:

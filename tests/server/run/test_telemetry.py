@@ -89,3 +89,13 @@ def test_replies_are_reported_one_by_one_and_silent_sites_at_the_timeout(
     assert events[0] == {"t": 0.0, "kind": "sites", "connected": 3, "needed": 3}
     assert [e["phase"] for e in events if e["kind"] == "phase"] == ["training", "aggregating"]
     assert clock.now == 10.0  # pulled once a second until the timeout
+
+
+def test_no_wait_for_a_round_after_the_last(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    telemetry = ServerTelemetry(EventWriter(path), first_round=1, last_round=2)
+    evaluate = telemetry.timed(lambda server_round, arrays: None)
+    for server_round in (0, 1, 2):
+        evaluate(server_round, ArrayRecord())
+    phases = [(e["round"], e["phase"]) for e in EventTail(path).read()]
+    assert phases == [(0, "validating"), (1, "waiting"), (1, "validating"), (2, "waiting"), (2, "validating")]
