@@ -7,15 +7,18 @@ SuperNode's node-config (written by ``fed-client join``), the round's task from 
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseg.client.site import load_training_cases, site_from_node_config
+from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
 from fedseg.client.training import deadline, train_locally
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
 from fedseg.common.runtime.applog import detach, log_to_file
+from fedseg.common.runtime.events import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +30,29 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with weights and aggregate metrics."""
     site = site_from_node_config(context.node_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
+    report: RoundReporter | None = None
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         task, server_round = read_task(config)
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
+        report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
+        report.start(task.train.total_steps)
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
+            report.phase("load", time.monotonic() - report.started)
+            report.cases(len(cases))
             seed = round_seed(task.train.seed, server_round, site.site)
-            new_arrays, result = train_locally(arrays, task, cases, resolve_device(site.device), seed)
+            device = resolve_device(site.device)
+            new_arrays, result = train_locally(arrays, task, cases, device, seed, on_step=report.step)
+        report.phase("train", result.seconds)
+        report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
     except Exception:
         log.exception("site %s: training failed", site.site)
+        if report is not None:
+            report.end(ok=False)
         raise
     finally:
         detach(handler)

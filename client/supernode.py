@@ -128,8 +128,11 @@ def run_supernode(
     site: SiteConfig,
     opts: JoinOptions,
     sleep: Callable[[float], None] = time.sleep,
+    on_restart: Callable[[int], None] | None = None,
 ) -> int:
     """Run the SuperNode until interrupted (or ``opts.max_restarts`` is exhausted); return how often it restarted.
+
+    ``on_restart`` is called with the restart count before each restart (telemetry).
 
     Raises:
         KeyboardInterrupt: Ctrl-C or SIGTERM (after the SuperNode has been stopped).
@@ -160,6 +163,8 @@ def run_supernode(
                 backoff,
                 restarts,
             )
+            if on_restart is not None:
+                on_restart(restarts)
             sleep(backoff)
 
 

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 import torch
@@ -51,6 +51,7 @@ def train_locally(
     cases: Sequence[PreparedCase],
     device: torch.device | str,
     seed: int,
+    on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
@@ -60,6 +61,7 @@ def train_locally(
         cases: the site's prepared, labelled cases.
         device: where to train.
         seed: this round's seed at this site (patch sampling, augmentation).
+        on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
 
     Returns:
         The trained weights and the numbers the server may see: cases, mean loss, patches, seconds.
@@ -70,7 +72,7 @@ def train_locally(
     model = build_model(task.model)
     load_arrays(model, arrays)
     cfg = task.train.model_copy(update={"seed": seed})
-    report = train_model(model, cases, cfg, device, progress=False)
+    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step)
     log.info(
         "trained %d steps on %d cases in %.1f s, mean loss %.4f",
         report.steps,

@@ -22,6 +22,10 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     [validation]
     data = "/data/central"    # central validation set (any layout fed-eval reads)
 
+    [metrics]                 # Prometheus /metrics of fed-server start (off without a port)
+    port = 9300
+    host = "127.0.0.1"
+
     [tls]                     # omit for plain HTTP on loopback
     ca = "certs/ca.crt"
     cert = "certs/server.pem"
@@ -100,6 +104,15 @@ class TLSConfig(BaseModel):
     key: Path
 
 
+class MetricsConfig(BaseModel):
+    """Prometheus ``/metrics`` of ``fed-server start`` (off unless a port is set)."""
+
+    model_config = _FROZEN
+
+    port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics here; none = off")
+    host: str = Field(default="127.0.0.1", description="address to bind; loopback unless exposed on purpose")
+
+
 class ServerConfig(BaseModel):
     """Everything ``fed-server start`` needs; validated once, then passed around typed."""
 
@@ -123,6 +136,7 @@ class ServerConfig(BaseModel):
     preprocess: PreprocessConfig = PreprocessConfig()
     validation: ValidationConfig = ValidationConfig()
     tls: TLSConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:

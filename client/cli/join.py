@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from prometheus_client import CollectorRegistry
 from rich.markup import escape
 
+from fedseg.client.cli.live import SiteProgress
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
+from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
 from fedseg.common.cli.shell import guarded
 from fedseg.common.console import console
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
+from fedseg.common.runtime.events import EventTail
+from fedseg.common.runtime.exporter import EventPump, MetricsEndpoint
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def monitored_site(
+    cfg: SiteConfig, server: str, skipped: int, host: str, port: int | None
+) -> Iterator[Callable[[int], None]]:
+    """Metrics (served on ``host:port`` when a port is given) and live progress while the block runs.
+
+    Yields the callback to give :func:`run_supernode` as ``on_restart``.
+    """
+    registry = CollectorRegistry()
+    metrics = SiteMetrics(registry, cfg.site, cfg.device)
+    metrics.skipped.set(skipped)
+    tail = EventTail(cfg.workdir / EVENTS_FILE)
+    tail.reset()
+    with SiteProgress(cfg.site, server) as view, MetricsEndpoint(registry, host, port):
+        watch = ConnectionWatch(server, metrics, on_change=view.on_state)
+
+        def restarted(count: int) -> None:
+            metrics.restarts.inc()
+            watch.set("restarting")
+            view.on_restart(count)
+
+        with EventPump(tail, [metrics.apply, view.on_event], [watch.tick]):
+            yield restarted
 
 
 def _check_server(server: str) -> str:
@@ -54,6 +86,12 @@ def join_command(
     max_restarts: Annotated[
         int | None, typer.Option("--max-restarts", help="Stop after this many SuperNode restarts (default: never).")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics on this port.")
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address /metrics binds (loopback unless exposed on purpose).")
+    ] = "127.0.0.1",
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
@@ -83,6 +121,7 @@ def join_command(
         max_restarts=max_restarts,
     )
     try:
-        run_supernode(cfg, opts)
+        with monitored_site(cfg, opts.server, len(report.skipped), metrics_host, metrics_port) as restarted:
+            run_supernode(cfg, opts, on_restart=restarted)
     except KeyboardInterrupt:
         console.print(f"site [bold]{escape(site)}[/] left the federation")

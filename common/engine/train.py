@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,6 +129,7 @@ def train_model(
     progress: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     schedule: tuple[int, int] | None = None,
+    on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``cfg.total_steps`` steps on random patches of ``cases``.
 
@@ -180,6 +181,8 @@ def train_model(
             report.steps = step
             speed = report.samples / (time.perf_counter() - start - report.val_seconds)
             bar.update(task, advance=1, loss=loss, speed=speed)
+            if on_step is not None:
+                on_step(step, total, loss, speed)
             if val_cases and (step % val_steps == 0 or step == total):
                 val_start = time.perf_counter()
                 report.dice = validate(model, val_cases, cfg.patch_size, device)

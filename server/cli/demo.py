@@ -36,7 +36,7 @@ def demo_command(
     )
     live = LiveRounds(title=f"fed-server demo: {sites} phantom sites")
     with live:
-        spec = run_demo(opts, live.add)
+        spec = run_demo(opts, live.add, [live.on_event], [live.tick])
     for line in summary_lines(live.rows):
         console.print(line)
     files = write_final_attention(spec.config, opts.out / "attention")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from fedseg.common.console import console
+from fedseg.common.runtime.events import Event
 from fedseg.server.run.history import RoundRow
 
 log = logging.getLogger(__name__)
@@ -37,18 +41,20 @@ def mean_loss(row: RoundRow) -> float | None:
 
 
 def round_table(rows: Sequence[RoundRow], title: str = "federated rounds") -> Table:
-    """A table with one line per round: time, sites, mean train loss, central Dice per organ, best marker."""
+    """One line per round: time, sites that answered of those asked, mean train loss, Dice per organ, best.
+
+    Headers are never shortened: with 4 organs the table is under 80 characters wide, so it stays readable in an
+    80-column terminal and in a log file.
+    """
     columns = dice_columns(rows)
-    table = Table(title=title, title_justify="left")
-    table.add_column("round", justify="right")
-    table.add_column("s", justify="right")
-    table.add_column("sites", justify="right")
-    table.add_column("loss", justify="right")
-    for key in columns:
-        table.add_column(key.removeprefix("dice_"), justify="right")
-    table.add_column("best")
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    headers = ["round", "s", "sites", "loss", *(key.removeprefix("dice_") for key in columns), "best"]
+    for header in headers:
+        justify: JustifyMethod = "left" if header == "best" else "right"
+        table.add_column(header, justify=justify, no_wrap=True, min_width=len(header))
     for row in rows:
-        sites = f"{len(row.sites)}" + (f" ({row.failures} failed)" if row.failures else "")
+        asked = len(row.sites) + row.failures
+        sites = f"{len(row.sites)}/{asked}" if asked else "-"
         dice = [_fmt(row.dice.get(k)) for k in columns]
         table.add_row(str(row.round), f"{row.seconds:.1f}", sites, _fmt(mean_loss(row)), *dice, "*" if row.best else "")
     return table
@@ -74,35 +80,119 @@ def summary_lines(rows: Sequence[RoundRow]) -> list[str]:
     return lines
 
 
-class LiveRounds:
-    """Context manager showing the growing round table; ``add(row)`` is the ``on_row`` callback.
+class RunProgress:
+    """What the run is doing now, from the ServerApp's events: sites connected, phase, replies of the round.
 
-    The table appears with the first row, so a run that fails before any round prints only its error.
+    Args:
+        clock: wall clock (events carry wall-clock stamps ``t``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.connected = 0
+        self.needed = 0
+        self.last_round = 0
+        self.round = 0
+        self.phase = "starting"
+        self.since = clock()
+        self.sampled = 0
+        self.done: list[tuple[str, str, float]] = []
+
+    def apply(self, event: Event) -> str | None:
+        """Take one event; return a log line worth printing when output is not a terminal, else None."""
+        kind = event["kind"]
+        if kind == "run":
+            self.last_round = int(event.get("last_round", self.last_round))
+            self.needed = int(event.get("min_sites", self.needed))
+            return None
+        if kind == "sites":
+            self.connected, self.needed = int(event["connected"]), int(event["needed"])
+            return f"sites connected: {self.connected} of {self.needed} required"
+        if kind == "phase":
+            self.round, self.phase, self.since = int(event["round"]), str(event["phase"]), float(event["t"])
+            if self.phase == "training":
+                self.done = []
+            return None
+        if kind == "sampled":
+            self.sampled = int(event["sites"])
+            return f"round {self.round}: training on {self.sampled} sites"
+        if kind == "reply":
+            self.done.append((str(event["site"]), str(event["outcome"]), float(event["seconds"])))
+            return (
+                f"round {event['round']}: {event['site']} replied ({event['outcome']}) after "
+                f"{float(event['seconds']):.0f} s, {len(self.done)}/{self.sampled} done"
+            )
+        if kind == "missing":
+            return f"round {event['round']}: no reply from {event['site']} before the round timeout"
+        return None
+
+    def status(self) -> str:
+        """One line (< 80 characters for up to a few sites) describing the current phase."""
+        elapsed = max(self.clock() - self.since, 0.0)
+        of = f"/{self.last_round}" if self.last_round else ""
+        if self.phase == "starting":
+            return f"starting the ServerApp ({elapsed:.0f} s)"
+        if self.phase == "waiting" and self.connected < self.needed:
+            return f"waiting for sites: {self.connected} of {self.needed} connected ({elapsed:.0f} s)"
+        if self.phase == "training":
+            names = " ".join(site for site, _, _ in self.done)
+            done = f"{len(self.done)}/{self.sampled} sites done" + (f" ({names})" if names else "")
+            return f"round {self.round}{of} training: {done}, {elapsed:.0f} s"
+        return f"round {self.round}{of} {self.phase} ({elapsed:.0f} s)"
+
+
+class LiveRounds:
+    """Context manager showing the live status line and the growing round table.
+
+    ``add(row)`` is the ``on_row`` callback; ``on_event`` and ``tick`` follow the ServerApp's events. In a
+    terminal the status line and the table refresh in place; otherwise (a log file) each event worth noting
+    and each round is logged as one line.
     """
 
     def __init__(self, title: str = "federated rounds") -> None:
         self.rows: list[RoundRow] = []
         self.title = title
-        self.live = Live(round_table([], title), console=console, refresh_per_second=2, transient=False)
+        self.progress = RunProgress()
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
         self.started = False
 
     def __enter__(self) -> LiveRounds:
+        if console.is_terminal:
+            self.live.start()
+            self.started = True
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self.started:
+            self.live.update(self._render(final=True))
             self.live.stop()
             console.print()
             self.started = False
 
+    def _render(self, final: bool = False) -> RenderableType:
+        table = round_table(self.rows, self.title)
+        if final:
+            return table if self.rows else Text("")
+        status = Text(self.progress.status(), style="bold")
+        return Group(status, table) if self.rows else status
+
+    def on_event(self, event: Event) -> None:
+        """Follow one ServerApp event (called from the event thread)."""
+        line = self.progress.apply(event)
+        if line is not None and not console.is_terminal:
+            log.info("%s", line)
+
+    def tick(self) -> None:
+        """Refresh the status line (elapsed times)."""
+        if self.started:
+            self.live.update(self._render())
+
     def add(self, row: RoundRow) -> None:
-        """Add a row to the table (shown from the first row on) and log it for non-interactive output."""
+        """Add a row to the table and log it for non-interactive output."""
         self.rows.append(row)
-        self.live.update(round_table(self.rows, self.title))
-        if not self.started:
-            self.live.start()
-            self.started = True
+        if self.started:
+            self.live.update(self._render())
         if not console.is_terminal:
             log.info("round %d: %.1f s, mean Dice %s", row.round, row.seconds, _fmt(row.mean_dice))

@@ -16,6 +16,7 @@ from fedseg.common.runtime.processes import Supervisor
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import RunSpec, load_server_config
 from fedseg.server.control.launch import run_to_end, start_server
+from fedseg.server.control.monitor import monitored
 from fedseg.server.control.runs import new_spec, resume_spec
 
 
@@ -35,13 +36,14 @@ def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str])
 
 def run_and_report(spec: RunSpec) -> None:
     """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary."""
+    cfg = spec.config
     with Supervisor() as sup:
-        server = start_server(sup, spec.config)
+        server = start_server(sup, cfg)
         console.print(
-            f"SuperLink listening on [bold]{escape(spec.config.address)}[/]; sites join with "
-            f"`fed-client join --server {escape(spec.config.address)} --site NAME --data DIR`"
+            f"SuperLink listening on [bold]{escape(cfg.address)}[/]; sites join with "
+            f"`fed-client join --server {escape(cfg.address)} --site NAME --data DIR`"
         )
-        with LiveRounds() as live:
+        with LiveRounds() as live, monitored(cfg, [live.on_event], [live.tick]):
             run_id, status = run_to_end(server, spec, live.add)
     for line in summary_lines(live.rows):
         console.print(line)
@@ -59,6 +61,18 @@ def start_command(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this output folder from its last round.")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics here (same as metrics.port=N)."
+        ),
+    ] = None,
 ) -> None:
-    """Start a SuperLink, run the federation to the end, then stop every process."""
-    run_and_report(run_spec_for(config, resume, overrides or []))
+    """Start a SuperLink, run the federation to the end, then stop every process.
+
+    OVERRIDES are server.toml keys as key=value (dots for tables), applied after the file: rounds=5,
+    min_sites=1, train.steps=50, strategy.name=fedprox, validation.data=data/validation, metrics.port=9300.
+    Relative paths are relative to the --config file (else to the working directory).
+    """
+    extra = [f"metrics.port={metrics_port}"] if metrics_port is not None else []
+    run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))

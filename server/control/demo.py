@@ -25,10 +25,12 @@ from fedseg.common.engine.inference import predict_volume
 from fedseg.common.engine.keeper import BEST, LAST
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.eval.attention_export import write_attention
+from fedseg.common.runtime.events import Event
 from fedseg.common.runtime.processes import Child, Supervisor, free_port
 from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.config import RunSpec, ServerConfig, build_config, merge, parse_overrides
 from fedseg.server.control.launch import Server, run_to_end, start_server
+from fedseg.server.control.monitor import monitored
 from fedseg.server.control.runs import CONFIG_FILE, new_spec
 from fedseg.server.run.history import RoundRow
 from fedseg.server.run.loop import CHECKPOINT_DIR
@@ -181,8 +183,15 @@ def write_final_attention(cfg: ServerConfig, out_dir: Path) -> list[Path]:
     return write_attention(volume, result.attention, out_dir, case.case_id, labels=result.labels.array)
 
 
-def run_demo(opts: DemoOptions, on_row: Callable[[RoundRow], None]) -> RunSpec:
+def run_demo(
+    opts: DemoOptions,
+    on_row: Callable[[RoundRow], None],
+    on_event: Sequence[Callable[[Event], None]] = (),
+    ticks: Sequence[Callable[[], None]] = (),
+) -> RunSpec:
     """Phantoms, SuperLink, one join per site, the run (``on_row`` sees every round), then everything stopped.
+
+    ``on_event`` handlers see the ServerApp's events and ``ticks`` run after each look at them (live progress).
 
     Returns:
         The run's spec.
@@ -194,5 +203,6 @@ def run_demo(opts: DemoOptions, on_row: Callable[[RoundRow], None]) -> RunSpec:
     with Supervisor() as sup:
         server = start_server(sup, cfg)
         sites = start_sites(sup, opts, server)
-        run_to_end(server, spec, on_row, watch=sites)
+        with monitored(cfg, on_event, ticks):
+            run_to_end(server, spec, on_row, watch=sites)
     return spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,10 +19,12 @@ from fedseg.common.engine.validation import MEAN_KEY, class_names_for
 from fedseg.common.fl.protocol import TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
+from fedseg.common.runtime.events import EventWriter
 from fedseg.server.config import RunSpec
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.history import History, RoundRow, clean_dice
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
+from fedseg.server.run.telemetry import EVENTS_FILE, ServerTelemetry, TelemetryGrid
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ class RoundEvaluator:
         self.class_names = class_names_for(spec.config.model.n_classes)
         self.hash = config_hash(model=spec.config.model, preprocess=spec.config.preprocess)
         self.since = time.monotonic()
+        self.on_row: Callable[[RoundRow], None] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Score, save and record the global model after ``server_round`` (0 = before training)."""
@@ -118,6 +122,8 @@ class RoundEvaluator:
             best=best,
         )
         self.history.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
         self.since = now
         log.info("round %d done in %.1f s: %s", global_round, row.seconds, _dice_text(dice))
         record: dict[str, int | float | list[int] | list[float]] = dict(metrics)
@@ -143,12 +149,21 @@ def serve(grid: Grid, spec: RunSpec) -> None:
     history.truncate(spec.first_round - 1)
     strategy = RecordingStrategy(build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout)
     evaluator = RoundEvaluator(spec, model, validator, CheckpointKeeper(out / CHECKPOINT_DIR), history, strategy.stats)
+    telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round, cfg.rounds)
+    evaluator.on_row = telemetry.round_done
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
-    strategy.start(
-        grid=grid,
-        initial_arrays=arrays_from_model(model),
-        num_rounds=spec.num_rounds,
-        timeout=cfg.round_timeout,
-        train_config=task_config(train_task(spec)),
-        evaluate_fn=evaluator,
-    )
+    telemetry.run_state("running", first_round=spec.first_round, last_round=cfg.rounds, min_sites=cfg.min_sites)
+    telemetry.enter("waiting")
+    try:
+        strategy.start(
+            grid=TelemetryGrid(grid, telemetry, cfg.min_sites),
+            initial_arrays=arrays_from_model(model),
+            num_rounds=spec.num_rounds,
+            timeout=cfg.round_timeout,
+            train_config=task_config(train_task(spec)),
+            evaluate_fn=telemetry.timed(evaluator),
+        )
+    except BaseException:
+        telemetry.run_state("failed")
+        raise
+    telemetry.run_state("completed")

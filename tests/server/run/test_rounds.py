@@ -25,24 +25,37 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class SiteGrid:
-    """Delivers each train message to the ClientApp handler of the node it is addressed to."""
+    """Delivers each train message to the ClientApp handler of the node it is addressed to.
+
+    Like Flower's grid, ``push_messages`` returns message ids and ``pull_messages`` the replies to them;
+    ``send_and_receive`` is never called (the ServerApp's telemetry grid pushes and pulls itself).
+    """
 
     def __init__(self, sites: dict[int, SiteConfig]) -> None:
         self.sites = sites
         self.sent: list[int] = []
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for message in messages:
             node = message.metadata.dst_node_id
             self.sent.append(node)
+            message_id = f"m{len(self.sent)}"
+            message.metadata.__dict__["_message_id"] = message_id
             node_config = {k: str(v) for k, v in self.sites[node].model_dump().items() if v is not None}
             context = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={})
-            replies.append(train(message, context))
-        return replies
+            reply = train(message, context)
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def _grid(phantoms: Path, tmp_path: Path) -> SiteGrid:

@@ -1,0 +1,85 @@
+"""A site's round as the ClientApp reports it, read back by fed-client join into metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from fedseg.client.telemetry import SITE_METRICS, ConnectionWatch, RoundReporter, SiteMetrics, split_address
+from fedseg.common.runtime.events import EventTail, EventWriter
+from fedseg.common.runtime.processes import free_port
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_round_events_become_site_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    clock = Clock()
+    report = RoundReporter(EventWriter(path), 3, clock=clock)
+    report.start(steps=10)
+    clock.now = 2.0
+    report.phase("load", 2.0)
+    report.cases(4)
+    for step in range(1, 11):
+        clock.now = 12.0 + 0.25 * step  # 4 steps/s after 10 s of set-up; reported at most once a second + the end
+        report.step(step, 10, loss=1.0 / step, speed=8.0)
+    report.phase("train", 2.5)
+    report.end(ok=True, loss=0.3)
+    events = EventTail(path).read()
+    steps = [e["step"] for e in events if e["kind"] == "progress"]
+    assert steps == [1, 5, 9, 10]
+
+    registry = CollectorRegistry()
+    metrics = SiteMetrics(registry, "site-a", "cpu")
+    for event in events:
+        metrics.apply(event)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("fedseg_site_round") == 3
+    assert value("fedseg_site_steps_done") == 10 and value("fedseg_site_steps_planned") == 10
+    assert value("fedseg_site_steps_per_second") == 4.0
+    assert value("fedseg_site_loss") == 0.1
+    assert value("fedseg_site_cases_used") == 4
+    assert value("fedseg_site_phase_seconds_sum", phase="load") == 2.0
+    assert value("fedseg_site_phase_seconds_sum", phase="round") == 14.5
+    assert value("fedseg_site_rounds_total", outcome="completed") == 1
+    assert value("fedseg_site_rounds_total", outcome="failed") == 0
+    assert value("fedseg_site_state", state="connected") == 1
+    assert value("fedseg_site_info", site="site-a", device="cpu") == 1
+    names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+    assert names == set(SITE_METRICS) - {"fedseg_site_cuda_peak_memory_bytes"}  # a CPU site has no CUDA gauge
+    gpu = CollectorRegistry()
+    SiteMetrics(gpu, "site-b", "cuda").apply({"kind": "round_end", "round": 1, "ok": True, "seconds": 1.0,
+                                             "cuda_peak_bytes": 2048})  # fmt: skip
+    assert gpu.get_sample_value("fedseg_site_cuda_peak_memory_bytes") == 2048
+    assert {m.name + ("_total" if m.type == "counter" else "") for m in gpu.collect()} == set(SITE_METRICS)
+
+
+def test_connection_watch_tells_connecting_from_connected() -> None:
+    metrics = SiteMetrics(CollectorRegistry(), "s", "cpu")
+    changes: list[str] = []
+    port = free_port()
+    clock = Clock()
+    watch = ConnectionWatch(f"127.0.0.1:{port}", metrics, on_change=changes.append, every=5, clock=clock)
+    watch.tick()
+    assert changes == ["connecting"]
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        watch.tick()  # not due yet
+        assert changes == ["connecting"]
+        clock.now = 5.0
+        watch.tick()
+    assert changes == ["connecting", "connected"]
+    assert split_address("[::1]:9092") == ("::1", 9092)
