@@ -138,14 +138,18 @@ def _read_payload(path: Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} does not exist; pass the .pt file written by fed-eval train")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise DataError(
+                f"{path} is not a readable fedseg checkpoint (not a PyTorch .pt file, or a damaged one); "
+                "pass a .pt written by fed-eval train or fed-server"
+            ) from err
         raise DataError(
             f"{path} is not a fedseg checkpoint: it holds Python objects other than tensors and plain data, "
             "which fedseg never loads; pass a .pt written by fed-eval train or fed-server"
         ) from None
     except Exception as err:  # torch raises many types for foreign or truncated files
-        reason = _ANSI.sub("", str(err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path} is not a readable fedseg checkpoint ({reason})") from err
+        raise DataError(f"{path} is not a readable fedseg checkpoint ({_first_line(err)})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedseg checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -248,3 +252,9 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> 
     except (ValueError, KeyError) as err:
         raise IncompatibleModelError(f"{path}: optimiser state does not fit this model ({err})") from err
     return True
+
+
+def _first_line(err: BaseException) -> str:
+    """The whole first line of an exception message without terminal codes, or the exception's type."""
+    text = _ANSI.sub("", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -75,3 +75,14 @@ def test_checkpoint_errors_are_whole_sentences(tmp_path: Path) -> None:
         f"{path} is not a fedseg checkpoint: it holds Python objects other than tensors and plain data, "
         "which fedseg never loads; pass a .pt written by fed-eval train or fed-server"
     )
+
+
+def test_checkpoint_error_for_a_non_pytorch_file_is_whole(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_bytes(b"not a checkpoint at all")  # torch's own message here is a 500-character paragraph
+    with pytest.raises(DataError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value) == (
+        f"{path} is not a readable fedseg checkpoint (not a PyTorch .pt file, or a damaged one); "
+        "pass a .pt written by fed-eval train or fed-server"
+    )
