@@ -16,7 +16,7 @@ from fedseg.client.cli.live import SiteProgress
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
 from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
-from fedseg.common.cli.shell import guarded
+from fedseg.common.cli.shell import DEFAULT_DEVICE, DEVICE_HELP, guarded
 from fedseg.common.console import console
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.device import resolve_device
@@ -70,7 +70,7 @@ def join_command(
             "--labels", help="Label manifest (TOML/JSON) or built-in name (default: DATA/labels.toml, else 1..4)."
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to train: cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help=f"Where to train: {DEVICE_HELP}")] = DEFAULT_DEVICE,
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Private folder for cache and logs (default: ./fedseg-<site>).")
     ] = None,

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from fedseg.common.cli.shell import guarded, parse_triple
+from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple, result_table, stdout_console
 from fedseg.common.synthetic.phantoms import PhantomSite, generate_phantoms, site_grid
 
 
@@ -20,7 +19,7 @@ def phantoms_command(
     cases_per_site: Annotated[int, typer.Option("--cases-per-site", help="Cases per site.")] = 4,
     val_cases: Annotated[int, typer.Option("--val-cases", help="Cases in out/validation (0 = none).")] = 2,
     size: Annotated[
-        str, typer.Option("--size", help="Neutral grid D,H,W at 2 mm; sets body size and each site's matrix.")
+        str, typer.Option("--size", help=f"Neutral grid {SIZE_HELP} at 2 mm; sets body size and each site's matrix.")
     ] = "64,64,64",
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes identical files.")] = 0,
     partial_site: Annotated[
@@ -30,21 +29,23 @@ def phantoms_command(
     """Generate heterogeneous phantom CT sites (spacing, field of view, HU calibration, noise, labelling)."""
     grid = parse_triple(size, "--size")
     written = generate_phantoms(out, sites, cases_per_site, val_cases, grid, seed, partial_site)
-    render_sites(written, grid, Console())
+    render_sites(written, grid, stdout_console())
 
 
 def render_sites(sites: list[PhantomSite], size: tuple[int, int, int], out: Console) -> None:
-    """Print one row per written dataset: grid, acquisition and labelling."""
-    table = Table(title="phantom datasets")
-    for column in ("dataset", "cases", "shape z,y,x", "spacing mm", "HU", "noise", "dir", "annotated (labels)"):
-        table.add_column(column)
+    """Print one row per written dataset: its grid and acquisition, then its labelling."""
+    table = result_table(out, "phantom datasets")
+    for column in ("dataset", "cases", "shape z,y,x", "spacing z,y,x mm", "HU", "noise", "dir"):
+        table.add_column(column, overflow="fold")
+    labelling = result_table(out, "annotated classes (label values)")
+    labelling.add_column("dataset")
+    labelling.add_column("labels", overflow="fold")
     for site in sites:
         acq = site.acquisition
         shape, spacing = site_grid(size, acq)
         values: dict[str, list[int]] = {}
         for value, name in sorted(site.labels.items()):
             values.setdefault(name, []).append(value)
-        labels = " ".join(f"{name}={'+'.join(map(str, v))}" for name, v in values.items())
         table.add_row(
             site.name,
             str(site.cases),
@@ -53,6 +54,7 @@ def render_sites(sites: list[PhantomSite], size: tuple[int, int, int], out: Cons
             f"×{acq.hu_scale:.2f} {acq.hu_offset:+.0f}",
             f"{acq.noise_sd:.0f}",
             acq.orientation,
-            labels,
         )
+        labelling.add_row(site.name, " ".join(f"{name}={'+'.join(map(str, v))}" for name, v in values.items()))
     out.print(table)
+    out.print(labelling)

@@ -1,5 +1,7 @@
 """``fed-eval predict``: segment CT volumes with a checkpoint and write results in each input's exact geometry.
 
+Inputs that do not look like CT (a label map, or no air near -1000 HU) are still predicted, with a warning.
+
 Outputs per input ``<stem>`` (a NIfTI file name without its suffix, or a DICOM folder's name) in ``--out``:
 
 * ``<stem>_seg.nii.gz``: the label map (uint8, global class indices);
@@ -17,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from fedseg.common.cli.shell import guarded
-from fedseg.common.data.io import is_nifti, read_volume, write_volume
+from fedseg.common.cli.shell import DEFAULT_DEVICE, DEVICE_HELP, guarded, result_table, stdout_console
+from fedseg.common.data.io import Volume, is_nifti, read_volume, write_volume
 from fedseg.common.data.layouts import case_stem
+from fedseg.common.data.sitecheck import check_hounsfield
 from fedseg.common.engine.checkpoint import CheckpointMeta, load_checkpoint
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.engine.inference import predict_volume
@@ -33,6 +35,9 @@ from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.eval.attention_export import write_attention
 
 log = logging.getLogger(__name__)
+
+#: An input with at most this many distinct whole non-negative values is taken for a label map.
+LABEL_MAP_MAX_VALUES = 256
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,23 @@ def find_inputs(path: Path) -> list[Path]:
     raise DataError(f"{path}: no such file or folder; check --input")
 
 
+def input_warning(volume: Volume, source: Path) -> str | None:
+    """Why ``volume`` does not look like a CT in Hounsfield units (a label map, no air, ...), or None."""
+    array = volume.array
+    if array.size and (array.dtype.kind in "iub" or bool(np.all(np.mod(array, 1) == 0))) and array.min() >= 0:
+        values = np.unique(array)
+        if values.size <= LABEL_MAP_MAX_VALUES:
+            return (
+                f"{source}: looks like a label map ({values.size} distinct whole values "
+                f"{values[0]:g}..{values[-1]:g}), not a CT; check --input"
+            )
+    try:
+        check_hounsfield(array, source)
+    except DataError as err:
+        return str(err)
+    return None
+
+
 def predict_file(
     model: nn.Module,
     meta: CheckpointMeta,
@@ -80,6 +102,9 @@ def predict_file(
     """
     start = time.perf_counter()
     volume = read_volume(source)
+    warning = input_warning(volume, source)
+    if warning is not None:
+        log.warning("%s; predicting anyway", warning)
     result = predict_volume(model, meta, volume, device, attention=attention, probabilities=probabilities, tta=tta)
     stem = case_stem(source)
     files = [out_dir / f"{stem}_seg.nii.gz"]
@@ -96,7 +121,14 @@ def predict_file(
 
 @guarded
 def predict_command(
-    model_path: Annotated[Path, typer.Option("--model", help="Checkpoint (.pt) written by fed-eval train.")],
+    model_path: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="Checkpoint (.pt): fed-eval train's OUT/best.pt, or a federation's, "
+            "fed-server's OUTPUT_DIR/checkpoints/best.pt.",
+        ),
+    ],
     input_path: Annotated[
         Path, typer.Option("--input", help="A NIfTI file, a folder of NIfTI files, or a DICOM series folder.")
     ],
@@ -110,7 +142,7 @@ def predict_command(
     tta: Annotated[
         bool, typer.Option("--tta", help="Average over the four in-plane mirrorings (+~1 Dice point, 4x the time).")
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = DEFAULT_DEVICE,
 ) -> None:
     """Segment CT volumes; label maps keep each input's exact shape, spacing, origin and direction."""
     torch_device = resolve_device(device)
@@ -125,9 +157,10 @@ def predict_command(
 
 
 def _render(results: list[PredictResult], out: Path) -> None:
-    table = Table(title=f"Predictions in {out}")
-    for column in ("Input", "Shape (z, y, x)", "Seconds", "Files"):
-        table.add_column(column, justify="right" if column == "Seconds" else "left")
+    console = stdout_console()
+    table = result_table(console, f"Predictions in {out}")
+    for column in ("input", "shape z,y,x", "seconds", "files"):
+        table.add_column(column, justify="right" if column in ("seconds", "files") else "left", overflow="fold")
     for r in results:
-        table.add_row(str(r.source), "×".join(map(str, r.shape)), f"{r.seconds:.1f}", str(len(r.files)))
-    Console().print(table)
+        table.add_row(str(r.source), ",".join(map(str, r.shape)), f"{r.seconds:.1f}", str(len(r.files)))
+    console.print(table)

@@ -1,4 +1,13 @@
-"""Edge helpers shared by the three Typer apps: error mapping and small value parsers."""
+"""Edge helpers shared by the three Typer apps: error mapping, value parsers, result tables and option conventions.
+
+Conventions every CLI follows (documented once, in the README's "Local tools" section):
+
+* sizes (patches, phantom grids, model inputs) are ``D,H,W`` = ``z,y,x``: slices, rows, columns, the order of
+  fedseg's arrays (:mod:`fedseg.common.data.io`); :data:`SIZE_HELP` says so in every size option's help;
+* ``--device`` defaults to :data:`DEFAULT_DEVICE` (``auto``: the first GPU when there is one, else the CPU);
+* result tables go to stdout and fit the terminal; when stdout is not a terminal (a pipe or a log file) they are
+  plain text (no colour, ASCII rules) at most :data:`PLAIN_WIDTH` columns wide, and wrap rather than cut values.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,10 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich import box
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from fedseg.common.cli.logs import setup_logging
 from fedseg.common.console import console
@@ -19,6 +31,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+
+#: Default of every ``--device`` option.
+DEFAULT_DEVICE = "auto"
+#: Help text of every ``--device`` option.
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (the first GPU if there is one, else the CPU)."
+#: The axis order of every size option, for its help text.
+SIZE_HELP = "D,H,W = z,y,x (slices, rows, columns)"
+#: Width of result tables when stdout is not a terminal.
+PLAIN_WIDTH = 80
 
 
 def make_app(name: str, help_text: str) -> typer.Typer:
@@ -69,3 +90,23 @@ def parse_triple(text: str, name: str) -> tuple[int, int, int]:
     if len(values) != 3 or min(values) <= 0:
         raise typer.BadParameter(f"{name} must be three positive integers like 96,96,64, got {text!r}")
     return values[0], values[1], values[2]
+
+
+def stdout_console() -> Console:
+    """Console for command results: the terminal as it is, or plain text :data:`PLAIN_WIDTH` wide otherwise."""
+    out = Console()
+    if out.is_terminal:
+        return out
+    return Console(width=PLAIN_WIDTH, color_system=None, highlight=False, emoji=False)
+
+
+def result_table(out: Console, title: str) -> Table:
+    """A compact table for ``out``: light rules on a terminal, ASCII rules (markdown-like) in plain output."""
+    return Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD if out.is_terminal else box.MARKDOWN,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+    )

@@ -6,10 +6,8 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from fedseg.common.cli.shell import guarded, parse_triple
+from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple, result_table, stdout_console
 from fedseg.common.errors import ConfigError
 from fedseg.common.nn.model import ModelConfig, check_spatial_size
 from fedseg.common.nn.summary import ModelSummary, summarize
@@ -21,8 +19,8 @@ def summary_command(
     classes: Annotated[int, typer.Option(help="Output classes, background included.")] = 5,
     feature_scale: Annotated[int, typer.Option(help="Divides the base filters 64..1024 (paper: 4).")] = 4,
     input_size: Annotated[
-        str, typer.Option("--input", help="Spatial input size D,H,W; each side a multiple of 16.")
-    ] = "160,160,96",
+        str, typer.Option("--input", help=f"Spatial input size {SIZE_HELP}; each side a multiple of 16.")
+    ] = "96,160,160",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for FLOPs and memory.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
@@ -72,19 +70,21 @@ def _bytes(n: int) -> str:
 
 
 def _render(result: ModelSummary, cfg: ModelConfig) -> None:
-    out = Console()
-    shape = "×".join(str(s) for s in result.input_shape)
-    totals = Table(title=f"{result.arch}, {cfg.n_classes} classes, feature scale {cfg.feature_scale}, input {shape}")
-    totals.add_column("Quantity")
-    totals.add_column("Value", justify="right")
+    out = stdout_console()
+    batch, channels, *size = result.input_shape
+    title = f"{result.arch}, {cfg.n_classes} classes, feature scale {cfg.feature_scale}, "
+    title += f"batch {batch} x {channels} channel(s) x {','.join(map(str, size))} (z,y,x)"
+    totals = result_table(out, title)
+    totals.add_column("quantity", overflow="fold")
+    totals.add_column("value", justify="right", overflow="fold")
     totals.add_row("Parameters", f"{result.params:,}")
     totals.add_row("Forward GFLOPs (conv/matmul, 2×MAC)", f"{result.gflops:.2f}")
     totals.add_row("Training activations (saved for backward, fp32)", _bytes(result.activation_bytes))
     totals.add_row("Weights + grads + Adam moments (fp32)", _bytes(result.param_state_bytes))
     out.print(totals)
-    parts = Table(title="Per block, in execution order")
-    for column in ("Block", "Parameters", "GFLOPs"):
-        parts.add_column(column, justify="left" if column == "Block" else "right")
+    parts = result_table(out, "Per block, in execution order")
+    for column in ("block", "parameters", "GFLOPs"):
+        parts.add_column(column, justify="left" if column == "block" else "right", overflow="fold")
     for part in result.parts:
         parts.add_row(part.name, f"{part.params:,}", f"{part.gflops:.2f}")
     out.print(parts)

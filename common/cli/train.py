@@ -1,7 +1,8 @@
 """``fed-eval train``: centralised (or single-site) training with best/last checkpoints, a metrics CSV and resume.
 
 Files in ``--out``: ``last.pt`` (after every epoch, with optimiser state), ``best.pt`` (highest validation
-``dice_mean``, or lowest training loss without ``--val``), ``metrics.csv`` (one row per epoch) and ``cache/``
+``dice_mean``, or lowest training loss without ``--val``), ``metrics.csv`` (one row per epoch, columns
+:data:`CSV_COLUMNS` then with ``--val`` ``dice_<class>`` per foreground class and ``dice_mean``) and ``cache/``
 (preprocessed cases).
 """
 
@@ -17,10 +18,16 @@ from typing import Annotated, Literal
 
 import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from fedseg.common.cli.shell import guarded, parse_triple
+from fedseg.common.cli.shell import (
+    DEFAULT_DEVICE,
+    DEVICE_HELP,
+    SIZE_HELP,
+    guarded,
+    parse_triple,
+    result_table,
+    stdout_console,
+)
 from fedseg.common.data.manifest import site_manifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_labelled
@@ -41,6 +48,10 @@ from fedseg.common.errors import ConfigError
 from fedseg.common.nn.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
+
+#: The first columns of ``metrics.csv``: epoch (int, from 1), mean training loss, wall seconds of the epoch
+#: (validation included) and training samples per second; validation Dice columns follow with ``--val``.
+CSV_COLUMNS = ("epoch", "loss", "seconds", "samples_per_second")
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,7 @@ def run_training(run: TrainRun, progress: bool = True) -> list[dict[str, float]]
         report = train_model(
             model, cases, epoch_cfg, run.device, progress=progress, optimizer=optimizer, schedule=schedule
         )
-        row = {"epoch": float(epoch), "loss": report.mean_loss, "seconds": report.seconds}
+        row: dict[str, float] = {"epoch": epoch, "loss": report.mean_loss, "seconds": report.seconds}
         row["samples_per_second"] = report.samples_per_second
         if val_cases:
             row.update(validate(model, val_cases, run.train.patch_size, run.device, classes))
@@ -181,7 +192,7 @@ def train_command(
     arch: Annotated[Literal["attention-unet", "unet"], typer.Option(help="Network.")] = "attention-unet",
     epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).")] = 10,
     steps_per_epoch: Annotated[int, typer.Option(help="Optimiser steps per epoch.")] = 250,
-    patch: Annotated[str, typer.Option(help="Patch size D,H,W (z, y, x), multiples of 16.")] = "96,160,160",
+    patch: Annotated[str, typer.Option(help=f"Patch size {SIZE_HELP}, multiples of 16.")] = "96,160,160",
     feature_scale: Annotated[int, typer.Option(help="Divides the base filters 64..1024 (paper: 4).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Patches per step.")] = 2,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
@@ -199,7 +210,7 @@ def train_command(
     affine_prob: Annotated[
         float, typer.Option(help="Share of patches that get the paper's random affine (paper: 1; flips always).")
     ] = 1.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = DEFAULT_DEVICE,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and augmentation.")] = 0,
 ) -> None:
@@ -237,16 +248,31 @@ def train_command(
         train=train_cfg,
         preprocess=PreprocessConfig(),
     )
-    _render(run_training(run), out)
+    render_metrics(run_training(run), out)
 
 
-def _render(rows: list[dict[str, float]], out: Path) -> None:
+def render_metrics(rows: list[dict[str, float]], out: Path) -> None:
+    """Print the metrics rows of this call as a table (plain and 80 columns wide when stdout is not a TTY)."""
+    console = stdout_console()
     if not rows:
-        Console().print(f"nothing to do: {out} already reached the requested epochs")
+        console.print(f"nothing to do: {out} already reached the requested epochs")
         return
-    table = Table(title=f"Training in {out}")
+    dice = any(key.startswith("dice_") for key in rows[0])
+    table = result_table(console, f"Training in {out}" + (" (validation Dice per class)" if dice else ""))
     for key in rows[0]:
-        table.add_column(key, justify="right")
+        table.add_column(_header(key), justify="right", overflow="fold")
     for row in rows:
-        table.add_row(*(f"{int(v)}" if k == "epoch" else f"{v:.4f}" for k, v in row.items()))
-    Console().print(table)
+        table.add_row(*(_cell(key, value) for key, value in row.items()))
+    console.print(table)
+
+
+def _header(key: str) -> str:
+    """Short column title of a metrics.csv key (``dice_liver`` -> ``liver``), so nine columns fit 80."""
+    return {"samples_per_second": "samples/s", "seconds": "s"}.get(key, key.removeprefix("dice_"))
+
+
+def _cell(key: str, value: float) -> str:
+    if key == "epoch":
+        return str(int(value))
+    digits = {"loss": 4, "seconds": 0, "samples_per_second": 2}.get(key, 3)
+    return f"{value:.{digits}f}"

@@ -12,6 +12,8 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from fedseg.common.errors import DataError, IncompatibleModelError
 from fedseg.common.nn.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch puts terminal bold codes into some messages
 
 FORMAT = "fedseg-checkpoint"
 FORMAT_VERSION = 1
@@ -135,9 +138,18 @@ def _read_payload(path: Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} does not exist; pass the .pt file written by fed-eval train")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise DataError(
+                f"{path} is not a readable fedseg checkpoint (not a PyTorch .pt file, or a damaged one); "
+                "pass a .pt written by fed-eval train or fed-server"
+            ) from err
+        raise DataError(
+            f"{path} is not a fedseg checkpoint: it holds Python objects other than tensors and plain data, "
+            "which fedseg never loads; pass a .pt written by fed-eval train or fed-server"
+        ) from None
     except Exception as err:  # torch raises many types for foreign or truncated files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path} is not a readable fedseg checkpoint ({reason[:120]})") from err
+        raise DataError(f"{path} is not a readable fedseg checkpoint ({_first_line(err)})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path} is not a fedseg checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -240,3 +252,9 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> 
     except (ValueError, KeyError) as err:
         raise IncompatibleModelError(f"{path}: optimiser state does not fit this model ({err})") from err
     return True
+
+
+def _first_line(err: BaseException) -> str:
+    """The whole first line of an exception message without terminal codes, or the exception's type."""
+    text = _ANSI.sub("", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,14 +1,15 @@
 """Evaluate predicted label maps against references: pair the files, check them, compute and report metrics.
 
-``pred`` and ``ref`` are NIfTI files or folders. In folders, cases are matched by file name with the ``.nii`` /
-``.nii.gz`` suffix removed (``case_001.nii.gz`` pairs with ``case_001.nii``); other files are ignored. A
-prediction without a reference is an error; a reference without a prediction is skipped with a warning and
-listed in :attr:`EvaluationReport.missing_predictions`, so a partial prediction run is visible but usable.
-A single prediction file may also be paired with the file of the same case name in a reference folder.
+Cases are paired by :mod:`fedseg.common.eval.pairing`.
 
-Each pair must share the grid (shape exactly; spacing, origin and direction within
-:data:`GEOMETRY_TOLERANCE`) and hold whole-number labels. Metric conventions are those of
-:mod:`fedseg.common.eval.metrics`; label values not listed in ``classes`` are ignored.
+Label schemes: a :class:`LabelManifest` for the references (and optionally another for the predictions) maps their
+label values onto the federation's global classes exactly as training does; only the classes the reference
+manifest annotates are then scored.
+
+Each pair must share the grid: shape exactly; spacing, origin and direction within :data:`GEOMETRY_TOLERANCE`. A
+prediction that holds the same physical voxels in another axis order or direction is reoriented losslessly onto the
+reference grid (logged); anything that would need interpolation is refused. Labels must be whole numbers. Metric
+conventions are those of :mod:`fedseg.common.eval.metrics`; label values not listed in ``classes`` are ignored.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import numpy as np
 from rich.progress import Progress
 
 from fedseg.common.console import console
-from fedseg.common.data.io import Volume, is_nifti, read_volume
-from fedseg.common.data.manifest import GLOBAL_CLASSES
+from fedseg.common.data.io import Volume, read_volume
+from fedseg.common.data.manifest import GLOBAL_CLASSES, LabelManifest
+from fedseg.common.data.orientation import reorient_onto
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.eval.metrics import METRIC_NAMES, ClassMetrics, ClassSummary, label_metrics, summarize
+from fedseg.common.eval.pairing import CasePair, match_cases
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +41,6 @@ DEFAULT_CLASSES: dict[int, str] = {value: name for value, name in enumerate(GLOB
 GEOMETRY_TOLERANCE = 1e-3
 #: Columns of :func:`write_csv`, one row per case and class.
 CSV_COLUMNS: tuple[str, ...] = ("case", "label", "class", *METRIC_NAMES, "ref_voxels", "pred_voxels", "empty")
-
-
-@dataclass(frozen=True)
-class CasePair:
-    """A prediction file and its reference file."""
-
-    case_id: str
-    pred: Path
-    ref: Path
 
 
 @dataclass(frozen=True)
@@ -83,44 +77,6 @@ def parse_classes(text: str) -> dict[int, str]:
             raise ConfigError(f"--classes repeats {item.strip()!r}; give each label and name once")
         classes[int(value)] = name
     return classes
-
-
-def case_name(path: Path) -> str:
-    """The case id of a NIfTI path: its file name without ``.nii`` / ``.nii.gz``."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def match_cases(pred: Path, ref: Path) -> tuple[list[CasePair], list[Path]]:
-    """Pair prediction and reference files by case name.
-
-    Returns:
-        ``(pairs sorted by case id, reference files without a prediction)``.
-
-    Raises:
-        DataError: a path is missing, a folder has no NIfTI files or a case twice, or a prediction has no
-            reference.
-        ConfigError: ``pred`` is a folder but ``ref`` is a file.
-    """
-    for path in (pred, ref):
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder; check the path")
-    if pred.is_file() and ref.is_file():
-        return [CasePair(case_name(pred), pred, ref)], []
-    if pred.is_dir() and ref.is_file():
-        raise ConfigError(f"--pred {pred} is a folder but --ref {ref} is a file; give two files or two folders")
-    refs = _nifti_by_case(ref)
-    preds = _nifti_by_case(pred) if pred.is_dir() else {case_name(pred): pred}
-    pairs = []
-    for case_id, pred_path in sorted(preds.items()):
-        if case_id not in refs:
-            raise DataError(f"{pred_path}: no reference {case_id}.nii(.gz) in {ref}; add it or remove the prediction")
-        pairs.append(CasePair(case_id, pred_path, refs[case_id]))
-    missing = [path for case_id, path in sorted(refs.items()) if case_id not in preds] if pred.is_dir() else []
-    return pairs, missing
 
 
 def read_labels(path: Path) -> Volume:
@@ -164,19 +120,75 @@ def check_geometry(pred: Volume, ref: Volume, pred_path: Path, ref_path: Path) -
             )
 
 
-def evaluate_case(pair: CasePair, classes: dict[int, str]) -> CaseResult:
-    """Read, check and score one pair."""
-    pred, ref = read_labels(pair.pred), read_labels(pair.ref)
-    check_geometry(pred, ref, pair.pred, pair.ref)
-    return CaseResult(pair, label_metrics(pred.array, ref.array, ref.spacing, list(classes)))
+@dataclass(frozen=True)
+class LabelSchemes:
+    """Label manifests mapping references and predictions onto global classes (None: already global or raw)."""
+
+    ref: LabelManifest | None = None
+    pred: LabelManifest | None = None
 
 
-def evaluate(pred: Path, ref: Path, classes: dict[int, str]) -> EvaluationReport:
-    """Evaluate every matched case (with a progress bar) and summarise each class.
+def scored_classes(classes: dict[int, str] | None, schemes: LabelSchemes) -> dict[int, str]:
+    """The classes to score: ``classes`` as given, else the reference manifest's annotated global classes.
 
     Raises:
-        DataError, ConfigError: see :func:`match_cases`, :func:`read_labels` and :func:`check_geometry`.
+        ConfigError: explicit ``classes`` together with a manifest (manifests decide the classes).
     """
+    manifest = schemes.ref or schemes.pred
+    if classes is not None and manifest is not None:
+        raise ConfigError("--classes cannot be combined with --labels/--pred-labels; the manifest decides the classes")
+    if classes is not None:
+        return dict(classes)
+    if schemes.ref is not None:
+        return {GLOBAL_CLASSES.index(name): name for name in GLOBAL_CLASSES[1:] if name in schemes.ref.annotated}
+    return dict(DEFAULT_CLASSES)
+
+
+def align(pred: Volume, ref: Volume, pred_path: Path, ref_path: Path) -> Volume:
+    """``pred`` on ``ref``'s grid: unchanged, or reoriented losslessly (logged); DataError when it needs resampling."""
+    moved = reorient_onto(pred, ref, GEOMETRY_TOLERANCE)
+    if moved is None:
+        check_geometry(pred, ref, pred_path, ref_path)
+        return pred
+    volume, how = moved
+    if not how.is_identity:
+        log.info(
+            "%s: same voxels as the reference in another orientation; reoriented (%s), no interpolation",
+            pred_path,
+            how.describe(),
+        )
+    return volume
+
+
+def evaluate_case(pair: CasePair, classes: dict[int, str], schemes: LabelSchemes | None = None) -> CaseResult:
+    """Read, map to global classes (with ``schemes``), align and score one pair."""
+    schemes = schemes or LabelSchemes()
+    pred, ref = read_labels(pair.pred), read_labels(pair.ref)
+    pred = align(pred, ref, pair.pred, pair.ref)
+    pred_array, ref_array = pred.array, ref.array
+    if schemes.pred is not None:
+        pred_array = _to_global(schemes.pred, pred_array, pair.pred)
+    if schemes.ref is not None:
+        ref_array = _to_global(schemes.ref, ref_array, pair.ref)
+    return CaseResult(pair, label_metrics(pred_array, ref_array, ref.spacing, list(classes)))
+
+
+def evaluate(
+    pred: Path, ref: Path, classes: dict[int, str] | None = None, schemes: LabelSchemes | None = None
+) -> EvaluationReport:
+    """Evaluate every matched case (with a progress bar) and summarise each class.
+
+    Args:
+        pred, ref: files or folders (see the module docstring).
+        classes: label value -> name to score; None = :func:`scored_classes`.
+        schemes: label manifests of the references and predictions.
+
+    Raises:
+        DataError, ConfigError: see :func:`match_cases`, :func:`read_labels`, :func:`check_geometry` and
+            :func:`scored_classes`, and unknown label values for a manifest with ``other_labels = "error"``.
+    """
+    schemes = schemes or LabelSchemes()
+    chosen = scored_classes(classes, schemes)
     pairs, missing = match_cases(pred, ref)
     if missing:
         names = ", ".join(p.name for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -184,10 +196,10 @@ def evaluate(pred: Path, ref: Path, classes: dict[int, str]) -> EvaluationReport
     results = []
     with Progress(console=console, transient=True) as progress:
         for pair in progress.track(pairs, description="evaluating"):
-            results.append(evaluate_case(pair, classes))
+            results.append(evaluate_case(pair, chosen, schemes))
             log.debug("evaluated %s", pair.case_id)
-    summary = {label: summarize([r.metrics[label] for r in results]) for label in classes}
-    return EvaluationReport(classes=dict(classes), cases=results, summary=summary, missing_predictions=missing)
+    summary = {label: summarize([r.metrics[label] for r in results]) for label in chosen}
+    return EvaluationReport(classes=chosen, cases=results, summary=summary, missing_predictions=missing)
 
 
 def report_to_dict(report: EvaluationReport) -> dict[str, Any]:
@@ -253,21 +265,6 @@ def write_csv(report: EvaluationReport, path: Path) -> None:
         ) from None
 
 
-def _nifti_by_case(folder: Path) -> dict[str, Path]:
-    """Map case id -> NIfTI file in ``folder`` (not recursive; other entries ignored)."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not (path.is_file() and is_nifti(path)):
-            continue
-        case_id = case_name(path)
-        if case_id in found:
-            raise DataError(f"{path}: case {case_id} appears twice (also {found[case_id].name}); keep one")
-        found[case_id] = path
-    if not found:
-        raise DataError(f"{folder}: folder holds no NIfTI files (.nii, .nii.gz); check the path")
-    return found
-
-
 def _write_text(path: Path, text: str) -> None:
     try:
         path.write_text(text, encoding="utf-8")
@@ -285,6 +282,13 @@ def _metrics_dict(metrics: ClassMetrics) -> dict[str, Any]:
 
 def _num(value: float | int) -> float | int | None:
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _to_global(manifest: LabelManifest, array: np.ndarray, path: Path) -> np.ndarray:
+    try:
+        return manifest.to_global(array).astype(np.int64)
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
 
 
 def _fmt(values: tuple[float, ...]) -> str:

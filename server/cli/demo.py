@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from fedseg.common.cli.shell import guarded, parse_triple
+from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple
 from fedseg.common.console import console
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.control.demo import DemoOptions, run_demo, write_final_attention
@@ -22,7 +22,9 @@ def demo_command(
     sites: Annotated[int, typer.Option("--sites", min=1, max=8, help="Number of phantom sites.")] = 3,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 6,
     out: Annotated[Path, typer.Option("--out", help="Demo folder (data, site workdirs, run).")] = Path("fedseg-demo"),
-    size: Annotated[str, typer.Option("--size", help="Phantom grid D,H,W at 2 mm (multiples of 16).")] = "48,48,48",
+    size: Annotated[
+        str, typer.Option("--size", help=f"Phantom grid {SIZE_HELP} at 2 mm (multiples of 16).")
+    ] = "48,48,48",
     cases: Annotated[int, typer.Option("--cases", min=1, help="Phantom cases per site.")] = 3,
 ) -> None:
     """Run a small federation end to end and show Dice per organ after every round."""

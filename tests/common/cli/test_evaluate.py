@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fedseg.common.cli.main import app
 from fedseg.common.errors import ConfigError, DataError
-from fedseg.common.eval.evaluation import case_name, match_cases, parse_classes
+from fedseg.common.eval.evaluation import parse_classes
+from fedseg.common.eval.pairing import case_name, match_cases
 
 SPACING_XYZ = (0.8, 0.8, 2.5)
 runner = CliRunner()
@@ -124,7 +125,10 @@ def test_evaluate_prediction_without_reference_fails(folders: tuple[Path, Path])
     write_labels(pred_dir / "case_004.nii.gz", reference())
     code, _, stderr = invoke("--pred", pred_dir, "--ref", ref_dir)
     assert code == 1
-    assert f"{pred_dir / 'case_004.nii.gz'}: no reference case_004.nii(.gz) in {ref_dir}" in stderr
+    assert stderr == (
+        f"error: {pred_dir / 'case_004.nii.gz'}: no reference for case case_004 in {ref_dir} "
+        "(expected case_004.nii or case_004.nii.gz); check --ref, or leave this prediction out"
+    )
 
 
 @pytest.mark.parametrize(

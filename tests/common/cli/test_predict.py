@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 from fedseg.common.cli.main import app
+from fedseg.common.cli.predict import input_warning, predict_file
+from fedseg.common.data.io import read_volume
 from fedseg.common.data.manifest import GLOBAL_CLASSES
 from fedseg.common.data.preprocess import PreprocessConfig
-from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, save_checkpoint
+from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, load_checkpoint, save_checkpoint
 from fedseg.common.nn.model import ModelConfig, build_model
 
 runner = CliRunner()
@@ -208,3 +211,38 @@ def test_predict_attention_needs_attention_unet(real_ct_path: Path, tmp_path: Pa
     unet = _checkpoint(tmp_path / "unet.pt", arch="unet")
     code, output = _invoke(unet, real_ct_path, tmp_path, "--attention")
     assert code == 1 and "--attention needs an attention-unet checkpoint" in output
+
+
+def test_input_warning_for_label_maps_and_non_ct(real_ct_path: Path, real_labels_path: Path) -> None:
+    ct = read_volume(real_ct_path)
+    assert input_warning(ct, real_ct_path) is None  # int16 HU -1100..1207
+    labels = read_volume(real_labels_path)
+    n_values = len(np.unique(labels.array))
+    assert input_warning(labels, real_labels_path) == (
+        f"{real_labels_path}: looks like a label map ({n_values} distinct whole values 0..{labels.array.max()}), "
+        "not a CT; check --input"
+    )
+    shifted = ct.with_array(ct.array.astype(np.float32) + 1100.0)  # e.g. raw scanner values without the offset
+    assert input_warning(shifted, real_ct_path) == (
+        f"{real_ct_path}: values 0..2307 do not look like CT in Hounsfield units (no air near -1000; "
+        "MR, normalised or raw scanner values?)"
+    )
+
+
+def test_predict_warns_on_a_label_map_and_still_predicts(
+    att_checkpoint: Path, real_labels_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crop = tmp_path / "labels.nii.gz"  # a 16 x 32 x 32 piece of the real label map keeps the test fast
+    sitk.WriteImage(sitk.ReadImage(str(real_labels_path))[40:72, 30:62, 8:24], str(crop))
+    model, meta = load_checkpoint(att_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="fedseg.common.cli.predict"):
+        result = predict_file(model, meta, crop, tmp_path, torch.device("cpu"))
+    assert [r.getMessage() for r in caplog.records] == [f"{input_warning(read_volume(crop), crop)}; predicting anyway"]
+    assert "looks like a label map" in caplog.records[0].getMessage()
+    assert [f.name for f in result.files] == ["labels_seg.nii.gz"]
+
+
+def test_predict_model_help_names_server_checkpoints() -> None:
+    result = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.split())
+    assert "fed-server's OUTPUT_DIR/checkpoints/best.pt" in text and "fed-eval train's OUT/best.pt" in text

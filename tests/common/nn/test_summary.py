@@ -72,9 +72,9 @@ def test_cli_json_prints_one_object_with_defaults() -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["arch"] == "attention-unet"
-    assert data["input"] == [160, 160, 96]
+    assert data["input"] == [96, 160, 160]  # D,H,W = z,y,x like every size option
     assert (data["n_classes"], data["feature_scale"], data["batch_size"]) == (5, 4, 1)
-    assert data["params"] == summarize(ModelConfig(), (160, 160, 96)).params
+    assert data["params"] == summarize(ModelConfig(), (96, 160, 160)).params
     assert data["gflops"] > 346.65  # five classes: slightly more head compute than the paper's four
     assert data["activation_bytes"] > 2.7 * GIB
 
