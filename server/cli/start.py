@@ -37,9 +37,10 @@ def run_and_report(spec: RunSpec) -> None:
     """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary."""
     with Supervisor() as sup:
         server = start_server(sup, spec.config)
+        ca = f" --root-certificates {spec.config.tls.ca.name}" if spec.config.tls is not None else ""
         console.print(
-            f"SuperLink listening on [bold]{escape(spec.config.address)}[/]; sites join with "
-            f"`fed-client join --server {escape(spec.config.address)} --site NAME --data DIR`"
+            f"Fleet API (only) on [bold]{escape(spec.config.address)}[/], control on loopback; sites join with "
+            f"`fed-client join --server {escape(spec.config.address)}{escape(ca)} --site NAME --data DIR`"
         )
         with LiveRounds() as live:
             run_id, status = run_to_end(server, spec, live.add)
@@ -59,6 +60,10 @@ def start_command(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this output folder from its last round.")
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plain HTTP on a non-loopback host (same as insecure=true).")
+    ] = False,
 ) -> None:
     """Start a SuperLink, run the federation to the end, then stop every process."""
-    run_and_report(run_spec_for(config, resume, overrides or []))
+    extra = ["insecure=true"] if insecure else []
+    run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))
