@@ -9,7 +9,9 @@ it, and its helpers, cleanly.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class JoinOptions:
         root_certificates: CA certificate for HTTPS; None means plain HTTP (``--insecure``).
         auth_key: SuperNode private key (ECDSA, SSH format) when the SuperLink enforces node auth.
         max_restarts: give up after this many restarts; None restarts forever.
+        trusted_apps: FAB hashes whose runs may execute here (the installed fedseg app plus ``--trust-app``).
     """
 
     server: str
@@ -47,6 +50,7 @@ class JoinOptions:
     root_certificates: Path | None = None
     auth_key: Path | None = None
     max_restarts: int | None = None
+    trusted_apps: frozenset[str] = frozenset()
 
 
 def usable_view(cases: Sequence[CaseFiles], folder: Path) -> Path:
@@ -103,10 +107,14 @@ def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
         flower_executable("flower-supernode"),
         "--superlink",
         opts.server,
+        "--host",
+        "127.0.0.1",
         "--port",
         str(opts.port),
         "--node-config",
         str(node_config),
+        "--isolation",
+        "process",  # it spawns nothing; fedseg's gate (gate_argv) launches only trusted apps
     ]
     if opts.root_certificates is None:
         argv.append("--insecure")
@@ -115,6 +123,32 @@ def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
     if opts.auth_key is not None:
         argv += ["--auth-supernode-private-key", str(opts.auth_key)]
     return argv
+
+
+def gate_argv(opts: JoinOptions) -> list[str]:
+    """Command line of the site's executor (:mod:`fedseg.client.gate`) next to the SuperNode."""
+    argv = [sys.executable, "-m", "fedseg.client.gate", "--runtime-api-address", f"127.0.0.1:{opts.port}"]
+    for fab_hash in sorted(opts.trusted_apps):
+        argv += ["--trust", fab_hash]
+    return [*argv, "--parent-pid", str(os.getpid())]
+
+
+def reap_orphans() -> int:
+    """Collect every exited child of this process (Flower helpers re-parented to us); return how many.
+
+    ``join`` is a child subreaper (see :class:`~fedseg.common.runtime.processes.Supervisor`), so processes the
+    SuperNode or the gate left behind become our children; without this each restart would leave zombies.
+    Call it only when no supervised child is running (their exit status belongs to their ``Popen``).
+    """
+    reaped = 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped += 1
 
 
 def next_backoff(previous: float, ran_for: float) -> float:
@@ -146,10 +180,13 @@ def run_supernode(
         while True:
             started = time.monotonic()
             child = sup.start("supernode", argv, env=env, log_path=site.log_dir / "supernode.log")
+            gate = sup.start("gate", gate_argv(opts), env=env, log_path=site.log_dir / "gate.log")
             log.info("site %s: SuperNode (pid %d) connecting to %s", site.site, child.pid, opts.server)
             code = child.process.wait()
             ran_for = time.monotonic() - started
             sup.stop(child)
+            sup.stop(gate)
+            reap_orphans()
             if opts.max_restarts is not None and restarts >= opts.max_restarts:
                 log.error("site %s: SuperNode exited with code %s; no restarts left", site.site, code)
                 return restarts

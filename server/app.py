@@ -7,6 +7,7 @@ It runs in its own ``flwr-serverapp`` process started by the SuperLink, so it re
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from fedseg.common.errors import ConfigError, format_validation_error
 from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
-from fedseg.server.control.runs import PRIVATE_DIR
+from fedseg.server.control.runs import PRIVATE_DIR, SPEC_ENV
 from fedseg.server.run.loop import serve
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,34 @@ def run_spec(run_config: Mapping[str, object]) -> RunSpec:
         raise ConfigError(f"run config '{RUN_CONFIG_KEY}': {format_validation_error(err)}") from None
 
 
+def trusted_spec(run_config: Mapping[str, object], environ: Mapping[str, str]) -> RunSpec:
+    """The RunSpec of this run, accepted only if it is exactly the one ``fed-server start`` wrote.
+
+    ``fed-server start`` writes the spec into its run folder and names that file in :data:`SPEC_ENV` in the
+    SuperLink's environment (inherited by this process, out of reach of a run request). A run submitted with any
+    other ``config-json`` (another output folder, other rounds, ...) is refused before anything is written.
+
+    Raises:
+        ConfigError: no spec file named, unreadable, or the submitted run config differs from it.
+    """
+    named = environ.get(SPEC_ENV, "")
+    if not named:
+        raise ConfigError(f"{SPEC_ENV} is not set: fedseg runs are started by `fed-server start` only")
+    try:
+        written = Path(named).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read the run spec {named}: {err.strerror}") from None
+    if run_config.get(RUN_CONFIG_KEY) != written:
+        raise ConfigError(
+            f"run config '{RUN_CONFIG_KEY}' differs from the spec fed-server start wrote ({named}); run refused"
+        )
+    return run_spec({RUN_CONFIG_KEY: written})
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point called by Flower in the ServerApp process."""
-    spec = run_spec(context.run_config)
+    spec = trusted_spec(context.run_config, os.environ)
     out = spec.config.output_dir
     handler = log_to_file(out / LOG_FILE)
     outcome = "failed"

@@ -26,7 +26,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     port = 9300
     host = "127.0.0.1"
 
-    [tls]                     # omit for plain HTTP on loopback
+    [tls]                     # omit for plain HTTP on loopback (elsewhere only with insecure = true)
     ca = "certs/ca.crt"
     cert = "certs/server.pem"
     key = "certs/server.key"
@@ -126,9 +126,16 @@ class ServerConfig(BaseModel):
     site_wait_timeout: float = Field(default=3600.0, gt=0, description="seconds to wait for min_sites")
     output_dir: Path = Path("runs/fedseg")
     host: str = "127.0.0.1"
-    port: int = Field(default=9092, ge=1, le=65535)
+    port: int = Field(default=9092, ge=1, le=65535, description="public port: the fleet-only gateway")
+    internal_port: int = Field(
+        default=0, ge=0, le=65535, description="the SuperLink's loopback port (Control API); 0 = any free port"
+    )
+    insecure: bool = Field(default=False, description="allow plain HTTP on a non-loopback host")
     database: Path | None = Field(default=None, description="SuperLink state database; default in memory")
-    supernode_auth: bool = Field(default=False, description="only registered site keys may join (needs tls)")
+    supernode_auth: bool | None = Field(
+        default=None, description="only keys in sites_file may join (needs tls); default: on unless host is loopback"
+    )
+    sites_file: Path = Field(default=Path("sites.toml"), description="allowed sites (fed-server sites add)")
     seed: int = 0
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
@@ -150,6 +157,13 @@ class ServerConfig(BaseModel):
     def address(self) -> str:
         """``host:port`` of the SuperLink, as sites dial it."""
         return host_port(self.host, self.port)
+
+    @property
+    def node_auth(self) -> bool:
+        """Whether only registered site keys may join: as configured, else on for a non-loopback host with TLS."""
+        if self.supernode_auth is not None:
+            return self.supernode_auth
+        return not self.loopback and self.tls is not None
 
     @property
     def loopback(self) -> bool:
@@ -301,6 +315,7 @@ def absolute_paths(cfg: ServerConfig, base: Path) -> ServerConfig:
         update={
             "output_dir": _absolute(cfg.output_dir, base),
             "database": _absolute(cfg.database, base),
+            "sites_file": _absolute(cfg.sites_file, base),
             "validation": validation,
             "tls": tls,
         }

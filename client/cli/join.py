@@ -16,6 +16,7 @@ from fedseg.client.cli.live import SiteProgress
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
 from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
+from fedseg.client.trust import fedseg_fab_hash, parse_trusted
 from fedseg.common.cli.shell import DEFAULT_DEVICE, DEVICE_HELP, guarded
 from fedseg.common.console import console
 from fedseg.common.data.preprocess import PreprocessConfig
@@ -53,6 +54,11 @@ def monitored_site(
 
 
 def _check_server(server: str) -> str:
+    if "://" in server or "/" in server:
+        raise ConfigError(
+            f"--server takes HOST:PORT without a scheme or path (e.g. fed.example.org:9092), got {server!r}; "
+            "HTTPS is chosen by --root-certificates"
+        )
     host, sep, port = server.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--server must look like HOST:PORT (e.g. 10.0.0.5:9092), got {server!r}")
@@ -92,9 +98,14 @@ def join_command(
     metrics_host: Annotated[
         str, typer.Option("--metrics-host", help="Address /metrics binds (loopback unless exposed on purpose).")
     ] = "127.0.0.1",
+    trust_app: Annotated[
+        list[str] | None,
+        typer.Option("--trust-app", help="Also run apps with this FAB hash (default: only the installed fedseg app)."),
+    ] = None,
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
+    trusted = parse_trusted(trust_app or []) | {fedseg_fab_hash()}
     for name, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{name} {path} does not exist")
@@ -119,7 +130,9 @@ def join_command(
         root_certificates=root_certificates.resolve() if root_certificates else None,
         auth_key=auth_key.resolve() if auth_key else None,
         max_restarts=max_restarts,
+        trusted_apps=trusted,
     )
+    console.print(f"site [bold]{escape(site)}[/] runs only these apps (FAB hash): {', '.join(sorted(trusted))}")
     try:
         with monitored_site(cfg, opts.server, len(report.skipped), metrics_host, metrics_port) as restarted:
             run_supernode(cfg, opts, on_restart=restarted)

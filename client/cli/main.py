@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedseg.client.cli.check import check_command
 from fedseg.client.cli.join import join_command
+from fedseg.client.cli.keygen import keygen_command
 from fedseg.common.cli.shell import make_app
 
 app = make_app(
@@ -15,6 +16,7 @@ app = make_app(
 # Command registrations (one line each, alphabetical):
 app.command("check")(check_command)
 app.command("join")(join_command)
+app.command("keygen")(keygen_command)
 
 
 def main() -> None:

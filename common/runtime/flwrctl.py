@@ -133,15 +133,18 @@ class FlowerControl:
     """
 
     def __init__(self, home: Path, env: Mapping[str, str] | None = None) -> None:
-        self.home = home
-        self.env = flower_env(home, env)
+        self.home = home.resolve()
+        self.env = flower_env(self.home, env)
         self.flwr = flower_executable("flwr")
 
     def _call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         argv = [self.flwr, *args, "--format", "json"]
         log.debug("running %s", " ".join(argv))
         try:
-            done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+            # cwd=home: flwr reads a connection name that is also a folder of the cwd (e.g. a clone's fedseg/) as an app
+            done = subprocess.run(
+                argv, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired as err:
             raise FedsegError(f"'flwr {args[0]}' did not answer within {timeout:.0f} s") from err
         try:
@@ -160,7 +163,7 @@ class FlowerControl:
         Returns:
             The run id.
         """
-        payload = self._call("run", str(app_dir), CONNECTION, "--run-config", str(run_config))
+        payload = self._call("run", str(app_dir.resolve()), CONNECTION, "--run-config", str(run_config.resolve()))
         return int(payload["run-id"])
 
     def status(self, run_id: int) -> RunStatus:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fedseg.common.cli.shell import make_app
+from fedseg.server.cli.certs import certs_command
 from fedseg.server.cli.demo import demo_command
+from fedseg.server.cli.sites import sites_app
 from fedseg.server.cli.start import start_command
 
 app = make_app(
@@ -13,7 +15,9 @@ app = make_app(
 
 
 # Command registrations (one line each, alphabetical):
+app.command("certs")(certs_command)
 app.command("demo")(demo_command)
+app.add_typer(sites_app, name="sites")
 app.command("start")(start_command)
 
 

@@ -39,9 +39,10 @@ def run_and_report(spec: RunSpec) -> None:
     cfg = spec.config
     with Supervisor() as sup:
         server = start_server(sup, cfg)
+        ca = f" --root-certificates {cfg.tls.ca.name}" if cfg.tls is not None else ""
         console.print(
-            f"SuperLink listening on [bold]{escape(cfg.address)}[/]; sites join with "
-            f"`fed-client join --server {escape(cfg.address)} --site NAME --data DIR`"
+            f"Fleet API (only) on [bold]{escape(cfg.address)}[/], control on loopback; sites join with "
+            f"`fed-client join --server {escape(cfg.address)}{escape(ca)} --site NAME --data DIR`"
         )
         with LiveRounds() as live, monitored(cfg, [live.on_event], [live.tick]):
             run_id, status = run_to_end(server, spec, live.add)
@@ -67,6 +68,9 @@ def start_command(
             "--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics here (same as metrics.port=N)."
         ),
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plain HTTP on a non-loopback host (same as insecure=true).")
+    ] = False,
 ) -> None:
     """Start a SuperLink, run the federation to the end, then stop every process.
 
@@ -75,4 +79,6 @@ def start_command(
     Relative paths are relative to the --config file (else to the working directory).
     """
     extra = [f"metrics.port={metrics_port}"] if metrics_port is not None else []
+    if insecure:
+        extra.append("insecure=true")
     run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))

@@ -15,11 +15,21 @@ from pathlib import Path
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.runtime.flwrctl import FlowerControl, RunStatus, write_connection
-from fedseg.common.runtime.processes import Child, Supervisor
+from fedseg.common.runtime.processes import Child, Supervisor, free_port, host_port
 from fedseg.server.app import EXIT_MARKER, LOG_FILE
 from fedseg.server.config import RunSpec, ServerConfig
-from fedseg.server.control.runs import PRIVATE_DIR, save_config, stage_app, write_run_config
-from fedseg.server.control.superlink import local_address, start_superlink
+from fedseg.server.control.front import check_exposure, start_gateway
+from fedseg.server.control.runs import (
+    PRIVATE_DIR,
+    SPEC_ENV,
+    SPEC_FILE,
+    save_config,
+    stage_app,
+    write_run_config,
+    write_spec,
+)
+from fedseg.server.control.sites import read_sites, register_sites
+from fedseg.server.control.superlink import INTERNAL_HOST, start_superlink
 from fedseg.server.run.history import RoundRow, read_history
 
 log = logging.getLogger(__name__)
@@ -35,11 +45,13 @@ _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exceeded|Interrupt)\b.*")
 
 @dataclass
 class Server:
-    """A running SuperLink and the ``flwr`` CLI bound to it."""
+    """A running SuperLink (loopback only), the fleet-only gateway in front of it and the ``flwr`` CLI bound to it."""
 
     cfg: ServerConfig
     superlink: Child
     control: FlowerControl
+    gateway: Child
+    internal_port: int
 
     @property
     def private_dir(self) -> Path:
@@ -48,12 +60,25 @@ class Server:
 
 
 def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
-    """Start the SuperLink for ``cfg`` under ``sup`` and write the CLI connection."""
+    """Start the SuperLink on loopback and the fleet-only gateway on ``cfg.address`` under ``sup``.
+
+    Raises:
+        ConfigError: a non-loopback address without TLS and without ``insecure``.
+        FedsegError: a process failed to start.
+    """
+    check_exposure(cfg)
     private = cfg.output_dir / PRIVATE_DIR
     home = private / "flwr-home"
-    write_connection(home, local_address(cfg), cfg.tls.ca if cfg.tls is not None else None)
-    child = start_superlink(sup, cfg, home, cfg.output_dir / "logs" / "superlink.log")
-    return Server(cfg=cfg, superlink=child, control=FlowerControl(home))
+    port = cfg.internal_port or free_port(INTERNAL_HOST)
+    write_connection(home, host_port(INTERNAL_HOST, port), cfg.tls.ca if cfg.tls is not None else None)
+    spec_env = {SPEC_ENV: str((private / SPEC_FILE).resolve())}
+    child = start_superlink(sup, cfg, port, home, cfg.output_dir / "logs" / "superlink.log", spec_env)
+    control = FlowerControl(home)
+    if cfg.node_auth:
+        nodes = register_sites(control, read_sites(cfg.sites_file), private)
+        log.info("node authentication on: %d site(s) allowed (%s)", len(nodes), ", ".join(sorted(nodes.values())))
+    gateway = start_gateway(sup, cfg, port)
+    return Server(cfg=cfg, superlink=child, control=control, gateway=gateway, internal_port=port)
 
 
 def submit(server: Server, spec: RunSpec) -> int:
@@ -61,6 +86,7 @@ def submit(server: Server, spec: RunSpec) -> int:
     save_config(spec.config)
     (spec.config.output_dir / EXIT_MARKER).unlink(missing_ok=True)
     app_dir = stage_app(server.private_dir / "app")
+    write_spec(spec, server.private_dir / SPEC_FILE)
     run_config = write_run_config(spec, server.private_dir / "run-config.toml")
     run_id = server.control.submit(app_dir, run_config)
     log.info("submitted run %d (rounds %d..%d)", run_id, spec.first_round, spec.config.rounds)
@@ -103,7 +129,7 @@ def follow(
     failures = 0
     while True:
         _report_new_rows(out, seen, on_row)
-        _check_alive([server.superlink, *watch])
+        _check_alive([server.superlink, server.gateway, *watch])
         every = STATUS_EVERY_AFTER_EXIT if (out / EXIT_MARKER).is_file() else STATUS_EVERY
         if time.monotonic() - last_status >= every:
             last_status = time.monotonic()

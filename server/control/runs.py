@@ -14,10 +14,15 @@ from fedseg.common.engine.checkpoint import changed_settings, read_meta
 from fedseg.common.engine.keeper import LAST, last_round
 from fedseg.common.errors import ConfigError
 from fedseg.server.config import RUN_CONFIG_KEY, RunSpec, ServerConfig, build_config, merge, parse_overrides
+from fedseg.server.run.history import HISTORY_FILE
 from fedseg.server.run.loop import CHECKPOINT_DIR
 
 CONFIG_FILE = "config.json"
 PRIVATE_DIR = ".fedseg"
+#: The spec of the current run, written by ``fed-server start``; the only config the ServerApp accepts.
+SPEC_FILE = "run-spec.json"
+#: Environment variable (set on the SuperLink, inherited by the ServerApp) naming the spec file.
+SPEC_ENV = "FEDSEG_RUN_SPEC"
 
 
 def save_config(cfg: ServerConfig) -> Path:
@@ -45,13 +50,20 @@ def write_run_config(spec: RunSpec, path: Path) -> Path:
     return path
 
 
+def write_spec(spec: RunSpec, path: Path) -> Path:
+    """The spec file the ServerApp checks the submitted run config against (see :data:`SPEC_ENV`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.model_dump_json(), encoding="utf-8")
+    return path
+
+
 def new_spec(cfg: ServerConfig) -> RunSpec:
     """A run from round 1, refusing an output folder that already holds a run.
 
     Raises:
-        ConfigError: ``output_dir`` already has checkpoints (use ``--resume`` or another folder).
+        ConfigError: ``output_dir`` already has checkpoints or a history (use ``--resume`` or another folder).
     """
-    if (cfg.output_dir / CHECKPOINT_DIR / LAST).exists():
+    if (cfg.output_dir / CHECKPOINT_DIR / LAST).exists() or (cfg.output_dir / HISTORY_FILE).exists():
         raise ConfigError(
             f"{cfg.output_dir} already holds a run; continue it with --resume {cfg.output_dir} "
             "or set output_dir to a new folder"

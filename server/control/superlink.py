@@ -7,6 +7,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedseg.common.errors import FedsegError
@@ -19,14 +20,18 @@ log = logging.getLogger(__name__)
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 
 
-def superlink_argv(cfg: ServerConfig) -> list[str]:
-    """Command line of ``flower-superlink`` for ``cfg``: one HTTP(S) port, no runtime dependency installs."""
+#: The SuperLink (Fleet + Control + Runtime APIs) listens only here; sites reach it through the gateway.
+INTERNAL_HOST = "127.0.0.1"
+
+
+def superlink_argv(cfg: ServerConfig, port: int) -> list[str]:
+    """Command line of ``flower-superlink`` for ``cfg`` on loopback ``port``: no runtime dependency installs."""
     argv = [
         flower_executable("flower-superlink"),
         "--host",
-        cfg.host,
+        INTERNAL_HOST,
         "--port",
-        str(cfg.port),
+        str(port),
         "--disable-runtime-dependency-installation",
     ]
     if cfg.tls is None:
@@ -42,21 +47,26 @@ def superlink_argv(cfg: ServerConfig) -> list[str]:
         ]
     if cfg.database is not None:
         argv += ["--database", str(cfg.database)]
-    if cfg.supernode_auth:
+    if cfg.node_auth:
         argv.append("--enable-supernode-auth")
     return argv
 
 
 def local_address(cfg: ServerConfig) -> str:
-    """``host:port`` to reach the SuperLink from this machine (loopback when it listens on all interfaces)."""
+    """``host:port`` of the public (gateway) side from this machine (loopback when it listens on all interfaces)."""
     host = "127.0.0.1" if cfg.host in _UNSPECIFIED_HOSTS else cfg.host
     return host_port(host, cfg.port)
 
 
-def health_url(cfg: ServerConfig) -> str:
-    """The SuperLink's health endpoint as seen from this machine."""
+def internal_url(cfg: ServerConfig, port: int) -> str:
+    """Base URL of the SuperLink on loopback."""
     scheme = "http" if cfg.tls is None else "https"
-    return f"{scheme}://{local_address(cfg)}/health"
+    return f"{scheme}://{host_port(INTERNAL_HOST, port)}"
+
+
+def health_url(cfg: ServerConfig, port: int) -> str:
+    """The SuperLink's health endpoint (loopback only)."""
+    return f"{internal_url(cfg, port)}/health"
 
 
 def _ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
@@ -65,16 +75,16 @@ def _ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=str(cfg.tls.ca))
 
 
-def is_healthy(cfg: ServerConfig, timeout: float = 2.0) -> bool:
+def is_healthy(cfg: ServerConfig, port: int, timeout: float = 2.0) -> bool:
     """One ``GET /health`` probe: True on HTTP 200."""
     try:
-        with urllib.request.urlopen(health_url(cfg), timeout=timeout, context=_ssl_context(cfg)) as answer:
+        with urllib.request.urlopen(health_url(cfg, port), timeout=timeout, context=_ssl_context(cfg)) as answer:
             return int(answer.status) == 200
     except (urllib.error.URLError, OSError, ssl.SSLError):
         return False
 
 
-def wait_healthy(cfg: ServerConfig, child: Child, timeout: float = 60.0) -> float:
+def wait_healthy(cfg: ServerConfig, child: Child, port: int, timeout: float = 60.0) -> float:
     """Poll ``/health`` until it answers; return the seconds it took.
 
     Raises:
@@ -86,29 +96,33 @@ def wait_healthy(cfg: ServerConfig, child: Child, timeout: float = 60.0) -> floa
             tail = child.log_tail(3).replace("\n", " | ")
             raise FedsegError(
                 f"the SuperLink exited with code {child.process.returncode} "
-                f"(is port {cfg.port} in use? set port=...): {tail[-300:]}"
+                f"(is port {port} in use? set internal_port=...): {tail[-300:]}"
             )
-        if is_healthy(cfg):
+        if is_healthy(cfg, port):
             return time.monotonic() - start
         time.sleep(0.3)
-    raise FedsegError(f"the SuperLink did not answer {health_url(cfg)} within {timeout:.0f} s; see {child.log_path}")
+    raise FedsegError(
+        f"the SuperLink did not answer {health_url(cfg, port)} within {timeout:.0f} s; see {child.log_path}"
+    )
 
 
-def start_superlink(sup: Supervisor, cfg: ServerConfig, home: Path, log_path: Path) -> Child:
-    """Start the SuperLink under ``sup`` and return once it is healthy.
+def start_superlink(
+    sup: Supervisor, cfg: ServerConfig, port: int, home: Path, log_path: Path, env: Mapping[str, str] | None = None
+) -> Child:
+    """Start the SuperLink on loopback ``port`` under ``sup`` and return once it is healthy.
 
     Args:
         sup: the supervisor that will stop it.
-        cfg: server configuration (host, port, TLS, database).
+        cfg: server configuration (TLS, database, node authentication).
+        port: its internal loopback port.
         home: FLWR_HOME for the SuperLink and its helpers.
         log_path: where its stdout/stderr go.
+        env: extra environment (inherited by the ServerApp process).
 
     Raises:
         FedsegError: it failed to start (port in use, bad certificates, ...).
     """
-    if cfg.tls is None and not cfg.loopback:
-        log.warning("the SuperLink listens on %s without TLS: traffic and weights travel unencrypted", cfg.host)
-    child = sup.start("superlink", superlink_argv(cfg), env=flower_env(home), log_path=log_path)
-    seconds = wait_healthy(cfg, child)
-    log.info("SuperLink up on %s after %.1f s (log: %s)", local_address(cfg), seconds, log_path)
+    child = sup.start("superlink", superlink_argv(cfg, port), env=flower_env(home, env), log_path=log_path)
+    seconds = wait_healthy(cfg, child, port)
+    log.info("SuperLink up on %s after %.1f s (log: %s)", host_port(INTERNAL_HOST, port), seconds, log_path)
     return child

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,8 @@ def _site(data: Path, workdir: Path) -> SiteConfig:
 
 def test_supernode_argv_plain_and_with_tls_and_auth(tmp_path: Path) -> None:
     argv = supernode_argv(JoinOptions(server="10.0.0.5:9092", port=9999), tmp_path / "n.toml")
-    assert argv[1:] == ["--superlink", "10.0.0.5:9092", "--port", "9999", "--node-config", str(tmp_path / "n.toml"),
-                        "--insecure"]  # fmt: skip
+    assert argv[1:] == ["--superlink", "10.0.0.5:9092", "--host", "127.0.0.1", "--port", "9999", "--node-config",
+                        str(tmp_path / "n.toml"), "--isolation", "process", "--insecure"]  # fmt: skip
     secure = JoinOptions(server="h:1", port=1, root_certificates=tmp_path / "ca.crt", auth_key=tmp_path / "k")
     argv = supernode_argv(secure, tmp_path / "n.toml")
     assert "--insecure" not in argv
@@ -107,6 +109,8 @@ def test_supernode_is_restarted_until_the_limit(tmp_path: Path, monkeypatch: pyt
     [
         (["--server", "localhost"], "--server must look like HOST:PORT (e.g. 10.0.0.5:9092), got 'localhost'"),
         (["--server", "h:99999"], "--server must look like HOST:PORT"),
+        (["--server", "http://h:9092"], "--server takes HOST:PORT without a scheme or path"),
+        (["--trust-app", "abc"], "--trust-app 'abc' is not a FAB hash"),
         (["--root-certificates", "/nonexistent/ca.crt"], "--root-certificates /nonexistent/ca.crt does not exist"),
         (["--device", "gpu"], "device: Value error, must be cpu, cuda, cuda:N or auto, got 'gpu'"),
         pytest.param(
@@ -126,3 +130,38 @@ def test_join_cli_rejects_a_missing_data_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "--data" in result.output and "is not a folder" in result.output
+
+
+def _zombie_children() -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and a child subreaper")
+def test_restarts_leave_no_zombies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # each fake SuperNode leaves a helper behind that outlives it by a second, as Flower's helpers do
+    fake = tmp_path / "fake-supernode"
+    done = tmp_path / "done"
+    helper = f"import time; time.sleep(1.0); open({str(done)!r}, 'a').write('x')"
+    spawn = f"subprocess.Popen([sys.executable, '-c', {helper!r}])"
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n{spawn}\nsys.exit(3)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(join_module, "flower_executable", lambda name: str(fake))
+    site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # wait until this restart's helper has exited (an orphan of ours now)
+        pauses.append(seconds)
+        while not done.is_file() or len(done.read_text()) < len(pauses):
+            time.sleep(0.05)
+
+    run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=2), sleep=pause)
+    assert len(pauses) == 2
+    assert _zombie_children() == []

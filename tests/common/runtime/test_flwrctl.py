@@ -56,8 +56,8 @@ def test_flower_env_is_quiet_and_private(tmp_path: Path) -> None:
     assert env["X"] == "1"
 
 
-def test_superlink_argv_insecure_by_default_and_tls_when_configured(tmp_path: Path) -> None:
-    argv = superlink_argv(ServerConfig(port=1234))
+def test_superlink_argv_loopback_only_insecure_by_default_and_tls_when_configured(tmp_path: Path) -> None:
+    argv = superlink_argv(ServerConfig(port=9092), 1234)
     assert argv[1:] == [
         "--host",
         "127.0.0.1",
@@ -67,7 +67,8 @@ def test_superlink_argv_insecure_by_default_and_tls_when_configured(tmp_path: Pa
         "--insecure",
     ]
     tls = TLSConfig(ca=tmp_path / "ca", cert=tmp_path / "c", key=tmp_path / "k")
-    argv = superlink_argv(ServerConfig(host="0.0.0.0", tls=tls, database=tmp_path / "db.sqlite", supernode_auth=True))
+    argv = superlink_argv(ServerConfig(host="0.0.0.0", tls=tls, database=tmp_path / "db.sqlite"), 77)
+    assert argv[1:5] == ["--host", "127.0.0.1", "--port", "77"]  # never the public host: the gateway serves that
     assert "--insecure" not in argv
     assert argv[argv.index("--ssl-certfile") + 1] == str(tmp_path / "c")
     assert argv[-3:] == ["--database", str(tmp_path / "db.sqlite"), "--enable-supernode-auth"]
@@ -75,4 +76,4 @@ def test_superlink_argv_insecure_by_default_and_tls_when_configured(tmp_path: Pa
 
 def test_local_address_dials_loopback_for_wildcard_hosts() -> None:
     assert local_address(ServerConfig(host="0.0.0.0", port=5)) == "127.0.0.1:5"
-    assert health_url(ServerConfig(port=5)) == "http://127.0.0.1:5/health"
+    assert health_url(ServerConfig(port=5), 6) == "http://127.0.0.1:6/health"

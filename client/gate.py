@@ -1,0 +1,72 @@
+"""The site's executor: Flower's SuperExec with one change, it launches only runs whose app the site trusts.
+
+``fed-client join`` starts the SuperNode with ``--isolation process`` (so the SuperNode itself spawns nothing) and
+runs this module next to it: ``python -m fedseg.client.gate --runtime-api-address 127.0.0.1:PORT --trust HASH ...``.
+Before a ClientApp process is started for a task, :class:`GatedPlugin` compares the task's FAB hash with the
+trusted set; any other run is refused (no process starts, so none of its code runs) and logged with its id.
+Everything else (polling, launching ``flwr-clientapp``, parent-death monitoring) is Flower's own SuperExec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+from flwr.proto.task_pb2 import Task
+from flwr.supercore.superexec import run_superexec as superexec
+from flwr.supercore.superexec.executor import LaunchResult
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+
+from fedseg.client.trust import refusal
+
+log = logging.getLogger("fedseg.client.gate")
+
+
+class GatedPlugin(AutoExecPlugin):
+    """Flower's app launcher, refusing tasks whose FAB hash is not in :attr:`trusted`."""
+
+    trusted: ClassVar[frozenset[str]] = frozenset()
+    refused: ClassVar[set[int]] = set()
+
+    def launch_task(self, token: str, task: Task) -> LaunchResult:
+        """Launch the task's app process only if its app is trusted."""
+        fab_hash = task.fab_hash if task.HasField("fab_hash") else ""
+        reason = refusal(int(task.run_id), fab_hash, self.trusted)
+        if reason is None:
+            return super().launch_task(token, task)
+        if task.run_id not in self.refused:  # Flower may offer the same run again; say it once
+            self.refused.add(int(task.run_id))
+            log.error("%s (full hash %s)", reason, fab_hash or "none")
+        return LaunchResult.failed(reason)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedseg-gate", description="Flower SuperExec that runs only trusted apps.")
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (loopback)")
+    parser.add_argument("--trust", action="append", default=[], help="a trusted FAB hash (repeat)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process exits")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the gate process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
+    args = _parse(argv)
+    GatedPlugin.trusted = frozenset(h.lower() for h in args.trust)
+    if not hasattr(superexec, "AutoExecPlugin"):
+        raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
+    superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name
+    log.info("executor up; trusted apps: %s", ", ".join(sorted(h[:12] for h in GatedPlugin.trusted)))
+    superexec.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=True,
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The allow-list of known sites: ``sites.toml`` maps a site name to its SuperNode public key.
+
+``fed-server sites add NAME KEY.pub`` / ``list`` / ``remove NAME`` edit the file (an operator-side file, never
+reachable through the network). ``fed-server start`` with node authentication registers every key with the
+SuperLink over loopback before the run and writes ``node-sites.json`` (node id -> site name) into the run's
+private folder, so the ServerApp knows which site each node id belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+from fedseg.common.errors import ConfigError, FedsegError
+from fedseg.common.runtime.flwrctl import CONNECTION, FlowerControl
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: node id -> site name, written by ``fed-server start`` into ``<output_dir>/.fedseg``.
+NODE_SITES_FILE = "node-sites.json"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One allowed site: its name and its OpenSSH-format ECDSA public key (one line)."""
+
+    name: str
+    key: str
+
+
+def check_public_key(text: str, source: str) -> str:
+    """The key line, if it is an OpenSSH ECDSA public key on a NIST curve (what Flower's node auth accepts).
+
+    Raises:
+        ConfigError: anything else (ed25519, RSA, a private key, garbage).
+    """
+    line = text.strip()
+    try:
+        key = load_ssh_public_key(line.encode())
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm):
+        raise ConfigError(f"{source} is not an OpenSSH public key; make one with `fed-client keygen`") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{source} is not an ECDSA key (Flower's node authentication needs ECDSA P-256/384/521)")
+    return " ".join(line.split()[:2])
+
+
+def read_sites(path: Path) -> list[Site]:
+    """The sites in ``path`` (none when it does not exist).
+
+    Raises:
+        ConfigError: the file is not valid TOML or a key is invalid.
+    """
+    if not path.is_file():
+        return []
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML ({err})") from None
+    sites = raw.get("sites", {})
+    return [
+        Site(name, check_public_key(str(entry.get("key", "")), f"{path} [sites.{name}]"))
+        for name, entry in sites.items()
+    ]
+
+
+def _write(path: Path, sites: list[Site]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps({"sites": {s.name: {"key": s.key} for s in sites}}), encoding="utf-8")
+
+
+def add_site(path: Path, name: str, public_key: Path) -> Site:
+    """Allow site ``name`` with the key in ``public_key``.
+
+    Raises:
+        ConfigError: bad name, unreadable or invalid key, name or key already listed.
+    """
+    if not _NAME.match(name):
+        raise ConfigError(f"site name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+    if not public_key.is_file():
+        raise ConfigError(f"{public_key} does not exist")
+    key = check_public_key(public_key.read_text(encoding="utf-8", errors="replace"), str(public_key))
+    sites = read_sites(path)
+    for site in sites:
+        if site.name == name:
+            raise ConfigError(f"site {name} is already listed; remove it first to change its key")
+        if site.key == key:
+            raise ConfigError(f"this key is already listed for site {site.name}")
+    site = Site(name, key)
+    _write(path, [*sites, site])
+    return site
+
+
+def remove_site(path: Path, name: str) -> None:
+    """Remove site ``name``.
+
+    Raises:
+        ConfigError: it is not listed.
+    """
+    sites = read_sites(path)
+    if name not in {s.name for s in sites}:
+        raise ConfigError(f"site {name} is not in {path}")
+    _write(path, [s for s in sites if s.name != name])
+
+
+def register_sites(control: FlowerControl, sites: list[Site], private: Path) -> dict[int, str]:
+    """Register every site's key with the SuperLink (loopback Control API); write and return node id -> name.
+
+    Raises:
+        FedsegError: the SuperLink refused a key.
+    """
+    if not sites:
+        raise FedsegError("node authentication is on but no site is allowed; add one with `fed-server sites add`")
+    nodes: dict[int, str] = {}
+    keys = private / "site-keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        key_file = keys / f"{site.name}.pub"
+        key_file.write_text(site.key + "\n", encoding="utf-8")
+        payload = control._call("supernode", "register", str(key_file), CONNECTION, "--name", site.name)
+        nodes[int(payload["node-id"])] = site.name
+    (private / NODE_SITES_FILE).write_text(json.dumps({str(k): v for k, v in nodes.items()}, indent=2) + "\n")
+    return nodes
