@@ -12,9 +12,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseg.client.site import load_training_cases, site_from_node_config
-from fedseg.client.training import deadline, train_locally
+from fedseg.client.training import TrainingDiverged, deadline, train_locally
 from fedseg.common.engine.device import resolve_device
-from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+from fedseg.common.fl.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    failure_content,
+    read_task,
+    reply_content,
+    round_seed,
+)
 from fedseg.common.runtime.applog import detach, log_to_file
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,9 @@ def train(msg: Message, context: Context) -> Message:
             new_arrays, result = train_locally(arrays, task, cases, resolve_device(site.device), seed)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
+    except TrainingDiverged as err:
+        log.error("site %s: %s; replying with the failure instead of weights", site.site, err)
+        return Message(failure_content(site.site, str(err)), reply_to=msg)
     except Exception:
         log.exception("site %s: training failed", site.site)
         raise
