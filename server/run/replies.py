@@ -138,6 +138,8 @@ def _arrays_problem(reply: Message, reference: Mapping[str, NDArray]) -> tuple[s
             return f"weight {key!r} has dtype {value.dtype}, the global model {ref.dtype}", {}
         if value.dtype.kind in "fc" and not bool(np.isfinite(value).all()):
             return f"weight {key!r} holds non-finite values", {}
+        if key.endswith(".running_var") and bool((value < 0).any()):
+            return f"weight {key!r} holds negative variances", {}
         arrays[key] = value
     return None, arrays
 

@@ -227,11 +227,15 @@ class RecordingStrategy(Strategy):
         """Wait (bounded) for enough sites, then let the inner strategy sample and build the messages."""
         wait_for_sites(grid, self.min_sites, self.site_wait_timeout)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.begin_round(arrays)
+        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
+        return messages
+
+    def begin_round(self, arrays: ArrayRecord) -> None:
+        """Take ``arrays`` as the round's global model that replies are checked and aggregated against."""
         self._reference = {k: a.numpy() for k, a in arrays.items()}
         if isinstance(self.inner, FedOpt):  # its pseudo-gradient covers only what it aggregates
             self.inner.current_arrays = {k: self._reference[k] for k in self._weight_keys}
-        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
-        return messages
 
     def screen(
         self, server_round: int, replies: Iterable[Message]
