@@ -86,7 +86,9 @@ class StrategyConfig(BaseModel):
     beta_2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity τ")
     trim_beta: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: fraction cut at each end")
-    num_malicious: int = Field(default=1, ge=0, description="krum/multi-krum/bulyan: attackers tolerated")
+    num_malicious: int = Field(
+        default=1, ge=0, description="krum/multi-krum/bulyan: attackers tolerated (Krum's guarantee needs n >= 2f + 3)"
+    )
     krum_select: int = Field(default=2, ge=1, description="multi-krum: replies averaged")
     max_update_ratio: float = Field(
         default=10.0, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
@@ -148,6 +150,9 @@ class ServerConfig(BaseModel):
     def _consistent(self) -> ServerConfig:
         if self.min_replies > self.min_sites:
             raise ValueError(f"min_replies ({self.min_replies}) cannot exceed min_sites ({self.min_sites})")
+        s = self.strategy
+        if s.name == "bulyan" and self.min_sites < 4 * s.num_malicious + 3:
+            raise ValueError(f"bulyan needs min_sites >= 4 x num_malicious + 3 = {4 * s.num_malicious + 3}")
         if self.supernode_auth and self.tls is None:
             raise ValueError("supernode_auth needs a [tls] table (Flower refuses node authentication over HTTP)")
         return self
