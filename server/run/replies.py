@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,18 +57,26 @@ class SiteRegistry:
     names: dict[int, str] = field(default_factory=dict)
     cases: dict[int, int] = field(default_factory=dict)
 
-    def identity_problem(self, node: int, site: str) -> str | None:
-        """Why ``node`` may not call itself ``site`` (None when it may)."""
+    def identity_problem(self, node: int, site: str, present: Collection[int]) -> str | None:
+        """Why ``node`` may not call itself ``site`` (None when it may).
+
+        A name held by another node that also replied this round (``present``) is refused; a name whose node did
+        not reply is handed over (a site restarted with ``fed-client join`` comes back as a new node).
+        """
         pinned = self.names.get(node)
         if pinned is not None and pinned != site:
             return f"node {node} joined as site {pinned!r} and now claims to be {site!r}"
         for other, name in self.names.items():
-            if other != node and name == site:
+            if other != node and name == site and other in present:
                 return f"site name {site!r} belongs to node {other}"
         return None
 
     def pin(self, node: int, site: str, cases: int) -> None:
-        """Remember ``node``'s name and declared cases (first time only)."""
+        """Remember ``node``'s name and declared cases (first time only; a rejoined site keeps its old cap)."""
+        for other, name in list(self.names.items()):
+            if other != node and name == site:
+                del self.names[other]
+                self.cases[node] = self.cases.pop(other, cases)
         self.names.setdefault(node, site)
         self.cases.setdefault(node, cases)
 
@@ -145,10 +153,15 @@ def _arrays_problem(reply: Message, reference: Mapping[str, NDArray]) -> tuple[s
 
 
 def check_reply(
-    reply: Message, reference: Mapping[str, NDArray], registry: SiteRegistry, max_examples: int
+    reply: Message,
+    reference: Mapping[str, NDArray],
+    registry: SiteRegistry,
+    max_examples: int,
+    present: Collection[int] = (),
 ) -> Accepted | Rejected:
     """Validate one train reply against the round's global weights ``reference`` (see the module docstring).
 
+    ``present``: the nodes that replied this round (a name held by one of them cannot be claimed by another).
     An accepted reply pins its node's name and case count in ``registry`` (first time only).
     """
     node = reply.metadata.src_node_id
@@ -161,10 +174,14 @@ def check_reply(
         return Rejected(node, site, f"site failure: {site_record[FAILURE_KEY]!s}")
     if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
         return Rejected(node, site, f"expected one '{ARRAYS_KEY}' ArrayRecord and one '{METRICS_KEY}' MetricRecord")
-    problem = registry.identity_problem(node, site)
+    problem = registry.identity_problem(node, site, present)
+    metrics = content.metric_records[METRICS_KEY]
     if problem is None:
-        metrics = content.metric_records[METRICS_KEY]
-        problem = _metrics_problem(dict(metrics), max_examples, registry.cases.get(node))
+        declared = registry.cases.get(node)
+        if declared is None:  # a rejoined site inherits the cap its name declared
+            owner = next((n for n, name in registry.names.items() if name == site), None)
+            declared = registry.cases.get(owner) if owner is not None else None
+        problem = _metrics_problem(dict(metrics), max_examples, declared)
     arrays: dict[str, NDArray] = {}
     if problem is None:
         problem, arrays = _arrays_problem(reply, reference)

@@ -243,8 +243,10 @@ class RecordingStrategy(Strategy):
         """Validate every reply, then apply the update-norm bound; returns (accepted, rejected, accepted norms)."""
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
+        replies = list(replies)
+        present = {r.metadata.src_node_id for r in replies}
         for reply in replies:
-            checked = check_reply(reply, self._reference, self.registry, self.limits.max_examples)
+            checked = check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
             (accepted if isinstance(checked, Accepted) else rejected).append(checked)  # type: ignore[arg-type]
         norms = [update_norm(a.arrays, self._reference) for a in accepted]
         problems = norm_outliers(norms, self.limits.max_update_ratio, self.limits.max_update_norm)

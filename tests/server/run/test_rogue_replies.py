@@ -217,3 +217,21 @@ def test_clipping_scales_each_update_to_the_norm() -> None:
     delta = honest(1)["conv.weight"] - GLOBAL["conv.weight"]
     got = aggregate["conv.weight"].numpy() - GLOBAL["conv.weight"]
     np.testing.assert_allclose(got, delta * 0.05 / np.linalg.norm(delta), atol=1e-6)
+
+
+def test_a_restarted_site_keeps_its_name_and_its_declared_cases_on_a_new_node() -> None:
+    strategy = RecordingStrategy(build_strategy(ServerConfig(min_sites=3)), 3, 1, 1.0)
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    rounds = [
+        [message(n, honest(n)) for n in (1, 2, 3)],
+        [message(1, honest(1)), message(2, honest(2)), message(7, honest(3), site="site-3")],  # site-3 rejoined
+        [message(1, honest(1)), message(2, honest(2)), message(8, honest(3), {"num-examples": 6}, site="site-3")],
+    ]
+    for rnd, replies in enumerate(rounds, start=1):
+        list(strategy.configure_train(rnd, arrays, ConfigRecord(), FakeGrid([1, 2, 7, 8])))  # type: ignore[arg-type]
+        strategy.aggregate_train(rnd, replies)
+    assert [s.site for s in strategy.stats[2].sites] == ["site-1", "site-2", "site-3"]
+    assert strategy.registry.names == {1: "site-1", 2: "site-2", 7: "site-3"}
+    assert [r.reason for r in strategy.stats[3].rejected] == [
+        "num-examples 6 exceeds the 5 cases this site declared first"
+    ]
