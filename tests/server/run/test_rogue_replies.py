@@ -150,7 +150,7 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_rogue_reply_is_dropped_and_the_honest_aggregate_stands(case: str) -> None:
+def test_a_rogue_reply_is_dropped_and_the_honest_aggregate_stands(case: str, caplog: pytest.LogCaptureFixture) -> None:
     make, first, reason = CASES[case]
     replies = [message(n, honest(n)) for n in (1, 2, 3)]
     replies.insert(0 if first else 1, make())
@@ -172,6 +172,8 @@ def test_a_rogue_reply_is_dropped_and_the_honest_aggregate_stands(case: str) -> 
     assert reason in stats.rejected[0].reason
     assert stats.failures == 1
     assert all(s.update_norm is not None and 0 < s.update_norm < 1 for s in stats.sites)
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "rejected the reply" in r.message]
+    assert len(logged) == 1 and reason in logged[0]
 
 
 def test_a_node_cannot_change_its_name_or_exceed_its_declared_cases() -> None:
@@ -235,3 +237,12 @@ def test_a_restarted_site_keeps_its_name_and_its_declared_cases_on_a_new_node() 
     assert [r.reason for r in strategy.stats[3].rejected] == [
         "num-examples 6 exceeds the 5 cases this site declared first"
     ]
+
+
+def test_a_non_finite_aggregate_keeps_the_previous_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    strategy = RecordingStrategy(build_strategy(ServerConfig(min_sites=1)), 1, 1, 1.0)
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1])))  # type: ignore[arg-type]
+    overflow = ArrayRecord({"conv.weight": Array(np.full((2, 3), np.inf, np.float32))})
+    monkeypatch.setattr(strategy.inner, "aggregate_train", lambda rnd, replies: (overflow, None))
+    assert strategy.aggregate_train(1, [message(1, honest(1))]) == (None, None)
