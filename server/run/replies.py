@@ -187,18 +187,23 @@ def check_reply(
         problem, arrays = _arrays_problem(reply, reference)
     if problem is not None:
         return Rejected(node, site, problem)
-    cases = int(metrics[WEIGHT_KEY])  # type: ignore[arg-type]  # checked above
+    numbers = {k: _number(metrics[k]) for k in METRIC_KEYS}  # types checked above
+    cases = int(numbers[WEIGHT_KEY])
     registry.pin(node, site, cases)
     return Accepted(
         node=node,
         site=site,
         arrays=arrays,
         cases=cases,
-        loss=float(metrics["train-loss"]),  # type: ignore[arg-type]
-        samples=int(metrics["train-samples"]),  # type: ignore[arg-type]
-        seconds=float(metrics["train-seconds"]),  # type: ignore[arg-type]
+        loss=numbers["train-loss"],
+        samples=int(numbers["train-samples"]),
+        seconds=numbers["train-seconds"],
         bytes_in=content.array_records[ARRAYS_KEY].count_bytes(),
     )
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def update_norm(arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray]) -> float:

@@ -247,7 +247,10 @@ class RecordingStrategy(Strategy):
         present = {r.metadata.src_node_id for r in replies}
         for reply in replies:
             checked = check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
-            (accepted if isinstance(checked, Accepted) else rejected).append(checked)  # type: ignore[arg-type]
+            if isinstance(checked, Accepted):
+                accepted.append(checked)
+            else:
+                rejected.append(checked)
         norms = [update_norm(a.arrays, self._reference) for a in accepted]
         problems = norm_outliers(norms, self.limits.max_update_ratio, self.limits.max_update_norm)
         kept = [(a, n) for a, n, p in zip(accepted, norms, problems, strict=True) if p is None]
