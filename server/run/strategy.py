@@ -21,89 +21,27 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdam,
-    FedAvg,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
-from fedseg.server.config import ServerConfig, StrategyConfig
+from fedseg.server.config import StrategyConfig
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.history import Rejection, SiteRound
 from fedseg.server.run.replies import Accepted, Rejected, SiteRegistry, check_reply, norm_outliers, update_norm
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
 
+__all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
+
 log = logging.getLogger(__name__)
 
 NDArray = np.ndarray
-
-
-class _Sampling(TypedDict):
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
-    weighted_by_key: str
-    arrayrecord_key: str
-
-
-def build_strategy(cfg: ServerConfig) -> FedAvg:
-    """The Flower strategy named in ``cfg.strategy`` with our sampling settings (no client-side evaluation).
-
-    ``min_sites`` is both the minimum sample and the minimum number of connected sites; ``fraction`` of the
-    connected sites (at least ``min_sites``) train each round.
-    """
-    common = _Sampling(
-        fraction_train=cfg.fraction,
-        fraction_evaluate=0.0,
-        min_train_nodes=cfg.min_sites,
-        min_evaluate_nodes=0,
-        min_available_nodes=cfg.min_sites,
-        weighted_by_key=WEIGHT_KEY,
-        arrayrecord_key=ARRAYS_KEY,
-    )
-    s = cfg.strategy
-    f = s.num_malicious
-    builders: dict[str, Callable[[], FedAvg]] = {
-        "fedavg": lambda: FedAvg(**common),
-        "fedprox": lambda: FedProx(**common, proximal_mu=s.proximal_mu),
-        "fedadam": lambda: FedAdam(**common, **_adaptive(s, cfg.train.lr)),
-        "fedyogi": lambda: FedYogi(**common, **_adaptive(s, cfg.train.lr)),
-        "median": lambda: FedMedian(**common),
-        "trimmed-mean": lambda: FedTrimmedAvg(**common, beta=s.trim_beta),
-        "krum": lambda: Krum(**common, num_malicious_nodes=f),
-        "multi-krum": lambda: MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=s.krum_select),
-        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=f),
-    }
-    return builders[s.name]()
-
-
-class _Adaptive(TypedDict):
-    eta: float
-    eta_l: float
-    beta_1: float
-    beta_2: float
-    tau: float
-
-
-def _adaptive(s: StrategyConfig, site_lr: float) -> _Adaptive:
-    return _Adaptive(eta=s.server_lr, eta_l=site_lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
 
 
 @dataclass
