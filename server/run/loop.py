@@ -16,6 +16,7 @@ from torch import nn
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, load_checkpoint
 from fedseg.common.engine.keeper import CheckpointKeeper
 from fedseg.common.engine.validation import MEAN_KEY, class_names_for
+from fedseg.common.errors import ConfigError
 from fedseg.common.fl.protocol import TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
@@ -158,7 +159,10 @@ def serve(grid: Grid, spec: RunSpec) -> None:
         round_offset=spec.first_round - 1,
     )
     if spec.initial_checkpoint is not None:
-        strategy.restore(load_state(spec.initial_checkpoint.parent, spec.first_round - 1))
+        try:
+            strategy.restore(load_state(spec.initial_checkpoint.parent, spec.first_round - 1))
+        except ConfigError as err:  # a run folder from before strategy state was saved
+            log.warning("%s; the strategy state starts afresh", err)
     keeper = CheckpointKeeper(out / CHECKPOINT_DIR)
     evaluator = RoundEvaluator(spec, model, validator, keeper, history, strategy.stats, strategy.state)
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)

@@ -106,3 +106,17 @@ def test_a_nan_site_is_rejected_and_recorded_and_the_model_stays_finite(tmp_path
     assert last["rejected_site-13"] == "weight 'conv1.conv1.0.weight' holds non-finite values"
     assert float(last["update_norm_site-11"]) > 0
     assert load_checkpoint(out / "checkpoints" / "last.pt").meta.round == 2
+
+
+def test_a_run_folder_without_strategy_state_resumes_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "old"
+    cfg = load_server_config(None, _overrides(out, 1))
+    save_config(cfg)
+    serve(ArithmeticGrid(), new_spec(cfg))  # type: ignore[arg-type]
+    for path in (out / "checkpoints" / "state").iterdir():
+        path.unlink()
+    serve(ArithmeticGrid(), resume_spec(out, ["rounds=2"]))  # type: ignore[arg-type]
+    assert [r.round for r in read_history(out)] == [0, 1, 2]
+    assert any("round-0001.npz" in r.message and "starts afresh" in r.message for r in caplog.records)
