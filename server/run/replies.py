@@ -39,6 +39,7 @@ class Accepted:
     samples: int
     seconds: float
     bytes_in: int
+    message: Message = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def check_reply(
         samples=int(numbers["train-samples"]),
         seconds=numbers["train-seconds"],
         bytes_in=content.array_records[ARRAYS_KEY].count_bytes(),
+        message=reply,
     )
 
 

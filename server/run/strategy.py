@@ -17,6 +17,7 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -223,28 +224,7 @@ class RecordingStrategy(Strategy):
         """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics, in the model's dtypes."""
         ref = self._reference
         keys = self._weight_keys
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        ARRAYS_KEY: ArrayRecord(
-                            {k: Array(v) for k, v in clipped(a.arrays, ref, keys, self.limits.clip_norm).items()}
-                        ),
-                        METRICS_KEY: MetricRecord(
-                            {
-                                WEIGHT_KEY: a.cases,
-                                "train-loss": a.loss,
-                                "train-samples": a.samples,
-                                "train-seconds": a.seconds,
-                            }
-                        ),
-                    }
-                ),
-                dst_node_id=0,
-                message_type="train",
-            )
-            for a in accepted
-        ]
+        messages = [self._sanitised(a, keys) for a in accepted]
         arrays, metrics = self.inner.aggregate_train(self.round_offset + server_round, messages)
         if arrays is None:
             return None, metrics
@@ -260,6 +240,28 @@ class RecordingStrategy(Strategy):
             )
             return None, None
         return ArrayRecord({k: Array(np.array(merged[k], order="C")) for k in ref}), metrics
+
+    def _sanitised(self, reply: Accepted, keys: list[str]) -> Message:
+        """The reply as the inner strategy sees it: the (clipped) weights of ``keys`` and the four metrics.
+
+        A copy of the received message (same metadata) with new content: creating a fresh message would need a
+        Flower task identity, which only the ServerApp process has.
+        """
+        weights = clipped(reply.arrays, self._reference, keys, self.limits.clip_norm)
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            WEIGHT_KEY: reply.cases,
+            "train-loss": reply.loss,
+            "train-samples": reply.samples,
+            "train-seconds": reply.seconds,
+        }
+        message = copy.copy(reply.message)
+        message.content = RecordDict(
+            {
+                ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                METRICS_KEY: MetricRecord(metrics),
+            }
+        )
+        return message
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
