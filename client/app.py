@@ -14,9 +14,16 @@ from flwr.clientapp import ClientApp
 
 from fedseg.client.site import load_training_cases, site_from_node_config
 from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
-from fedseg.client.training import deadline, train_locally
+from fedseg.client.training import TrainingDiverged, deadline, train_locally
 from fedseg.common.engine.device import resolve_device
-from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, read_task, reply_content, round_seed
+from fedseg.common.fl.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    failure_content,
+    read_task,
+    reply_content,
+    round_seed,
+)
 from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.common.runtime.events import EventWriter
 
@@ -49,6 +56,11 @@ def train(msg: Message, context: Context) -> Message:
         report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
+    except TrainingDiverged as err:
+        log.error("site %s: %s; replying with the failure instead of weights", site.site, err)
+        if report is not None:
+            report.end(ok=False)
+        return Message(failure_content(site.site, str(err)), reply_to=msg)
     except Exception:
         log.exception("site %s: training failed", site.site)
         if report is not None:

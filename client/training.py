@@ -21,6 +21,10 @@ from fedseg.common.nn.model import build_model
 log = logging.getLogger(__name__)
 
 
+class TrainingDiverged(RuntimeError):
+    """More local steps than ``max_skipped_steps`` had a non-finite loss or gradient: the site sends no weights."""
+
+
 class DeadlineExceeded(TimeoutError):
     """Local training ran past the server's round timeout (its reply would be dropped anyway)."""
 
@@ -68,11 +72,17 @@ def train_locally(
 
     Raises:
         IncompatibleModelError: the weights do not fit ``task.model``.
+        TrainingDiverged: more than ``task.train.max_skipped_steps`` steps were skipped as non-finite.
     """
     model = build_model(task.model)
     load_arrays(model, arrays)
     cfg = task.train.model_copy(update={"seed": seed})
     report = train_model(model, cases, cfg, device, progress=False, on_step=on_step)
+    if report.skipped_steps > cfg.max_skipped_steps:
+        raise TrainingDiverged(
+            f"{report.skipped_steps} of {report.steps} local steps had a non-finite loss or gradient "
+            f"(max_skipped_steps {cfg.max_skipped_steps})"
+        )
     log.info(
         "trained %d steps on %d cases in %.1f s, mean loss %.4f",
         report.steps,

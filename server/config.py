@@ -8,8 +8,10 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     output_dir = "runs/fed-1"
 
     [strategy]
-    name = "fedprox"          # fedavg | fedprox | fedadam | fedyogi
+    name = "fedprox"          # fedavg fedprox fedadam fedyogi median trimmed-mean krum multi-krum bulyan
     proximal_mu = 0.01
+    max_update_ratio = 10     # reject updates longer than 10 x the round's median update norm (0 = off)
+    clip_norm = 0             # clip every accepted update to this L2 norm (0 = off)
 
     [model]
     feature_scale = 4
@@ -58,7 +60,9 @@ from fedseg.common.runtime.processes import host_port
 #: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
 RUN_CONFIG_KEY = "config-json"
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"
+]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -67,7 +71,14 @@ class StrategyConfig(BaseModel):
 
     ``fedavg`` and ``fedprox`` average weights by number of training cases; ``fedprox`` also sends μ so that
     sites add μ/2·‖w − w_global‖². ``fedadam``/``fedyogi`` treat the averaged update as a pseudo-gradient
-    for a server-side Adam/Yogi step with learning rate ``server_lr`` (Reddi et al. 2021).
+    for a server-side Adam/Yogi step with learning rate ``server_lr`` (Reddi et al. 2021). The robust choices
+    are Flower's: ``median`` (coordinate-wise), ``trimmed-mean`` (``trim_beta`` cut at each end), ``krum`` /
+    ``multi-krum`` (``num_malicious`` assumed attackers, ``krum_select`` kept) and ``bulyan``.
+
+    Every reply is validated first (see :mod:`fedseg.server.run.replies`): ``max_update_ratio``,
+    ``max_update_norm``, ``max_examples`` bound what a single site can do; ``clip_norm`` clips each accepted
+    update. BatchNorm running statistics never go through the chosen strategy: they are averaged by case count
+    with the law of total variance (:mod:`fedseg.server.run.bn`).
     """
 
     model_config = _FROZEN
@@ -78,6 +89,17 @@ class StrategyConfig(BaseModel):
     beta_1: float = Field(default=0.9, ge=0, lt=1)
     beta_2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity τ")
+    trim_beta: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: fraction cut at each end")
+    num_malicious: int = Field(
+        default=1, ge=0, description="krum/multi-krum/bulyan: attackers tolerated (Krum's guarantee needs n >= 2f + 3)"
+    )
+    krum_select: int = Field(default=2, ge=1, description="multi-krum: replies averaged")
+    max_update_ratio: float = Field(
+        default=10.0, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
+    )
+    max_update_norm: float = Field(default=0.0, ge=0, description="absolute bound on ‖w_site − w_global‖; 0 = off")
+    clip_norm: float = Field(default=0.0, ge=0, description="clip each accepted update to this norm; 0 = off")
+    max_examples: int = Field(default=100_000, ge=1, description="cap on a reply's num-examples (training cases)")
 
 
 class ValidationConfig(BaseModel):
@@ -149,6 +171,9 @@ class ServerConfig(BaseModel):
     def _consistent(self) -> ServerConfig:
         if self.min_replies > self.min_sites:
             raise ValueError(f"min_replies ({self.min_replies}) cannot exceed min_sites ({self.min_sites})")
+        s = self.strategy
+        if s.name == "bulyan" and self.min_sites < 4 * s.num_malicious + 3:
+            raise ValueError(f"bulyan needs min_sites >= 4 x num_malicious + 3 = {4 * s.num_malicious + 3}")
         if self.supernode_auth and self.tls is None:
             raise ValueError("supernode_auth needs a [tls] table (Flower refuses node authentication over HTTP)")
         return self

@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     val_every: int = Field(default=1, ge=1, description="validate every this many epochs (when val cases given)")
     prox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight μ; 0 disables it")
+    max_skipped_steps: int = Field(
+        default=10, ge=0, description="a federated round with more non-finite (skipped) steps fails at the site"
+    )
 
     @field_validator("patch_size")
     @classmethod

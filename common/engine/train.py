@@ -7,6 +7,7 @@ loaded into ``model``; everything it needs comes in through :class:`TrainConfig`
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ class TrainReport:
     """What one :func:`train_model` call did.
 
     Attributes:
-        mean_loss: mean training loss (Dice [+ CE], without the proximal term) over all steps.
+        mean_loss: mean training loss (Dice [+ CE], without the proximal term) over the finite steps.
         samples: patches seen (steps × batch size).
-        steps: optimiser steps taken.
+        steps: steps taken (skipped ones included).
+        skipped_steps: steps whose loss or gradients were not finite: no update was applied.
         seconds: wall time of the loop, validation included.
         val_seconds: the part of ``seconds`` spent validating.
         dice: per-class Dice of the last validation (``validate`` keys), ``None`` if not validated.
@@ -47,6 +49,7 @@ class TrainReport:
     steps: int
     seconds: float
     val_seconds: float = 0.0
+    skipped_steps: int = 0
     dice: dict[str, float] | None = None
     loss_history: list[float] = field(default_factory=list)
     val_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -176,6 +179,9 @@ def train_model(
             image, label, mask = _to_device(batch, device, cfg.channels_last)
             _set_lr(optimizer, cfg.lr * lr_factor(done + step - 1, horizon, cfg.lr_schedule, cfg.warmup_steps))
             loss = _train_step(model, optimizer, loss_fn, prox, image, label, mask, cfg)
+            if not math.isfinite(loss):
+                report.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradients; update skipped", step)
             report.loss_history.append(loss)
             report.samples += image.shape[0]
             report.steps = step
@@ -193,7 +199,8 @@ def train_model(
             if step >= total:
                 break
     report.seconds = time.perf_counter() - start
-    report.mean_loss = float(np.mean(report.loss_history))
+    finite = [x for x in report.loss_history if math.isfinite(x)]
+    report.mean_loss = float(np.mean(finite)) if finite else float("nan")
     return report
 
 
@@ -212,13 +219,22 @@ def _train_step(
     mask: Tensor,
     cfg: TrainConfig,
 ) -> float:
-    """One forward/backward/update; returns the data loss (without the proximal term)."""
+    """One forward/backward/update; returns the data loss (without the proximal term).
+
+    A step whose loss or any gradient is not finite applies no update and returns NaN (the caller counts it).
+    """
     optimizer.zero_grad(set_to_none=True)
     with autocast_for(image.device, cfg.amp, cfg.cpu_bf16):
         logits = model(image)
     loss = loss_fn(logits.float(), label, mask)
     objective = loss + prox() if prox is not None else loss
+    if not bool(torch.isfinite(objective.detach())):
+        return float("nan")
     objective.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
     optimizer.step()
     return float(loss.detach())
 

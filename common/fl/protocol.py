@@ -4,7 +4,9 @@ A train message carries the global weights (ArrayRecord ``arrays``) and a Config
 Flower's ``server-round`` (plus ``proximal-mu`` under FedProx) and our :class:`TrainTask` as JSON under
 ``fedseg-task``. A reply carries the new weights (``arrays``), a MetricRecord ``metrics`` with the averaging
 weight ``num-examples`` (training cases) and aggregate numbers only, and a ConfigRecord ``site`` with the
-site name. No image, label or per-case value ever leaves a site.
+site name. A site whose local training failed on purpose (too many non-finite steps) replies with only the
+``site`` ConfigRecord, carrying the reason under ``failure`` (:func:`failure_content`). No image, label or
+per-case value ever leaves a site.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ TASK_KEY = "fedseg-task"
 ROUND_KEY = "server-round"
 PROX_KEY = "proximal-mu"
 WEIGHT_KEY = "num-examples"
+FAILURE_KEY = "failure"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
 
@@ -102,3 +105,8 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
         }
     )
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+
+
+def failure_content(site: str, reason: str) -> RecordDict:
+    """The RecordDict of a train reply that carries no weights, only why the site could not train."""
+    return RecordDict({SITE_KEY: ConfigRecord({"name": site, FAILURE_KEY: reason})})

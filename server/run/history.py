@@ -33,6 +33,16 @@ class SiteRound(BaseModel):
     samples: int = Field(description="patches seen")
     seconds: float = Field(description="local training wall time")
     bytes_in: int = Field(default=0, description="payload bytes of the reply")
+    update_norm: float | None = Field(default=None, description="‖w_site − w_global‖ of the accepted reply")
+
+
+class Rejection(BaseModel):
+    """A site reply the server dropped, and why (validation, update-norm bound, site failure, error)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site: str
+    reason: str
 
 
 class RoundRow(BaseModel):
@@ -44,6 +54,7 @@ class RoundRow(BaseModel):
     seconds: float = Field(description="wall time since the previous row (training, aggregation, validation)")
     sites: list[SiteRound] = Field(default_factory=list)
     failures: int = 0
+    rejected: list[Rejection] = Field(default_factory=list, description="dropped replies with their reasons")
     dice: dict[str, float | None] = Field(default_factory=dict, description="central validation Dice")
     bytes_out: int = Field(default=0, description="payload bytes sent to sites")
     bytes_in: int = Field(default=0, description="payload bytes received from sites")
@@ -82,6 +93,7 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
         "n_sites": len(row.sites),
         "sites": ";".join(s.site for s in row.sites),
         "failures": row.failures,
+        "rejected": len(row.rejected),
         "bytes_out": row.bytes_out,
         "bytes_in": row.bytes_in,
         "best": int(row.best),
@@ -92,6 +104,10 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
         record[f"loss_{site.site}"] = round(site.loss, 6)
         record[f"cases_{site.site}"] = site.cases
         record[f"train_seconds_{site.site}"] = round(site.seconds, 3)
+        if site.update_norm is not None:
+            record[f"update_norm_{site.site}"] = round(site.update_norm, 6)
+    for rejection in row.rejected:
+        record[f"rejected_{rejection.site}"] = rejection.reason
     return record
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, load_checkpoint
 from fedseg.common.engine.keeper import CheckpointKeeper
 from fedseg.common.engine.validation import MEAN_KEY, class_names_for
+from fedseg.common.errors import ConfigError
 from fedseg.common.fl.protocol import TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
@@ -23,6 +24,7 @@ from fedseg.common.runtime.events import EventWriter
 from fedseg.server.config import RunSpec
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.history import History, RoundRow, clean_dice
+from fedseg.server.run.state import StrategyState, load_state, save_state
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 from fedseg.server.run.telemetry import EVENTS_FILE, ServerTelemetry, TelemetryGrid
 
@@ -66,6 +68,7 @@ class RoundEvaluator:
         checkpoints: ``last.pt`` / ``best.pt`` keeper.
         history: the run's history files.
         stats: per-round statistics recorded by the strategy (read, not modified).
+        state: the strategy's state after a global round, saved (atomically, per round) before ``last.pt``.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class RoundEvaluator:
         checkpoints: CheckpointKeeper,
         history: History,
         stats: dict[int, RoundStats],
+        state: Callable[[int], StrategyState] | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -83,6 +87,7 @@ class RoundEvaluator:
         self.checkpoints = checkpoints
         self.history = history
         self.stats = stats
+        self.state = state
         self.class_names = class_names_for(spec.config.model.n_classes)
         self.hash = config_hash(model=spec.config.model, preprocess=spec.config.preprocess)
         self.since = time.monotonic()
@@ -108,6 +113,8 @@ class RoundEvaluator:
             score=metrics.get(MEAN_KEY),
             round=global_round,
         )
+        if self.state is not None:
+            save_state(self.checkpoints.folder, self.state(global_round))
         best = self.checkpoints.save(self.model, meta)
         stats = self.stats.get(server_round, RoundStats())
         now = time.monotonic()
@@ -116,6 +123,7 @@ class RoundEvaluator:
             seconds=now - self.since,
             sites=stats.sites,
             failures=stats.failures,
+            rejected=stats.rejected,
             dice=clean_dice(dice),
             bytes_out=stats.bytes_out,
             bytes_in=stats.bytes_in,
@@ -147,8 +155,21 @@ def serve(grid: Grid, spec: RunSpec) -> None:
     validator = CentralValidator(cfg, out / CACHE_DIR / "validation") if cfg.validation.data is not None else None
     history = History(out)
     history.truncate(spec.first_round - 1)
-    strategy = RecordingStrategy(build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout)
-    evaluator = RoundEvaluator(spec, model, validator, CheckpointKeeper(out / CHECKPOINT_DIR), history, strategy.stats)
+    strategy = RecordingStrategy(
+        build_strategy(cfg),
+        cfg.min_sites,
+        cfg.min_replies,
+        cfg.site_wait_timeout,
+        limits=cfg.strategy,
+        round_offset=spec.first_round - 1,
+    )
+    if spec.initial_checkpoint is not None:
+        try:
+            strategy.restore(load_state(spec.initial_checkpoint.parent, spec.first_round - 1))
+        except ConfigError as err:  # a run folder from before strategy state was saved
+            log.warning("%s; the strategy state starts afresh", err)
+    keeper = CheckpointKeeper(out / CHECKPOINT_DIR)
+    evaluator = RoundEvaluator(spec, model, validator, keeper, history, strategy.stats, strategy.state)
     telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round, cfg.rounds)
     evaluator.on_row = telemetry.round_done
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)

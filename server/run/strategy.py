@@ -1,58 +1,48 @@
-"""Flower strategy selection plus a thin recording wrapper (per-site metrics, bytes, quorum, site wait timeout).
+"""Flower strategy selection plus a thin guarding/recording wrapper around it.
 
-The aggregation itself is Flower's (``flwr.serverapp.strategy``). :class:`RecordingStrategy` delegates every
-hook to the chosen strategy and only adds what the federation needs around it:
+The aggregation itself is Flower's (``flwr.serverapp.strategy``). :class:`RecordingStrategy` delegates to the
+chosen strategy and only adds what a federation of mutually distrusting sites needs around it:
 
 * it waits at most ``site_wait_timeout`` seconds for ``min_sites`` connected sites (Flower's own wait has no
   timeout) and then fails the run with a clear message;
-* it drops malformed replies (wrong keys, missing metrics) instead of letting one bad site abort the round;
-* it keeps the previous global model when fewer than ``min_replies`` sites answered;
-* it records, per round, each site's name, cases, loss, samples and seconds, and the payload bytes.
+* it validates every reply (:mod:`fedseg.server.run.replies`) and bounds its update norm; a bad reply is dropped
+  with its reason recorded, never aborting the round;
+* it optionally clips each accepted update to ``clip_norm``;
+* it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
+  :mod:`fedseg.server.run.bn`, integer buffers keep the global value, and every array keeps the model's dtype;
+* it keeps the previous global model when fewer than ``min_replies`` sites answered usably or when the aggregate
+  is not finite;
+* it records, per round, each site's name, cases, loss, samples, seconds, update norm and payload bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
-from fedseg.server.config import ServerConfig
-from fedseg.server.run.history import SiteRound
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedseg.server.config import StrategyConfig
+from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+from fedseg.server.run.choice import build_strategy
+from fedseg.server.run.history import Rejection, SiteRound
+from fedseg.server.run.replies import Accepted, Rejected, SiteRegistry, check_reply, norm_outliers, update_norm
+from fedseg.server.run.state import StrategyState, moments_of, restore_moments
+
+__all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
 
 log = logging.getLogger(__name__)
 
-
-def build_strategy(cfg: ServerConfig) -> FedAvg:
-    """The Flower strategy named in ``cfg.strategy`` with our sampling settings (no client-side evaluation).
-
-    ``min_sites`` is both the minimum sample and the minimum number of connected sites; ``fraction`` of the
-    connected sites (at least ``min_sites``) train each round.
-    """
-    common = {
-        "fraction_train": cfg.fraction,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": cfg.min_sites,
-        "min_evaluate_nodes": 0,
-        "min_available_nodes": cfg.min_sites,
-        "weighted_by_key": WEIGHT_KEY,
-        "arrayrecord_key": ARRAYS_KEY,
-    }
-    s = cfg.strategy
-    if s.name == "fedavg":
-        return FedAvg(**common)  # type: ignore[arg-type]
-    if s.name == "fedprox":
-        return FedProx(**common, proximal_mu=s.proximal_mu)  # type: ignore[arg-type]
-    adaptive = {"eta": s.server_lr, "eta_l": cfg.train.lr, "beta_1": s.beta_1, "beta_2": s.beta_2, "tau": s.tau}
-    if s.name == "fedadam":
-        return FedAdam(**common, **adaptive)  # type: ignore[arg-type]
-    return FedYogi(**common, **adaptive)  # type: ignore[arg-type]
+NDArray = np.ndarray
 
 
 @dataclass
@@ -61,50 +51,37 @@ class RoundStats:
 
     sampled: int = 0
     sites: list[SiteRound] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
     failures: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
 
 
-def site_of(reply: Message) -> str:
-    """The site name a reply carries (``node-<id>`` when it carries none)."""
-    if not reply.has_content():
-        return f"node-{reply.metadata.src_node_id}"
-    record = reply.content.config_records.get(SITE_KEY)
-    name = record.get("name") if record is not None else None
-    return str(name) if name else f"node-{reply.metadata.src_node_id}"
-
-
-def reply_problem(reply: Message, expected_keys: set[str]) -> str | None:
-    """Why a train reply cannot be aggregated, or None when it is usable."""
-    if reply.has_error():
-        return f"error: {reply.error.reason}"
-    content = reply.content
-    arrays = content.array_records.get(ARRAYS_KEY)
-    metrics = content.metric_records.get(METRICS_KEY)
-    if arrays is None or metrics is None or len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return f"expected one '{ARRAYS_KEY}' ArrayRecord and one '{METRICS_KEY}' MetricRecord"
-    if set(arrays.keys()) != expected_keys:
-        return "its weights have different keys than the global model (other model settings?)"
-    missing = [k for k in METRIC_KEYS if k not in metrics]
-    if missing:
-        return f"its metrics miss {', '.join(missing)}"
-    if float(metrics[WEIGHT_KEY]) <= 0:  # type: ignore[arg-type]
-        return "it trained on 0 cases"
-    return None
-
-
-def site_round(reply: Message) -> SiteRound:
-    """The per-site numbers of a usable reply."""
-    metrics = reply.content.metric_records[METRICS_KEY]
+def site_round(reply: Accepted, norm: float) -> SiteRound:
+    """The per-site numbers of an accepted reply."""
     return SiteRound(
-        site=site_of(reply),
-        cases=int(metrics[WEIGHT_KEY]),  # type: ignore[arg-type]
-        loss=float(metrics["train-loss"]),  # type: ignore[arg-type]
-        samples=int(metrics["train-samples"]),  # type: ignore[arg-type]
-        seconds=float(metrics["train-seconds"]),  # type: ignore[arg-type]
-        bytes_in=reply.content.array_records[ARRAYS_KEY].count_bytes(),
+        site=reply.site,
+        cases=reply.cases,
+        loss=reply.loss,
+        samples=reply.samples,
+        seconds=reply.seconds,
+        bytes_in=reply.bytes_in,
+        update_norm=norm,
     )
+
+
+def clipped(
+    arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray], keys: list[str], clip: float
+) -> dict[str, NDArray]:
+    """``arrays[keys]`` with the update ``arrays − reference`` scaled down to L2 norm ``clip`` (0 = unchanged)."""
+    out = {k: arrays[k] for k in keys}
+    if clip <= 0:
+        return out
+    norm = update_norm(out, {k: reference[k] for k in keys})
+    if norm <= clip:
+        return out
+    scale = clip / norm
+    return {k: (reference[k] + (v - reference[k]) * scale).astype(reference[k].dtype) for k, v in out.items()}
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
@@ -131,7 +108,7 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
 
 
 class RecordingStrategy(Strategy):
-    """Delegates to ``inner`` and records per-round statistics (see the module docstring).
+    """Delegates to ``inner`` and guards/records each round (see the module docstring).
 
     Args:
         inner: the Flower strategy that samples and aggregates.
@@ -139,6 +116,9 @@ class RecordingStrategy(Strategy):
         min_replies: usable replies required to replace the global model.
         site_wait_timeout: seconds to wait for ``min_sites`` before failing the run.
         on_round: optional callback with (server round, stats) after each aggregation.
+        limits: the reply bounds and clipping (``max_examples``, ``max_update_ratio``, ``max_update_norm``,
+            ``clip_norm``).
+        round_offset: added to Flower's round number (a resumed run): FedAdam's bias correction counts on.
     """
 
     def __init__(
@@ -148,18 +128,37 @@ class RecordingStrategy(Strategy):
         min_replies: int,
         site_wait_timeout: float,
         on_round: Callable[[int, RoundStats], None] | None = None,
+        limits: StrategyConfig | None = None,
+        round_offset: int = 0,
     ) -> None:
         self.inner = inner
         self.min_sites = min_sites
         self.min_replies = min_replies
         self.site_wait_timeout = site_wait_timeout
         self.on_round = on_round
+        self.limits = limits if limits is not None else StrategyConfig()
+        self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
-        self._keys: set[str] = set()
+        self.registry = SiteRegistry()
+        self._reference: dict[str, NDArray] = {}
+
+    @property
+    def _weight_keys(self) -> list[str]:
+        """The keys the inner strategy aggregates: floating-point, not BatchNorm running statistics."""
+        return [k for k, v in self._reference.items() if v.dtype.kind == "f" and not is_bn_statistic(k)]
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
         self.inner.summary()
+
+    def state(self, global_round: int) -> StrategyState:
+        """The state to save with the checkpoint of ``global_round``."""
+        return StrategyState(round=global_round, moments=moments_of(self.inner), registry=self.registry.to_json())
+
+    def restore(self, state: StrategyState) -> None:
+        """Continue from a saved state (resume)."""
+        restore_moments(self.inner, state.moments)
+        self.registry = SiteRegistry.from_json(state.registry)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,36 +166,102 @@ class RecordingStrategy(Strategy):
         """Wait (bounded) for enough sites, then let the inner strategy sample and build the messages."""
         wait_for_sites(grid, self.min_sites, self.site_wait_timeout)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._keys = set(arrays.keys())
+        self.begin_round(arrays)
         self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
         return messages
+
+    def begin_round(self, arrays: ArrayRecord) -> None:
+        """Take ``arrays`` as the round's global model that replies are checked and aggregated against."""
+        self._reference = {k: a.numpy() for k, a in arrays.items()}
+        if isinstance(self.inner, FedOpt):  # its pseudo-gradient covers only what it aggregates
+            self.inner.current_arrays = {k: self._reference[k] for k in self._weight_keys}
+
+    def screen(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Accepted], list[Rejected], list[float]]:
+        """Validate every reply, then apply the update-norm bound; returns (accepted, rejected, accepted norms)."""
+        accepted: list[Accepted] = []
+        rejected: list[Rejected] = []
+        replies = list(replies)
+        present = {r.metadata.src_node_id for r in replies}
+        for reply in replies:
+            checked = check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
+            if isinstance(checked, Accepted):
+                accepted.append(checked)
+            else:
+                rejected.append(checked)
+        norms = [update_norm(a.arrays, self._reference) for a in accepted]
+        problems = norm_outliers(norms, self.limits.max_update_ratio, self.limits.max_update_norm)
+        kept = [(a, n) for a, n, p in zip(accepted, norms, problems, strict=True) if p is None]
+        rejected += [Rejected(a.node, a.site, p) for a, p in zip(accepted, problems, strict=True) if p is not None]
+        for r in rejected:
+            log.warning("round %d: rejected the reply of %s (node %d): %s", server_round, r.site, r.node, r.reason)
+        return [a for a, _ in kept], rejected, [n for _, n in kept]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Filter unusable replies, record per-site numbers, enforce ``min_replies``, then aggregate."""
+        """Screen the replies, record per-site numbers, enforce ``min_replies``, then aggregate."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        usable = []
-        for reply in replies:
-            problem = reply_problem(reply, self._keys)
-            if problem is None:
-                usable.append(reply)
-                stats.sites.append(site_round(reply))
-            else:
-                log.warning("round %d: ignoring the reply of %s: %s", server_round, site_of(reply), problem)
+        accepted, rejected, norms = self.screen(server_round, replies)
+        stats.sites = [site_round(a, n) for a, n in zip(accepted, norms, strict=True)]
+        stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in rejected]
         stats.bytes_in = sum(s.bytes_in for s in stats.sites)
-        stats.failures = max(stats.sampled - len(usable), 0)
+        stats.failures = max(stats.sampled - len(accepted), 0)
         if self.on_round is not None:
             self.on_round(server_round, stats)
-        if len(usable) < self.min_replies:
+        if len(accepted) < self.min_replies:
             log.warning(
                 "round %d: %d usable replies (< min_replies=%d); keeping the previous global model",
                 server_round,
-                len(usable),
+                len(accepted),
                 self.min_replies,
             )
             return None, None
-        return self.inner.aggregate_train(server_round, usable)
+        return self.combine(server_round, accepted)
+
+    def combine(self, server_round: int, accepted: list[Accepted]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics, in the model's dtypes."""
+        ref = self._reference
+        keys = self._weight_keys
+        messages = [self._sanitised(a, keys) for a in accepted]
+        arrays, metrics = self.inner.aggregate_train(self.round_offset + server_round, messages)
+        if arrays is None:
+            return None, metrics
+        merged = dict(ref)
+        merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
+        merged.update({k: arrays[k].numpy().astype(ref[k].dtype) for k in keys})
+        bad = [k for k, v in merged.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
+        if bad:
+            log.error(
+                "round %d: the aggregate has non-finite values in %s; keeping the previous model",
+                server_round,
+                ", ".join(bad[:3]),
+            )
+            return None, None
+        return ArrayRecord({k: Array(np.array(merged[k], order="C")) for k in ref}), metrics
+
+    def _sanitised(self, reply: Accepted, keys: list[str]) -> Message:
+        """The reply as the inner strategy sees it: the (clipped) weights of ``keys`` and the four metrics.
+
+        A copy of the received message (same metadata) with new content: creating a fresh message would need a
+        Flower task identity, which only the ServerApp process has.
+        """
+        weights = clipped(reply.arrays, self._reference, keys, self.limits.clip_norm)
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            WEIGHT_KEY: reply.cases,
+            "train-loss": reply.loss,
+            "train-samples": reply.samples,
+            "train-seconds": reply.seconds,
+        }
+        message = copy.copy(reply.message)
+        message.content = RecordDict(
+            {
+                ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                METRICS_KEY: MetricRecord(metrics),
+            }
+        )
+        return message
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

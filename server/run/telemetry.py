@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from fedseg.common.fl.protocol import ARRAYS_KEY
 from fedseg.common.runtime.events import EventWriter
 from fedseg.server.run.history import RoundRow
-from fedseg.server.run.strategy import reply_problem, site_of
+from fedseg.server.run.replies import site_of
 
 #: The event file, relative to the run's output folder.
 EVENTS_FILE = Path(".fedseg") / "events.jsonl"
@@ -45,10 +45,15 @@ def payload_bytes(message: Message) -> int:
 
 
 def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
-    """``ok``, ``error`` (the site failed) or ``invalid`` (the strategy will drop it)."""
+    """``ok``, ``error`` (the site failed) or ``invalid`` (no weights with the global model's keys).
+
+    The full validation (shapes, finiteness, metrics, update norms) happens in the strategy; its rejections
+    reach the metrics through the round's history row.
+    """
     if reply.has_error():
         return "error"
-    return "ok" if reply_problem(reply, expected_keys) is None else "invalid"
+    arrays = reply.content.array_records.get(ARRAYS_KEY)
+    return "ok" if arrays is not None and set(arrays.keys()) == expected_keys else "invalid"
 
 
 class ServerTelemetry:

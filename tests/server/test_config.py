@@ -48,7 +48,8 @@ def test_relative_validation_path_is_resolved_against_the_file(tmp_path: Path) -
         ("[strategy]\nnmae = 'fedavg'\n", "server.toml: strategy.nmae: Extra inputs are not permitted"),
         (
             "[strategy]\nname = 'fedsgd'\n",
-            "server.toml: strategy.name: Input should be 'fedavg', 'fedprox', 'fedadam' or 'fedyogi'",
+            "server.toml: strategy.name: Input should be 'fedavg', 'fedprox', 'fedadam', 'fedyogi', 'median', "
+            "'trimmed-mean', 'krum', 'multi-krum' or 'bulyan'",
         ),
         ("rounds = 0\n", "server.toml: rounds: Input should be greater than or equal to 1"),
         ("fraction = 1.5\n", "server.toml: fraction: Input should be less than or equal to 1"),

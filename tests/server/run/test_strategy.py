@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum
 
 from fedseg.common.errors import FedsegError
 from fedseg.server.config import ServerConfig, StrategyConfig
@@ -26,6 +26,33 @@ def test_build_strategy_selects_the_named_flower_strategy(name: str, kind: type)
     assert strategy.fraction_train == 0.5
     assert strategy.fraction_evaluate == 0.0
     assert strategy.weighted_by_key == "num-examples"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "sites"),
+    [
+        ("median", FedMedian, 3),
+        ("trimmed-mean", FedTrimmedAvg, 3),
+        ("krum", Krum, 5),
+        ("multi-krum", MultiKrum, 5),
+        ("bulyan", Bulyan, 7),
+    ],
+)
+def test_build_strategy_selects_the_robust_flower_strategies(name: str, kind: type, sites: int) -> None:
+    s = StrategyConfig(name=name, trim_beta=0.25, num_malicious=1, krum_select=3)  # type: ignore[arg-type]
+    strategy = build_strategy(ServerConfig(min_sites=sites, strategy=s))
+    assert type(strategy) is kind and strategy.min_train_nodes == sites
+    if isinstance(strategy, FedTrimmedAvg):
+        assert strategy.beta == 0.25
+    if isinstance(strategy, MultiKrum):
+        assert strategy.num_malicious_nodes == 1
+        assert strategy.num_nodes_to_select == (1 if name == "krum" else 3)
+
+
+def test_byzantine_rules_refuse_too_few_sites() -> None:
+    with pytest.raises(ValueError, match=r"bulyan needs min_sites >= 4 x num_malicious \+ 3 = 7"):
+        ServerConfig(min_sites=6, strategy=StrategyConfig(name="bulyan"))
+    assert ServerConfig(min_sites=7, strategy=StrategyConfig(name="bulyan")).min_sites == 7
 
 
 def test_fedprox_and_fedadam_get_their_parameters() -> None:

@@ -1,0 +1,236 @@
+"""Validation of site train replies before aggregation: pure functions, no Flower runtime needed.
+
+A reply is *accepted* only when it is exactly what our ClientApp sends for the round's global model: one
+``arrays`` ArrayRecord with the global model's keys, shapes and dtypes and only finite values; one ``metrics``
+MetricRecord with exactly :data:`~fedseg.common.fl.protocol.METRIC_KEYS`, of the right types; ``num-examples`` a
+positive integer no larger than the configured cap and than what the node declared in its first reply (pinned by
+:class:`SiteRegistry` for the run); and a site name that the node used from the start and no other node uses.
+Everything else becomes a :class:`Rejected` with a one-line reason; nothing here raises.
+
+:func:`norm_outliers` then applies the update-norm bound over the round's accepted replies.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+
+from fedseg.common.fl.protocol import ARRAYS_KEY, FAILURE_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+
+NDArray = np.ndarray
+_INT_METRICS = (WEIGHT_KEY, "train-samples")
+_FLOAT_METRICS = ("train-loss", "train-seconds")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A reply that passed validation, unpacked."""
+
+    node: int
+    site: str
+    arrays: dict[str, NDArray]
+    cases: int
+    loss: float
+    samples: int
+    seconds: float
+    bytes_in: int
+    message: Message = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A reply that was dropped, and why."""
+
+    node: int
+    site: str
+    reason: str
+
+
+@dataclass
+class SiteRegistry:
+    """Pins, for the whole run, each node's site name and the case count it declared in its first usable reply."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    cases: dict[int, int] = field(default_factory=dict)
+
+    def identity_problem(self, node: int, site: str, present: Collection[int]) -> str | None:
+        """Why ``node`` may not call itself ``site`` (None when it may).
+
+        A name held by another node that also replied this round (``present``) is refused; a name whose node did
+        not reply is handed over (a site restarted with ``fed-client join`` comes back as a new node).
+        """
+        pinned = self.names.get(node)
+        if pinned is not None and pinned != site:
+            return f"node {node} joined as site {pinned!r} and now claims to be {site!r}"
+        for other, name in self.names.items():
+            if other != node and name == site and other in present:
+                return f"site name {site!r} belongs to node {other}"
+        return None
+
+    def pin(self, node: int, site: str, cases: int) -> None:
+        """Remember ``node``'s name and declared cases (first time only; a rejoined site keeps its old cap)."""
+        for other, name in list(self.names.items()):
+            if other != node and name == site:
+                del self.names[other]
+                self.cases[node] = self.cases.pop(other, cases)
+        self.names.setdefault(node, site)
+        self.cases.setdefault(node, cases)
+
+    def to_json(self) -> dict[str, dict[str, object]]:
+        """A JSON-able copy (strategy state)."""
+        return {
+            "names": {str(k): v for k, v in self.names.items()},
+            "cases": {str(k): v for k, v in self.cases.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Mapping[str, object]]) -> SiteRegistry:
+        """Inverse of :meth:`to_json`."""
+        names = {int(k): str(v) for k, v in raw.get("names", {}).items()}
+        cases = {int(k): int(str(v)) for k, v in raw.get("cases", {}).items()}
+        return cls(names=names, cases=cases)
+
+
+def site_of(reply: Message) -> str:
+    """The site name a reply carries (``node-<id>`` when it carries none)."""
+    if not reply.has_content():
+        return f"node-{reply.metadata.src_node_id}"
+    record = reply.content.config_records.get(SITE_KEY)
+    name = record.get("name") if record is not None else None
+    return str(name) if name else f"node-{reply.metadata.src_node_id}"
+
+
+def _metrics_problem(metrics: Mapping[str, object], max_examples: int, declared: int | None) -> str | None:
+    keys = set(metrics)
+    if keys != set(METRIC_KEYS):
+        extra, missing = sorted(keys - set(METRIC_KEYS)), sorted(set(METRIC_KEYS) - keys)
+        return f"metric keys differ (extra {extra}, missing {missing})"
+    for key in _INT_METRICS:
+        value = metrics[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"metric {key} must be an integer, got {value!r}"
+    for key in _FLOAT_METRICS:
+        value = metrics[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return f"metric {key} must be a finite number, got {value!r}"
+    cases = metrics[WEIGHT_KEY]
+    assert isinstance(cases, int)
+    if cases <= 0:
+        return f"{WEIGHT_KEY} must be positive, got {cases}"
+    if cases > max_examples:
+        return f"{WEIGHT_KEY} {cases} exceeds max_examples {max_examples}"
+    if declared is not None and cases > declared:
+        return f"{WEIGHT_KEY} {cases} exceeds the {declared} cases this site declared first"
+    return None
+
+
+def _arrays_problem(reply: Message, reference: Mapping[str, NDArray]) -> tuple[str | None, dict[str, NDArray]]:
+    record = reply.content.array_records[ARRAYS_KEY]
+    keys = set(record.keys())
+    if keys != set(reference):
+        extra, missing = sorted(keys - set(reference))[:3], sorted(set(reference) - keys)[:3]
+        return f"weight keys differ from the global model (extra {extra}, missing {missing})", {}
+    arrays: dict[str, NDArray] = {}
+    for key, ref in reference.items():
+        try:
+            value = record[key].numpy()
+        except Exception as err:  # a corrupt payload is the sender's problem, never the round's
+            return f"weight {key!r} cannot be decoded ({type(err).__name__})", {}
+        if value.shape != ref.shape:
+            return f"weight {key!r} has shape {value.shape}, the global model {ref.shape}", {}
+        if value.dtype != ref.dtype:
+            return f"weight {key!r} has dtype {value.dtype}, the global model {ref.dtype}", {}
+        if value.dtype.kind in "fc" and not bool(np.isfinite(value).all()):
+            return f"weight {key!r} holds non-finite values", {}
+        if key.endswith(".running_var") and bool((value < 0).any()):
+            return f"weight {key!r} holds negative variances", {}
+        arrays[key] = value
+    return None, arrays
+
+
+def check_reply(
+    reply: Message,
+    reference: Mapping[str, NDArray],
+    registry: SiteRegistry,
+    max_examples: int,
+    present: Collection[int] = (),
+) -> Accepted | Rejected:
+    """Validate one train reply against the round's global weights ``reference`` (see the module docstring).
+
+    ``present``: the nodes that replied this round (a name held by one of them cannot be claimed by another).
+    An accepted reply pins its node's name and case count in ``registry`` (first time only).
+    """
+    node = reply.metadata.src_node_id
+    site = site_of(reply)
+    if reply.has_error():
+        return Rejected(node, site, f"error: {reply.error.reason}")
+    content = reply.content
+    site_record = content.config_records.get(SITE_KEY)
+    if site_record is not None and FAILURE_KEY in site_record:
+        return Rejected(node, site, f"site failure: {site_record[FAILURE_KEY]!s}")
+    if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
+        return Rejected(node, site, f"expected one '{ARRAYS_KEY}' ArrayRecord and one '{METRICS_KEY}' MetricRecord")
+    problem = registry.identity_problem(node, site, present)
+    metrics = content.metric_records[METRICS_KEY]
+    if problem is None:
+        declared = registry.cases.get(node)
+        if declared is None:  # a rejoined site inherits the cap its name declared
+            owner = next((n for n, name in registry.names.items() if name == site), None)
+            declared = registry.cases.get(owner) if owner is not None else None
+        problem = _metrics_problem(dict(metrics), max_examples, declared)
+    arrays: dict[str, NDArray] = {}
+    if problem is None:
+        problem, arrays = _arrays_problem(reply, reference)
+    if problem is not None:
+        return Rejected(node, site, problem)
+    numbers = {k: _number(metrics[k]) for k in METRIC_KEYS}  # types checked above
+    cases = int(numbers[WEIGHT_KEY])
+    registry.pin(node, site, cases)
+    return Accepted(
+        node=node,
+        site=site,
+        arrays=arrays,
+        cases=cases,
+        loss=numbers["train-loss"],
+        samples=int(numbers["train-samples"]),
+        seconds=numbers["train-seconds"],
+        bytes_in=content.array_records[ARRAYS_KEY].count_bytes(),
+        message=reply,
+    )
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def update_norm(arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray]) -> float:
+    """‖w_site − w_global‖ over the floating-point arrays, computed in float64."""
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.dtype.kind == "f":
+            diff = arrays[key].astype(np.float64) - ref.astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Sequence[float], max_ratio: float, max_norm: float) -> list[str | None]:
+    """For each update norm: why it is out of bounds, or None.
+
+    Bounds: ``max_norm`` (absolute; 0 = off) and ``max_ratio`` × the median of ``norms`` (0 = off; needs at
+    least three replies, since with two the median is their mean and bounds nothing).
+    """
+    median = statistics.median(norms) if norms else 0.0
+    out: list[str | None] = []
+    for norm in norms:
+        if max_norm > 0 and norm > max_norm:
+            out.append(f"update norm {norm:.4g} exceeds max_update_norm {max_norm:.4g}")
+        elif max_ratio > 0 and len(norms) >= 3 and norm > max_ratio * median:
+            out.append(f"update norm {norm:.4g} exceeds {max_ratio:g} x the round's median {median:.4g}")
+        else:
+            out.append(None)
+    return out

@@ -1,0 +1,80 @@
+"""A site whose local training diverged replies with the reason instead of weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.common.config import parse_config_args
+
+from fedseg.client import training as client_training
+from fedseg.client.app import train
+from fedseg.client.site import SiteConfig, write_node_config
+from fedseg.client.training import TrainingDiverged, train_locally
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.train import TrainReport
+from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, FAILURE_KEY, SITE_KEY, TrainTask, task_config
+from fedseg.common.fl.weights import arrays_from_model
+from fedseg.common.nn.model import ModelConfig, build_model
+
+TINY = ModelConfig(feature_scale=64)
+TASK = TrainTask(
+    model=TINY,
+    train=TrainConfig(steps=4, patch_size=(16, 16, 16), augment=False, max_skipped_steps=2),
+    preprocess=PreprocessConfig(),
+    deadline=120.0,
+)
+
+
+def _diverging(skipped: int) -> object:
+    def fake(model: torch.nn.Module, cases: object, cfg: TrainConfig, *args: object, **kwargs: object) -> TrainReport:
+        return TrainReport(mean_loss=0.5, samples=8, steps=4, seconds=1.0, skipped_steps=skipped)
+
+    return fake
+
+
+def test_train_locally_raises_only_past_max_skipped_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = arrays_from_model(build_model(TINY))
+    monkeypatch.setattr(client_training, "train_model", _diverging(2))
+    _, result = train_locally(arrays, TASK, [], "cpu", seed=0)
+    assert result.loss == 0.5
+    monkeypatch.setattr(client_training, "train_model", _diverging(3))
+    with pytest.raises(TrainingDiverged, match=r"3 of 4 local steps had a non-finite loss or gradient \(max_skipped"):
+        train_locally(arrays, TASK, [], "cpu", seed=0)
+
+
+def test_the_handler_replies_with_the_failure_reason(
+    phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_training, "train_model", _diverging(3))
+    site = SiteConfig(
+        site="site-1",
+        data=phantom_root / "site-1",
+        labels=str(phantom_root / "site-1" / "labels.toml"),
+        workdir=tmp_path,
+    )
+    node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
+    arrays: ArrayRecord = arrays_from_model(build_model(TINY))
+    config: ConfigRecord = task_config(TASK)
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    message = Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), metadata=meta)
+    context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+    reply = train(message, context)
+    assert not reply.has_error()
+    assert list(reply.content.array_records) == [] and list(reply.content.metric_records) == []
+    assert reply.content[SITE_KEY]["name"] == "site-1"
+    assert str(reply.content[SITE_KEY][FAILURE_KEY]).startswith("3 of 4 local steps had a non-finite loss")
