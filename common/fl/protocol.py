@@ -4,7 +4,8 @@ A train message carries the global weights (ArrayRecord ``arrays``) and a Config
 Flower's ``server-round`` (plus ``proximal-mu`` under FedProx) and our :class:`TrainTask` as JSON under
 ``fedseg-task``. A reply carries the new weights (``arrays``), a MetricRecord ``metrics`` with the averaging
 weight ``num-examples`` (training cases) and aggregate numbers only, and a ConfigRecord ``site`` with the
-site name. No image, label or per-case value ever leaves a site.
+site name and ``annotated``, one flag per global class (background first): the classes the site labels, used
+for class-aware averaging of the output head. No image, label or per-case value ever leaves a site.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TASK_KEY = "fedseg-task"
 ROUND_KEY = "server-round"
 PROX_KEY = "proximal-mu"
 WEIGHT_KEY = "num-examples"
+ANNOTATED_KEY = "annotated"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
 
@@ -83,12 +85,13 @@ def round_seed(base: int, server_round: int, site: str) -> int:
 
 @dataclass(frozen=True)
 class LocalResult:
-    """Aggregate numbers of one site's local training in one round."""
+    """Aggregate numbers of one site's local training in one round (``annotated``: its classes, background first)."""
 
     cases: int
     loss: float
     samples: int
     seconds: float
+    annotated: tuple[bool, ...] | None = None
 
 
 def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> RecordDict:
@@ -101,4 +104,17 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
             "train-seconds": result.seconds,
         }
     )
-    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+    site_record = ConfigRecord({"name": site})
+    if result.annotated is not None:
+        site_record[ANNOTATED_KEY] = [bool(a) for a in result.annotated]
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_record})
+
+
+def annotated_of(content: RecordDict) -> tuple[bool, ...] | None:
+    """The annotated-class flags a reply's ``site`` record carries, or None (an older site, or none sent)."""
+    record = content.config_records.get(SITE_KEY)
+    value = record.get(ANNOTATED_KEY) if record is not None else None
+    if not isinstance(value, list) or not value:
+        return None
+    flags = tuple(v for v in value if isinstance(v, bool))
+    return flags if len(flags) == len(value) and flags[0] else None

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from fedseg.server.config import ServerConfig
+from fedseg.server.run import headavg
 from fedseg.server.run.history import SiteRound
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ class RecordingStrategy(Strategy):
         self.on_round = on_round
         self.stats: dict[int, RoundStats] = {}
         self._keys: set[str] = set()
+        self._global = ArrayRecord()
+        self.class_aware_head = type(inner) in (FedAvg, FedProx)  # see fedseg.server.run.headavg
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -168,6 +171,7 @@ class RecordingStrategy(Strategy):
         wait_for_sites(grid, self.min_sites, self.site_wait_timeout)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._keys = set(arrays.keys())
+        self._global = arrays
         self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
         return messages
 
@@ -196,7 +200,10 @@ class RecordingStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
-        return self.inner.aggregate_train(server_round, usable)
+        arrays, metrics = self.inner.aggregate_train(server_round, usable)
+        if arrays is not None and self.class_aware_head:
+            arrays = headavg.apply_to_replies(arrays, self._global, usable)
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
