@@ -118,3 +118,9 @@ def annotated_of(content: RecordDict) -> tuple[bool, ...] | None:
         return None
     flags = tuple(v for v in value if isinstance(v, bool))
     return flags if len(flags) == len(value) and flags[0] else None
+
+
+def evaluate_content(scores: dict[str, float | int], cases: int, site: str) -> RecordDict:
+    """The RecordDict of an evaluate (cross-site validation) reply: aggregate scores and ``num-examples``."""
+    metrics = MetricRecord({WEIGHT_KEY: cases, **scores})
+    return RecordDict({METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
