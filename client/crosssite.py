@@ -20,16 +20,9 @@ from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.inference import sliding_window_predict
 from fedseg.common.engine.validation import class_names_for
 from fedseg.common.eval.metrics import ClassMetrics, class_metrics, summarize
+from fedseg.common.fl.protocol import CROSS_SITE_METRICS, metric_key
 
 log = logging.getLogger(__name__)
-
-#: The metrics a site returns per organ.
-CROSS_SITE_METRICS = ("dice", "hd95")
-
-
-def metric_key(metric: str, organ: str, stat: str) -> str:
-    """The reply key of one statistic, e.g. ``dice-liver-mean``."""
-    return f"{metric}-{organ}-{stat}"
 
 
 def score_cases(
@@ -68,15 +61,3 @@ def score_cases(
                 if not math.isnan(value):
                     out[metric_key(metric, names[c], stat)] = value
     return out
-
-
-def read_scores(metrics: dict[str, float | int]) -> dict[str, dict[str, dict[str, float]]]:
-    """Invert :func:`score_cases`' keys: ``{organ: {metric: {"mean", "sd", "n"}}}`` (missing stats left out)."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for key, value in metrics.items():
-        parts = key.split("-")
-        if len(parts) < 3 or parts[0] not in CROSS_SITE_METRICS or parts[-1] not in ("mean", "sd", "n"):
-            continue
-        organ = "-".join(parts[1:-1])
-        table.setdefault(organ, {}).setdefault(parts[0], {})[parts[-1]] = float(value)
-    return table

@@ -117,6 +117,9 @@ class ServerConfig(BaseModel):
     database: Path | None = Field(default=None, description="SuperLink state database; default in memory")
     supernode_auth: bool = Field(default=False, description="only registered site keys may join (needs tls)")
     seed: int = 0
+    cross_site_every: int | None = Field(
+        default=None, ge=0, description="sites score the global model every N rounds and after the last (0: last only)"
+    )
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -124,3 +124,24 @@ def evaluate_content(scores: dict[str, float | int], cases: int, site: str) -> R
     """The RecordDict of an evaluate (cross-site validation) reply: aggregate scores and ``num-examples``."""
     metrics = MetricRecord({WEIGHT_KEY: cases, **scores})
     return RecordDict({METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+
+
+#: The metrics a site returns per organ in cross-site validation (see :mod:`fedseg.client.crosssite`).
+CROSS_SITE_METRICS = ("dice", "hd95")
+
+
+def metric_key(metric: str, organ: str, stat: str) -> str:
+    """The evaluate-reply key of one statistic, e.g. ``dice-liver-mean``."""
+    return f"{metric}-{organ}-{stat}"
+
+
+def read_scores(metrics: dict[str, float | int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Invert the cross-site keys: ``{organ: {metric: {"mean", "sd", "n"}}}`` (missing stats left out)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        parts = key.split("-")
+        if len(parts) < 3 or parts[0] not in CROSS_SITE_METRICS or parts[-1] not in ("mean", "sd", "n"):
+            continue
+        organ = "-".join(parts[1:-1])
+        table.setdefault(organ, {}).setdefault(parts[0], {})[parts[-1]] = float(value)
+    return table

@@ -20,6 +20,7 @@ from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
 from fedseg.server.config import RunSpec
 from fedseg.server.run.central import CentralValidator
+from fedseg.server.run.crosssite import CrossSite
 from fedseg.server.run.history import History, RoundRow, clean_dice
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 
@@ -116,6 +117,7 @@ class RoundEvaluator:
             bytes_out=stats.bytes_out,
             bytes_in=stats.bytes_in,
             best=best,
+            cross_site=stats.cross_site,
         )
         self.history.append(row)
         self.since = now
@@ -141,7 +143,10 @@ def serve(grid: Grid, spec: RunSpec) -> None:
     validator = CentralValidator(cfg, out / CACHE_DIR / "validation") if cfg.validation.data is not None else None
     history = History(out)
     history.truncate(spec.first_round - 1)
-    strategy = RecordingStrategy(build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout)
+    cross_site = CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None
+    strategy = RecordingStrategy(
+        build_strategy(cfg), cfg.min_sites, cfg.min_replies, cfg.site_wait_timeout, cross_site=cross_site
+    )
     evaluator = RoundEvaluator(spec, model, validator, CheckpointKeeper(out / CHECKPOINT_DIR), history, strategy.stats)
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
     strategy.start(
@@ -150,5 +155,6 @@ def serve(grid: Grid, spec: RunSpec) -> None:
         num_rounds=spec.num_rounds,
         timeout=cfg.round_timeout,
         train_config=task_config(train_task(spec)),
+        evaluate_config=task_config(train_task(spec)),
         evaluate_fn=evaluator,
     )

@@ -25,6 +25,7 @@ from fedseg.common.errors import FedsegError
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
 from fedseg.server.config import ServerConfig
 from fedseg.server.run import headavg
+from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import SiteRound
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class RoundStats:
     failures: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    cross_site: Matrix = field(default_factory=dict)
 
 
 def site_of(reply: Message) -> str:
@@ -140,6 +142,7 @@ class RecordingStrategy(Strategy):
         min_replies: usable replies required to replace the global model.
         site_wait_timeout: seconds to wait for ``min_sites`` before failing the run.
         on_round: optional callback with (server round, stats) after each aggregation.
+        cross_site: when to run cross-site validation at the sites; None = never.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class RecordingStrategy(Strategy):
         min_replies: int,
         site_wait_timeout: float,
         on_round: Callable[[int, RoundStats], None] | None = None,
+        cross_site: CrossSite | None = None,
     ) -> None:
         self.inner = inner
         self.min_sites = min_sites
@@ -159,6 +163,7 @@ class RecordingStrategy(Strategy):
         self._keys: set[str] = set()
         self._global = ArrayRecord()
         self.class_aware_head = type(inner) in (FedAvg, FedProx)  # see fedseg.server.run.headavg
+        self.cross_site = cross_site
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -208,9 +213,14 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate (our strategies send no evaluate messages: validation is central)."""
+        """Cross-site validation messages when due (see :mod:`fedseg.server.run.crosssite`), else none."""
+        if self.cross_site is not None:
+            return self.cross_site.messages(server_round, arrays, config, grid)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
+        """Record the cross-site matrix of the replies in the round's stats (no aggregate metrics)."""
+        if self.cross_site is not None:
+            self.stats.setdefault(server_round, RoundStats()).cross_site = matrix_of(replies)
+            return None
         return self.inner.aggregate_evaluate(server_round, replies)

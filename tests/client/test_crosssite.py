@@ -14,10 +14,10 @@ from flwr.common.config import parse_config_args
 
 from fedseg.client import crosssite
 from fedseg.client.app import evaluate
-from fedseg.client.crosssite import read_scores, score_cases
+from fedseg.client.crosssite import score_cases
 from fedseg.client.site import write_node_config
 from fedseg.common.data.preprocess import Grid, PreparedCase, SourceGeometry
-from fedseg.common.fl.protocol import METRICS_KEY, SITE_KEY, task_config
+from fedseg.common.fl.protocol import METRICS_KEY, SITE_KEY, read_scores, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import build_model
 from tests.client.test_app_handlers import TASK, TINY, _site, _train_message
