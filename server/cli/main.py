@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedseg.common.cli.shell import make_app
 from fedseg.server.cli.demo import demo_command
+from fedseg.server.cli.report import report_command
 from fedseg.server.cli.start import start_command
 
 app = make_app(
@@ -14,6 +15,7 @@ app = make_app(
 
 # Command registrations (one line each, alphabetical):
 app.command("demo")(demo_command)
+app.command("report")(report_command)
 app.command("start")(start_command)
 
 
