@@ -12,6 +12,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedseg.client.crosssite import score_cases
 from fedseg.client.site import load_training_cases, site_from_node_config
 from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
 from fedseg.client.training import TrainingDiverged, deadline, train_locally
@@ -19,11 +20,14 @@ from fedseg.common.engine.device import resolve_device
 from fedseg.common.fl.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    evaluate_content,
     failure_content,
     read_task,
     reply_content,
     round_seed,
 )
+from fedseg.common.fl.weights import load_arrays
+from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.common.runtime.events import EventWriter
 
@@ -65,6 +69,30 @@ def train(msg: Message, context: Context) -> Message:
         log.exception("site %s: training failed", site.site)
         if report is not None:
             report.end(ok=False)
+        raise
+    finally:
+        detach(handler)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Cross-site validation: score the received global model on this site's labelled cases, aggregates only."""
+    site = site_from_node_config(context.node_config)
+    handler = log_to_file(site.log_dir / "clientapp.log")
+    try:
+        config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        task, server_round = read_task(config)
+        with deadline(task.deadline):
+            cases = load_training_cases(site, task.preprocess)
+            model = build_model(task.model)
+            load_arrays(model, msg.content.array_records[ARRAYS_KEY])
+            scores = score_cases(model, cases, task.train.patch_size, resolve_device(site.device))
+        log.info(
+            "site %s round %d: cross-site scores of the global model on %d cases", site.site, server_round, len(cases)
+        )
+        return Message(evaluate_content(scores, len(cases), site.site), reply_to=msg)
+    except Exception:
+        log.exception("site %s: cross-site validation failed", site.site)
         raise
     finally:
         detach(handler)

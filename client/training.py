@@ -90,5 +90,8 @@ def train_locally(
         report.seconds,
         report.mean_loss,
     )
-    result = LocalResult(cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds)
+    annotated = tuple(any(c < len(k.annotated) and k.annotated[c] for k in cases) for c in range(task.model.n_classes))
+    result = LocalResult(
+        cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds, annotated=annotated
+    )
     return arrays_from_model(model.cpu()), result

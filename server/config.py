@@ -159,6 +159,9 @@ class ServerConfig(BaseModel):
     )
     sites_file: Path = Field(default=Path("sites.toml"), description="allowed sites (fed-server sites add)")
     seed: int = 0
+    cross_site_every: int | None = Field(
+        default=None, ge=0, description="sites score the global model every N rounds and after the last (0: last only)"
+    )
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -67,6 +67,7 @@ def _server_toml(tmp_path: Path, data: Path, port: int) -> Path:
         "tls": make_certificates(tmp_path),
         "rounds": 2,
         "min_sites": 2,
+        "cross_site_every": 0,  # the sites score the final model on their own cases
         "round_timeout": 300.0,
         "site_wait_timeout": 300.0,
         "output_dir": str(tmp_path / "run"),
@@ -116,6 +117,14 @@ def test_two_sites_two_rounds_on_loopback(tmp_path: Path) -> None:
     assert [r.round for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert sorted(s.site for s in row.sites) == ["site-1", "site-2"]
+    # Cross-site validation after the last round only: each site's own (aggregate) scores, per organ with n.
+    assert rows[1].cross_site == {}
+    matrix = rows[2].cross_site
+    assert sorted(matrix) == ["site-1", "site-2"]
+    for organs in matrix.values():
+        assert set(organs) == {"pancreas", "spleen", "kidney", "liver"}
+        assert all(0 <= scores["dice"]["n"] <= 2 for scores in organs.values())
+        assert any(scores["dice"]["n"] > 0 and 0 <= scores["dice"]["mean"] <= 1 for scores in organs.values())
         assert all(s.cases == 2 and s.samples == 8 for s in row.sites)
         assert row.failures == 0
         assert row.bytes_out > 0 and row.bytes_in > 0

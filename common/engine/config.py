@@ -7,11 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedseg.common.nn.loss import PartialMode
 from fedseg.common.nn.model import SIZE_MULTIPLE
 
 
 class TrainConfig(BaseModel):
-    """Hyper-parameters of local training (paper recipe by default: Adam, lr 1e-4, weight decay 1e-6, batch 2).
+    """Hyper-parameters of local training (paper recipe by default: lr 1e-4, weight decay 1e-6, batch 2).
+
+    The optimiser is AdamW (decoupled weight decay): with Adam's coupled L2 a class a site does not annotate
+    would see its output-head row shrink every step (its only "gradient" is the decay, which Adam normalises
+    to a step of ~lr), and FedAvg would average that shrinkage in.
 
     The budget is ``steps`` optimiser steps when set, otherwise ``epochs * steps_per_epoch``. An "epoch" is a
     fixed number of sampled patch batches, as in nnU-Net, not a pass over the cases.
@@ -34,6 +39,14 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=1e-6, ge=0)
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
     batch_dice: bool = Field(default=False, description="one Dice term per class over the batch (nnU-Net 3-D)")
+    partial_loss: PartialMode = Field(
+        default="marginal",
+        description="classes a site does not annotate: marginal (folded into background), exclusion (removed "
+        "from the softmax) or naive (0 read as background)",
+    )
+    exclusion_weight: float = Field(
+        default=0.0, ge=0, description="weight of the exclusion term (unannotated organs on annotated voxels)"
+    )
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     augment: bool = True
     affine_prob: float = Field(

@@ -1,4 +1,4 @@
-"""Local training: a step-budgeted Adam + Dice loop, usable centrally and by a federated client every round.
+"""Local training: a step-budgeted AdamW + Dice loop, usable centrally and by a federated client every round.
 
 The loop is a plain function so a Flower client can call it once per round with the global weights already
 loaded into ``model``; everything it needs comes in through :class:`TrainConfig` and the arguments.
@@ -62,8 +62,14 @@ class TrainReport:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (β 0.9/0.999) with the configured learning rate and weight decay, as in the paper."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW (β 0.9/0.999) with the configured learning rate and *decoupled* weight decay.
+
+    The paper uses Adam with coupled L2. Coupled, the decay is part of the gradient that Adam normalises, so
+    an output-head row that gets no gradient (a class the site does not annotate, under ``partial_loss =
+    "exclusion"``) moves by ~lr per step towards 0; decoupled, it shrinks by the factor ``1 - lr * weight_decay``
+    (1e-10 with the defaults), so silence is not read as "make this class smaller".
+    """
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class ProximalTerm:
@@ -162,7 +168,12 @@ def train_model(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # missing from stubs
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    loss_fn = DiceLoss(ce_weight=cfg.ce_weight, batch_dice=cfg.batch_dice)
+    loss_fn = DiceLoss(
+        ce_weight=cfg.ce_weight,
+        batch_dice=cfg.batch_dice,
+        partial=cfg.partial_loss,
+        exclusion_weight=cfg.exclusion_weight,
+    )
     prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
     sampler = PatchSampler(
         cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed, cfg.affine_prob

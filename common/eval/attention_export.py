@@ -1,5 +1,11 @@
 # mypy: untyped-calls-exclude=SimpleITK
-"""Export attention-gate coefficients α: NIfTI maps in the input geometry and a PNG montage (paper Fig. 3 style)."""
+"""Export attention-gate coefficients α: NIfTI maps in the input geometry and a PNG montage (paper Fig. 3 style).
+
+The montage is meant to be read: α in a perceptual colour map (``magma``, dark = low) stretched over each gate's
+own range (1st-99th percentile, written on its colour bar: after training α is often 0.9-1.0 everywhere, which a
+fixed 0-1 scale shows as one flat colour), the predicted organs outlined, and every panel drawn with the aspect
+ratio of its voxel spacing.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 from fedseg.common.data.io import Volume, write_volume
 
@@ -19,6 +26,17 @@ log = logging.getLogger(__name__)
 
 #: Abdominal soft-tissue window (HU) used to display the CT under the α overlay.
 CT_WINDOW = (-160.0, 240.0)
+#: Perceptually uniform colour map of the α overlay.
+ALPHA_CMAP = "magma"
+
+
+def alpha_range(alpha: np.ndarray) -> tuple[float, float]:
+    """The display range of one gate's α: its 1st and 99th percentiles (widened to 0.01 if flatter)."""
+    lo, hi = (float(v) for v in np.percentile(alpha, [1.0, 99.0]))
+    if hi - lo < 0.01:
+        mid = (hi + lo) / 2
+        lo, hi = mid - 0.005, mid + 0.005
+    return lo, hi
 
 
 def inside_outside(alpha: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -47,11 +65,23 @@ def _lps(volume: Volume) -> Volume:
     return Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS"))
 
 
-def _show(ax: Axes, ct: np.ndarray, alpha: np.ndarray, aspect: float, origin: Literal["upper", "lower"]) -> None:
+def _show(
+    ax: Axes,
+    ct: np.ndarray,
+    alpha: np.ndarray,
+    organs: np.ndarray | None,
+    span: tuple[float, float],
+    aspect: float,
+    origin: Literal["upper", "lower"],
+) -> AxesImage:
     ax.imshow(ct, cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect, origin=origin)
-    ax.imshow(alpha, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45, aspect=aspect, origin=origin)
+    overlay = ax.imshow(alpha, cmap=ALPHA_CMAP, vmin=span[0], vmax=span[1], alpha=0.6, aspect=aspect, origin=origin)
+    if organs is not None and organs.any():
+        for value in np.unique(organs[organs > 0]):
+            ax.contour(organs == value, levels=[0.5], colors="cyan", linewidths=0.8, origin=origin)
     ax.set_xticks([])
     ax.set_yticks([])
+    return overlay
 
 
 def write_montage(
@@ -60,7 +90,7 @@ def write_montage(
     path: str | Path,
     labels: np.ndarray | None = None,
 ) -> Path:
-    """Save a PNG grid: one row per gate, axial and sagittal slices, α (jet, 0…1) over the CT.
+    """Save a PNG grid: one row per gate, axial and sagittal slices, α over the CT (see the module docstring).
 
     Args:
         image: the CT in its own geometry (HU).
@@ -73,24 +103,34 @@ def write_montage(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    montage_figure(image, maps, labels).savefig(path, dpi=100)
+    return path
+
+
+def montage_figure(image: Volume, maps: Mapping[str, Volume], labels: np.ndarray | None = None) -> Figure:
+    """The montage of :func:`write_montage` as a matplotlib Figure (one colour bar per gate)."""
     # Display in radiological convention whatever the file's direction cosines (RAS NIfTI, LPS DICOM, ...).
     oriented = _lps(image.with_array(image.array.astype(np.float32)))
     ct = oriented.array
     focus = _lps(image.with_array(labels.astype(np.uint8))).array if labels is not None else None
     z, x = focus_slices(focus, oriented.shape)
     sz, sy, sx = oriented.spacing
-    fig = Figure(figsize=(7.0, 3.2 * max(1, len(maps))), layout="constrained")
+    fig = Figure(figsize=(8.0, 3.2 * max(1, len(maps))), layout="constrained")
     axes = fig.subplots(max(1, len(maps)), 2, squeeze=False)
     for row, (name, volume) in enumerate(sorted(maps.items())):
         alpha = _lps(volume).array
-        _show(axes[row][0], ct[z], alpha[z], aspect=sy / sx, origin="upper")
-        _show(axes[row][1], ct[:, :, x], alpha[:, :, x], aspect=sz / sy, origin="lower")
+        span = alpha_range(alpha)
+        axial_organs = focus[z] if focus is not None else None
+        sagittal_organs = focus[:, :, x] if focus is not None else None
+        _show(axes[row][0], ct[z], alpha[z], axial_organs, span, aspect=sy / sx, origin="upper")
+        overlay = _show(axes[row][1], ct[:, :, x], alpha[:, :, x], sagittal_organs, span, sz / sy, origin="lower")
+        bar = fig.colorbar(overlay, ax=list(axes[row]), shrink=0.9)
+        bar.set_label(f"α of {name} ({span[0]:.2f}–{span[1]:.2f})")
         axes[row][0].set_ylabel(name)
         if row == 0:
             axes[row][0].set_title(f"axial z={z}")
             axes[row][1].set_title(f"sagittal x={x}")
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
 def write_attention(

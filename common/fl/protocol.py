@@ -4,9 +4,10 @@ A train message carries the global weights (ArrayRecord ``arrays``) and a Config
 Flower's ``server-round`` (plus ``proximal-mu`` under FedProx) and our :class:`TrainTask` as JSON under
 ``fedseg-task``. A reply carries the new weights (``arrays``), a MetricRecord ``metrics`` with the averaging
 weight ``num-examples`` (training cases) and aggregate numbers only, and a ConfigRecord ``site`` with the
-site name. A site whose local training failed on purpose (too many non-finite steps) replies with only the
-``site`` ConfigRecord, carrying the reason under ``failure`` (:func:`failure_content`). No image, label or
-per-case value ever leaves a site.
+site name and ``annotated``, one flag per global class (background first): the classes the site labels, used
+for class-aware averaging of the output head. A site whose local training failed on purpose (too many
+non-finite steps) replies with only the ``site`` ConfigRecord, carrying the reason under ``failure``
+(:func:`failure_content`). No image, label or per-case value ever leaves a site.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROUND_KEY = "server-round"
 PROX_KEY = "proximal-mu"
 WEIGHT_KEY = "num-examples"
 FAILURE_KEY = "failure"
+ANNOTATED_KEY = "annotated"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
 
@@ -86,12 +88,13 @@ def round_seed(base: int, server_round: int, site: str) -> int:
 
 @dataclass(frozen=True)
 class LocalResult:
-    """Aggregate numbers of one site's local training in one round."""
+    """Aggregate numbers of one site's local training in one round (``annotated``: its classes, background first)."""
 
     cases: int
     loss: float
     samples: int
     seconds: float
+    annotated: tuple[bool, ...] | None = None
 
 
 def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> RecordDict:
@@ -104,9 +107,49 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
             "train-seconds": result.seconds,
         }
     )
-    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+    site_record = ConfigRecord({"name": site})
+    if result.annotated is not None:
+        site_record[ANNOTATED_KEY] = [bool(a) for a in result.annotated]
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_record})
 
 
 def failure_content(site: str, reason: str) -> RecordDict:
     """The RecordDict of a train reply that carries no weights, only why the site could not train."""
     return RecordDict({SITE_KEY: ConfigRecord({"name": site, FAILURE_KEY: reason})})
+
+
+def annotated_of(content: RecordDict) -> tuple[bool, ...] | None:
+    """The annotated-class flags a reply's ``site`` record carries, or None (an older site, or none sent)."""
+    record = content.config_records.get(SITE_KEY)
+    value = record.get(ANNOTATED_KEY) if record is not None else None
+    if not isinstance(value, list) or not value:
+        return None
+    flags = tuple(v for v in value if isinstance(v, bool))
+    return flags if len(flags) == len(value) and flags[0] else None
+
+
+def evaluate_content(scores: dict[str, float | int], cases: int, site: str) -> RecordDict:
+    """The RecordDict of an evaluate (cross-site validation) reply: aggregate scores and ``num-examples``."""
+    metrics = MetricRecord({WEIGHT_KEY: cases, **scores})
+    return RecordDict({METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+
+
+#: The metrics a site returns per organ in cross-site validation (see :mod:`fedseg.client.crosssite`).
+CROSS_SITE_METRICS = ("dice", "hd95")
+
+
+def metric_key(metric: str, organ: str, stat: str) -> str:
+    """The evaluate-reply key of one statistic, e.g. ``dice-liver-mean``."""
+    return f"{metric}-{organ}-{stat}"
+
+
+def read_scores(metrics: dict[str, float | int]) -> dict[str, dict[str, dict[str, float]]]:
+    """Invert the cross-site keys: ``{organ: {metric: {"mean", "sd", "n"}}}`` (missing stats left out)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        parts = key.split("-")
+        if len(parts) < 3 or parts[0] not in CROSS_SITE_METRICS or parts[-1] not in ("mean", "sd", "n"):
+            continue
+        organ = "-".join(parts[1:-1])
+        table.setdefault(organ, {}).setdefault(parts[0], {})[parts[-1]] = float(value)
+    return table

@@ -14,24 +14,39 @@ class, ``d[c] = (2 * sum_b sum(p * t) + s) / (sum_b (sum(p) + sum(t)) + s)``, co
 annotate ``c``: a class missing from one patch then no longer gives that patch a loss of ~1 for any probability
 it puts there.
 
-Partially labelled sites (``class_mask``): a site that does not annotate, say, the liver labels liver voxels
-as background. For every sample the unannotated classes are *excluded*:
+Partially labelled sites (``class_mask``): a site that does not annotate, say, the liver labels liver voxels as
+background, so its label 0 means "background or an organ this site does not annotate". ``partial`` picks how
+the loss reads that:
 
-* their logits are removed from the softmax (set to ``-inf``), so the remaining probabilities are renormalised
-  over the annotated classes and the unannotated channels receive exactly zero gradient;
-* their Dice terms are left out of the mean;
-* background stays in: its target means "background or an organ this site does not annotate", and the loss
-  only teaches background-versus-annotated-organ decisions, never background-versus-unannotated-organ;
-* the cross-entropy term uses the same renormalised softmax (a conditional CE over the annotated classes).
+* ``"marginal"`` (default; Shi et al., Medical Image Analysis 2021): the probabilities of the unannotated
+  classes are folded into background before scoring, ``p~0 = p0 + sum_{c not annotated} p_c`` (computed as a
+  logsumexp of log-probabilities). Dice and CE are scored on ``(p~0, p_annotated)``, so predicting an
+  unannotated organ where the site says 0 costs nothing: the site never teaches "this is not liver".
+  Unannotated channels do get gradient (through ``p~0``), their own Dice terms are left out of the mean.
+* ``"exclusion"``: the unannotated logits are removed from the softmax (set to ``-inf``) and the rest is
+  renormalised. Those channels get zero gradient, but background is still pushed up on the unannotated organ's
+  voxels, which lowers that organ's probability under the full softmax.
+* ``"naive"``: the mask is ignored and 0 is taken as true background (the wrong baseline, for benchmarks).
+
+With ``exclusion_weight`` λ > 0 the *exclusion term* of the same paper is added: organs do not overlap, so a
+voxel the site labels as one of its annotated organs is certainly none of the organs it does not annotate;
+``λ * mean_{(b, c not annotated)} 2 * sum(p_c * E) / (sum(p_c) + sum(E) + s)`` with ``E`` the union of the
+sample's foreground voxels and ``p`` the full softmax (no smoothing in the numerator, so it is 0 when there is
+nothing to exclude).
 
 Background must always be annotated, and a target voxel may not carry a class that its sample masks out.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+PartialMode = Literal["marginal", "exclusion", "naive"]
+PARTIAL_MODES: tuple[PartialMode, ...] = ("marginal", "exclusion", "naive")
 
 
 class DiceLoss(nn.Module):
@@ -42,6 +57,8 @@ class DiceLoss(nn.Module):
         smooth: Symmetric smoothing ``s`` added to numerator and denominator of every Dice term.
         ce_weight: Weight of the cross-entropy term added to the Dice loss; ``0`` disables it.
         batch_dice: One Dice term per class over the whole batch instead of one per sample and class.
+        partial: How unannotated classes are treated: ``"marginal"``, ``"exclusion"`` or ``"naive"``.
+        exclusion_weight: Weight λ of the exclusion term; ``0`` disables it.
 
     Example:
         >>> loss = DiceLoss(ce_weight=1.0)
@@ -51,17 +68,27 @@ class DiceLoss(nn.Module):
     """
 
     def __init__(
-        self, include_background: bool = True, smooth: float = 1e-5, ce_weight: float = 0.0, batch_dice: bool = False
+        self,
+        include_background: bool = True,
+        smooth: float = 1e-5,
+        ce_weight: float = 0.0,
+        batch_dice: bool = False,
+        partial: PartialMode = "marginal",
+        exclusion_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if smooth <= 0:
             raise ValueError(f"smooth must be > 0 so that empty classes are defined, got {smooth}")
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight}")
+        if ce_weight < 0 or exclusion_weight < 0:
+            raise ValueError(f"ce_weight and exclusion_weight must be >= 0, got {ce_weight}, {exclusion_weight}")
+        if partial not in PARTIAL_MODES:
+            raise ValueError(f"partial must be one of {', '.join(PARTIAL_MODES)}, got {partial!r}")
         self.include_background = include_background
         self.smooth = smooth
         self.ce_weight = ce_weight
         self.batch_dice = batch_dice
+        self.partial = partial
+        self.exclusion_weight = exclusion_weight
 
     def forward(self, logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -> Tensor:
         """Compute the loss.
@@ -73,7 +100,7 @@ class DiceLoss(nn.Module):
                 annotate. ``None`` means every class is annotated.
 
         Returns:
-            Scalar loss. It is 0 (still attached to the graph) when no Dice term is left and CE is off.
+            Scalar loss. It is 0 (still attached to the graph) when no term is left.
 
         Raises:
             ValueError: Mismatched shapes, labels outside ``[0, C)``, a mask that drops background, or a
@@ -82,16 +109,17 @@ class DiceLoss(nn.Module):
         """
         target = _check_target(logits, target)
         batch, n_classes = logits.shape[:2]
-        mask = _expand_mask(class_mask, batch, n_classes, logits.device)
-        masked_logits = logits.float().masked_fill(~mask[(..., *([None] * (logits.ndim - 2)))], float("-inf"))
-        flat_logits = masked_logits.flatten(2)
+        annotated = _expand_mask(class_mask, batch, n_classes, logits.device)
+        flat_logits = logits.float().flatten(2)
         flat_target = target.flatten(1)
-        probs = torch.softmax(flat_logits, dim=1)
-
         counts = torch.zeros(batch, n_classes, device=logits.device).scatter_add_(
             1, flat_target, torch.ones_like(flat_target, dtype=torch.float32)
         )
-        _check_no_masked_labels(counts, mask)
+        _check_no_masked_labels(counts, annotated)
+        mask = torch.ones_like(annotated) if self.partial == "naive" else annotated
+        log_probs = scoring_log_probs(flat_logits, mask, self.partial)
+        probs = log_probs.exp()
+
         p_at_target = probs.gather(1, flat_target.unsqueeze(1)).squeeze(1)
         intersection = torch.zeros_like(counts).scatter_add_(1, flat_target, p_at_target)
         include = mask.clone()
@@ -105,8 +133,48 @@ class DiceLoss(nn.Module):
         dice = (2.0 * intersection + self.smooth) / (denominator + self.smooth)
         loss = _masked_mean(1.0 - dice, include)
         if self.ce_weight > 0:
-            loss = loss + self.ce_weight * F.cross_entropy(flat_logits, flat_target)
+            loss = loss + self.ce_weight * F.nll_loss(log_probs, flat_target)
+        if self.exclusion_weight > 0:
+            loss = loss + self.exclusion_weight * exclusion_term(flat_logits, flat_target, annotated, self.smooth)
         return loss
+
+
+def scoring_log_probs(flat_logits: Tensor, mask: Tensor, partial: PartialMode) -> Tensor:
+    """Log-probabilities ``(B, C, N)`` the Dice and CE terms score; unannotated channels are ``-inf``.
+
+    ``"marginal"`` folds the unannotated classes into channel 0 (a logsumexp of log-probabilities, stable);
+    ``"exclusion"`` renormalises the softmax over the annotated classes; with an all-True mask both are the
+    plain log-softmax.
+    """
+    spread = mask[..., None].expand_as(flat_logits)
+    if partial == "exclusion":
+        return torch.log_softmax(flat_logits.masked_fill(~spread, float("-inf")), dim=1)
+    log_probs = torch.log_softmax(flat_logits, dim=1)
+    if bool(mask.all()):
+        return log_probs
+    folded = ~spread.clone()
+    folded[:, 0] = True
+    background = torch.logsumexp(log_probs.masked_fill(~folded, float("-inf")), dim=1, keepdim=True)
+    return torch.cat([background, log_probs[:, 1:].masked_fill(~spread[:, 1:], float("-inf"))], dim=1)
+
+
+def exclusion_term(flat_logits: Tensor, flat_target: Tensor, annotated: Tensor, smooth: float) -> Tensor:
+    """Mean soft overlap of each unannotated class's full-softmax probability with the sample's foreground.
+
+    Args:
+        flat_logits: ``(B, C, N)`` logits.
+        flat_target: ``(B, N)`` labels.
+        annotated: ``(B, C)`` bool, background True.
+        smooth: added to the denominator only.
+
+    Returns:
+        ``mean over (b, c not annotated) of 2 sum(p_c E_b) / (sum(p_c) + sum(E_b) + smooth)``; 0 (with graph)
+        when every class is annotated.
+    """
+    probs = torch.softmax(flat_logits, dim=1)
+    foreground = (flat_target > 0).to(probs.dtype).unsqueeze(1)
+    overlap = 2.0 * (probs * foreground).sum(dim=2) / (probs.sum(dim=2) + foreground.sum(dim=2) + smooth)
+    return _masked_mean(overlap, ~annotated)
 
 
 def _check_target(logits: Tensor, target: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple
 from fedseg.common.console import console
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.control.demo import DemoOptions, run_demo, write_final_attention
+from fedseg.server.control.report import write_report
 
 
 @guarded
@@ -46,3 +47,4 @@ def demo_command(
     if pngs:
         console.print(f"attention maps of the final model: {escape(str(pngs[0]))}")
     console.print(f"history, metrics.csv and checkpoints in [bold]{escape(str(spec.config.output_dir))}[/]")
+    console.print(f"report: [bold]{escape(str(write_report(spec.config.output_dir)))}[/]")

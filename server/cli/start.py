@@ -17,6 +17,7 @@ from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import RunSpec, load_server_config
 from fedseg.server.control.launch import run_to_end, start_server
 from fedseg.server.control.monitor import monitored
+from fedseg.server.control.report import write_report
 from fedseg.server.control.runs import new_spec, resume_spec
 
 
@@ -50,6 +51,8 @@ def run_and_report(spec: RunSpec) -> None:
         console.print(line)
     out = escape(str(spec.config.output_dir))
     console.print(f"run {run_id} {status.status} in {status.elapsed:.0f} s; results in [bold]{out}[/]")
+    if (spec.config.output_dir / "history.json").is_file():
+        console.print(f"report: [bold]{escape(str(write_report(spec.config.output_dir)))}[/]")
 
 
 @guarded

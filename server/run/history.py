@@ -59,6 +59,9 @@ class RoundRow(BaseModel):
     bytes_out: int = Field(default=0, description="payload bytes sent to sites")
     bytes_in: int = Field(default=0, description="payload bytes received from sites")
     best: bool = Field(default=False, description="this round's model is the best so far")
+    cross_site: dict[str, dict[str, dict[str, dict[str, float]]]] = Field(
+        default_factory=dict, description="site -> organ -> metric -> mean/sd/n of the sites' own scores"
+    )
 
     @property
     def mean_dice(self) -> float:

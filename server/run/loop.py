@@ -23,6 +23,7 @@ from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.events import EventWriter
 from fedseg.server.config import RunSpec
 from fedseg.server.run.central import CentralValidator
+from fedseg.server.run.crosssite import CrossSite
 from fedseg.server.run.history import History, RoundRow, clean_dice
 from fedseg.server.run.state import StrategyState, load_state, save_state
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
@@ -127,6 +128,7 @@ class RoundEvaluator:
             dice=clean_dice(dice),
             bytes_out=stats.bytes_out,
             bytes_in=stats.bytes_in,
+            cross_site=stats.cross_site,
             best=best,
         )
         self.history.append(row)
@@ -162,6 +164,7 @@ def serve(grid: Grid, spec: RunSpec) -> None:
         cfg.site_wait_timeout,
         limits=cfg.strategy,
         round_offset=spec.first_round - 1,
+        cross_site=CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None,
     )
     if spec.initial_checkpoint is not None:
         try:
@@ -182,6 +185,7 @@ def serve(grid: Grid, spec: RunSpec) -> None:
             num_rounds=spec.num_rounds,
             timeout=cfg.round_timeout,
             train_config=task_config(train_task(spec)),
+            evaluate_config=task_config(train_task(spec)),
             evaluate_fn=telemetry.timed(evaluator),
         )
     except BaseException:

@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 from fedseg.server.config import StrategyConfig
+from fedseg.server.run import headavg
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy
+from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
 from fedseg.server.run.replies import Accepted, Rejected, SiteRegistry, check_reply, norm_outliers, update_norm
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
@@ -55,6 +57,7 @@ class RoundStats:
     failures: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    cross_site: Matrix = field(default_factory=dict)
 
 
 def site_round(reply: Accepted, norm: float) -> SiteRound:
@@ -119,6 +122,7 @@ class RecordingStrategy(Strategy):
         limits: the reply bounds and clipping (``max_examples``, ``max_update_ratio``, ``max_update_norm``,
             ``clip_norm``).
         round_offset: added to Flower's round number (a resumed run): FedAdam's bias correction counts on.
+        cross_site: when to run cross-site validation at the sites; None = never.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class RecordingStrategy(Strategy):
         on_round: Callable[[int, RoundStats], None] | None = None,
         limits: StrategyConfig | None = None,
         round_offset: int = 0,
+        cross_site: CrossSite | None = None,
     ) -> None:
         self.inner = inner
         self.min_sites = min_sites
@@ -140,6 +145,8 @@ class RecordingStrategy(Strategy):
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
         self.registry = SiteRegistry()
+        self.class_aware_head = type(inner) in (FedAvg, FedProx)  # see fedseg.server.run.headavg
+        self.cross_site = cross_site
         self._reference: dict[str, NDArray] = {}
 
     @property
@@ -231,6 +238,8 @@ class RecordingStrategy(Strategy):
         merged = dict(ref)
         merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
         merged.update({k: arrays[k].numpy().astype(ref[k].dtype) for k in keys})
+        if self.class_aware_head:
+            merged.update(headavg.head_of_accepted(merged, ref, [(a.arrays, a.cases, a.message) for a in accepted]))
         bad = [k for k, v in merged.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
         if bad:
             log.error(
@@ -266,9 +275,14 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate (our strategies send no evaluate messages: validation is central)."""
+        """Cross-site validation messages when due (see :mod:`fedseg.server.run.crosssite`), else none."""
+        if self.cross_site is not None:
+            return self.cross_site.messages(server_round, arrays, config, grid)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Delegate."""
+        """Record the cross-site matrix of the replies in the round's stats (no aggregate metrics)."""
+        if self.cross_site is not None:
+            self.stats.setdefault(server_round, RoundStats()).cross_site = matrix_of(replies)
+            return None
         return self.inner.aggregate_evaluate(server_round, replies)

@@ -78,12 +78,12 @@ def test_loss_class_absent_from_patch_but_predicted_costs_one() -> None:
     assert loss.item() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_loss_masked_class_gets_zero_gradient() -> None:
+def test_exclusion_masked_class_gets_zero_gradient() -> None:
     logits2, target = four_voxel_case()
     extra = torch.tensor([2.0, -1.0, 0.5, 3.0]).reshape(1, 1, 1, 2, 2)
     logits3 = torch.cat([logits2, extra], dim=1).requires_grad_(True)
     mask = torch.tensor([True, True, False])
-    loss = DiceLoss(ce_weight=1.0)(logits3, target, class_mask=mask)
+    loss = DiceLoss(ce_weight=1.0, partial="exclusion")(logits3, target, class_mask=mask)
     loss.backward()
     assert logits3.grad is not None
     assert torch.isfinite(logits3.grad).all()
@@ -108,7 +108,7 @@ def test_loss_per_sample_mask_averages_included_pairs() -> None:
     logits = torch.cat([sample0, sample1]).requires_grad_(True)
     targets = torch.cat([target, target])
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    loss_fn = DiceLoss()
+    loss_fn = DiceLoss(partial="exclusion")
     loss = loss_fn(logits, targets, class_mask=mask)
     loss.backward()
     assert logits.grad is not None
@@ -191,3 +191,99 @@ def test_loss_without_masks_equals_monais(ce_weight: float, batch_dice: bool) ->
     )
     ours = DiceLoss(smooth=1e-5, ce_weight=ce_weight, batch_dice=batch_dice)
     assert float(ours(logits, target)) == pytest.approx(float(reference(logits, target)), abs=1e-6)
+
+
+def three_class_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """The four-voxel case plus a class 2 with logit 0 (= z0): p = e^z / (2 + e^z1).
+
+    p1 = [3/5, 3/5, 1/7, 1/3], p0 = p2 = [1/5, 1/5, 3/7, 1/3]; target = [1, 1, 0, 0].
+    """
+    logits2, target = four_voxel_case()
+    return torch.cat([logits2, torch.zeros(1, 1, 1, 2, 2)], dim=1), target
+
+
+# Marginal with class 2 unannotated: p~0 = p0 + p2 = [2/5, 2/5, 6/7, 2/3], p~1 = p1.
+# Class 1: 2 * (3/5 + 3/5) = 12/5;  sum(p1) + 2 = 176/105 + 2 = 386/105  -> d1 = 126/193
+# Class 0: 2 * (6/7 + 2/3) = 64/21; sum(p~0) + 2 = 244/105 + 2 = 454/105 -> d0 = 160/227
+M0, M1 = 160 / 227, 126 / 193
+MARGINAL_CE = -(2 * math.log(3 / 5) + math.log(6 / 7) + math.log(2 / 3)) / 4
+# Exclusion term: p2 = [1/5, 1/5, 3/7, 1/3], E = [1, 1, 0, 0]: 2 * (2/5) / (122/105 + 2) = 21/83
+EXCL = 21 / 83
+UNANNOTATED_2 = torch.tensor([True, True, False])
+
+
+def test_marginal_loss_hand_computed() -> None:
+    logits, target = three_class_case()
+    loss = DiceLoss(ce_weight=1.0)(logits, target, class_mask=UNANNOTATED_2)
+    assert loss.item() == pytest.approx(1 - (M0 + M1) / 2 + MARGINAL_CE, abs=1e-5)
+
+
+def test_exclusion_mode_hand_computed_is_the_renormalised_two_class_loss() -> None:
+    logits, target = three_class_case()
+    loss = DiceLoss(ce_weight=1.0, partial="exclusion")(logits, target, class_mask=UNANNOTATED_2)
+    assert loss.item() == pytest.approx(1 - (D0 + D1) / 2 + CE, abs=1e-5)
+
+
+def test_naive_mode_ignores_the_mask() -> None:
+    logits, target = three_class_case()
+    naive = DiceLoss(partial="naive")(logits, target, class_mask=UNANNOTATED_2)
+    assert naive.item() == pytest.approx(DiceLoss()(logits, target).item(), abs=1e-6)
+    # Full softmax: d2 = s / (sum(p2) + s) ~ 0 since class 2 is absent but predicted: the naive loss is larger.
+    assert naive.item() > DiceLoss()(logits, target, class_mask=UNANNOTATED_2).item() + 0.2
+
+
+def test_exclusion_term_hand_computed() -> None:
+    logits, target = three_class_case()
+    base = DiceLoss()(logits, target, class_mask=UNANNOTATED_2).item()
+    with_term = DiceLoss(exclusion_weight=0.5)(logits, target, class_mask=UNANNOTATED_2).item()
+    assert with_term - base == pytest.approx(0.5 * EXCL, abs=1e-5)
+    # Every class annotated: nothing to exclude.
+    assert DiceLoss(exclusion_weight=0.5)(logits, target).item() == pytest.approx(DiceLoss()(logits, target).item())
+
+
+def test_marginal_does_not_penalise_an_unannotated_organ_where_the_site_says_background() -> None:
+    logits, target = three_class_case()
+    swapped = logits.clone()
+    swapped[0, 0, 0, 1, :], swapped[0, 2, 0, 1, :] = torch.tensor([5.0, -5.0]), torch.tensor([-5.0, 5.0])
+    # Voxels 3 and 4 are labelled 0; moving their mass from background to class 2 changes nothing marginally.
+    marginal = DiceLoss(ce_weight=1.0)
+    a = marginal(logits.clone(), target, UNANNOTATED_2).item()
+    b = marginal(swapped, target, UNANNOTATED_2).item()
+    swapped2 = swapped.clone()
+    swapped2[0, [0, 2], 0, 1, :] = swapped[0, [2, 0], 0, 1, :]
+    assert marginal(swapped2, target, UNANNOTATED_2).item() == pytest.approx(b, abs=1e-6)
+    assert a != pytest.approx(b)  # sanity: the logits did change the (annotated) scores
+
+
+def _train_free_logits(partial: str, steps: int = 50) -> float:
+    """Adam on free logits of a 3-class, 8-voxel volume whose voxels 4..7 are organ 2, unannotated by the site.
+
+    Returns the full-softmax P(class 2) on those voxels after ``steps`` steps (it starts at 0.649).
+    """
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 3, 8)
+    logits[0, 2, 4:] = math.log(0.649 / 0.351 * 2)  # p2 = 0.649 at start on the organ-2 voxels
+    logits[0, 1, :2] = 2.0
+    logits.requires_grad_(True)
+    target = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]])  # the site labels organ 2 as background
+    optimiser = torch.optim.Adam([logits], lr=0.05)
+    loss_fn = DiceLoss(ce_weight=1.0, partial=partial)  # type: ignore[arg-type]
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss_fn(logits, target, class_mask=UNANNOTATED_2).backward()
+        optimiser.step()
+    return float(torch.softmax(logits.detach(), dim=1)[0, 2, 4:].mean())
+
+
+def test_marginal_keeps_an_unannotated_organ_that_exclusion_and_naive_erode() -> None:
+    start = 0.649
+    assert _train_free_logits("marginal") >= start - 1e-3
+    assert _train_free_logits("exclusion") < start - 0.1
+    assert _train_free_logits("naive") < start - 0.3
+
+
+def test_bad_partial_mode_raises() -> None:
+    with pytest.raises(ValueError, match="partial must be one of marginal, exclusion, naive"):
+        DiceLoss(partial="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exclusion_weight must be >= 0"):
+        DiceLoss(exclusion_weight=-1.0)
