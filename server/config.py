@@ -6,6 +6,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     min_sites = 2
     round_timeout = 1800
     output_dir = "runs/fed-1"
+    transport = "fp16"        # weights travel in half precision (fp32 | fp16 | bf16); aggregated in fp32
 
     [strategy]
     name = "fedprox"          # fedavg | fedprox | fedadam | fedyogi
@@ -117,6 +118,9 @@ class ServerConfig(BaseModel):
     database: Path | None = Field(default=None, description="SuperLink state database; default in memory")
     supernode_auth: bool = Field(default=False, description="only registered site keys may join (needs tls)")
     seed: int = 0
+    transport: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="precision of the weights on the wire (fp16/bf16 halve the bytes)"
+    )
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -22,9 +22,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from fedseg.common.errors import FedsegError
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.history import SiteRound
+from fedseg.server.run.transport import decode_replies, encode_messages
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class RecordingStrategy(Strategy):
         self.on_round = on_round
         self.stats: dict[int, RoundStats] = {}
         self._keys: set[str] = set()
+        self._transport: Transport = "fp32"
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -166,9 +168,11 @@ class RecordingStrategy(Strategy):
     ) -> Iterable[Message]:
         """Wait (bounded) for enough sites, then let the inner strategy sample and build the messages."""
         wait_for_sites(grid, self.min_sites, self.site_wait_timeout)
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        messages, self._transport = encode_messages(messages, config)  # fp16/bf16 on the wire when asked
         self._keys = set(arrays.keys())
-        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
+        sent = messages[0].content.array_records[ARRAYS_KEY].count_bytes() if messages else 0
+        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=sent * len(messages))
         return messages
 
     def aggregate_train(
@@ -196,7 +200,7 @@ class RecordingStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
-        return self.inner.aggregate_train(server_round, usable)
+        return self.inner.aggregate_train(server_round, decode_replies(usable, self._transport))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
