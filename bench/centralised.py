@@ -96,8 +96,8 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[PreparedCase], list[Pre
         generate_phantoms(partial, 3, args.cases_per_site, args.val_cases, size, args.seed)
         partial.rename(root)
     cache = args.out / "cache"
-    train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache)
-    return train, load_cases([root / "validation"], PreprocessConfig(), cache)
+    train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache, "--data")
+    return train, load_cases([root / "validation"], PreprocessConfig(), cache, "--val")
 
 
 def bf16_setting(choice: str) -> CpuBf16:
