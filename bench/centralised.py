@@ -31,6 +31,7 @@ from fedseg.common.data.manifest import GLOBAL_CLASSES
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, save_checkpoint
 from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.device import CpuBf16, cpu_has_native_bf16
 from fedseg.common.engine.inference import gate_maps, sliding_window_predict
 from fedseg.common.engine.train import TrainReport, train_model
 from fedseg.common.engine.validation import case_dice
@@ -69,7 +70,10 @@ def parse_args() -> argparse.Namespace:
         "--affine-prob", type=float, default=1.0, help="share of patches with the paper's random affine (1 = paper)"
     )
     parser.add_argument(
-        "--cpu-bf16", action="store_true", help="bf16 autocast for training on the CPU (fast with AVX-512 BF16/AMX)"
+        "--cpu-bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bf16 autocast on the CPU for training and inference (auto: on with AVX-512 BF16/AMX)",
     )
     parser.add_argument("--batch-dice", action="store_true", help="Dice summed over the batch (nnU-Net)")
     parser.add_argument("--ce-weight", type=float, default=1.0, help="cross-entropy weight added to Dice")
@@ -92,18 +96,28 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[PreparedCase], list[Pre
         generate_phantoms(partial, 3, args.cases_per_site, args.val_cases, size, args.seed)
         partial.rename(root)
     cache = args.out / "cache"
-    train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache)
-    return train, load_cases([root / "validation"], PreprocessConfig(), cache)
+    train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache, "--data")
+    return train, load_cases([root / "validation"], PreprocessConfig(), cache, "--val")
+
+
+def bf16_setting(choice: str) -> CpuBf16:
+    """``--cpu-bf16`` auto/on/off as a ``cpu_bf16`` setting."""
+    return "auto" if choice == "auto" else choice == "on"
 
 
 def evaluate(
-    model: torch.nn.Module, cases: list[PreparedCase], patch: tuple[int, int, int], attention: bool, tta: bool
+    model: torch.nn.Module,
+    cases: list[PreparedCase],
+    patch: tuple[int, int, int],
+    attention: bool,
+    tta: bool,
+    cpu_bf16: CpuBf16 = "auto",
 ) -> tuple[dict[str, float], float, dict[str, tuple[float, float]]]:
     """Mean Dice per organ, mean inference seconds per volume, mean α (inside, outside) organs per gate."""
     scores, seconds, alphas = [], [], {}
     for case in cases:
         start = time.perf_counter()
-        pred = sliding_window_predict(model, case.image, patch, "cpu", attention=attention, tta=tta)
+        pred = sliding_window_predict(model, case.image, patch, "cpu", attention=attention, tta=tta, cpu_bf16=cpu_bf16)
         seconds.append(time.perf_counter() - start)
         scores.append(case_dice(pred.labels, case, len(GLOBAL_CLASSES)))
         for gate, alpha in gate_maps(pred.attention).items():
@@ -132,7 +146,7 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
             "warmup_steps": args.warmup,
             "affine_prob": args.affine_prob,
             "batch_dice": args.batch_dice,
-            "cpu_bf16": args.cpu_bf16,
+            "cpu_bf16": bf16_setting(args.cpu_bf16),
             "ce_weight": args.ce_weight,
             "seed": args.seed,
         }
@@ -141,7 +155,7 @@ def run_arch(arch: str, args: argparse.Namespace, train: list[PreparedCase], val
     model = build_model(model_cfg)
     print(f"training {arch} ({count_parameters(model):,} parameters) for {args.steps} steps ...", flush=True)
     report = train_model(model, train, cfg, "cpu", val_cases=val if args.log_every else None)
-    dice, infer, alpha = evaluate(model, val, cfg.patch_size, arch == "attention-unet", args.tta)
+    dice, infer, alpha = evaluate(model, val, cfg.patch_size, arch == "attention-unet", args.tta, cfg.cpu_bf16)
     meta = CheckpointMeta(
         model=model_cfg,
         class_names=GLOBAL_CLASSES,
@@ -161,7 +175,8 @@ def print_tables(results: list[ArchResult], args: argparse.Namespace, n_train: i
         f"\nphantoms {args.size}^3 at 2 mm, 3 sites x {args.cases_per_site} train cases ({n_train}), {n_val} val;"
         f" patch {args.patch}, batch {args.batch_size}, feature_scale {args.feature_scale}, lr {args.lr}"
         f" ({args.schedule}, warm-up {args.warmup}), affine p {args.affine_prob}, TTA {args.tta},"
-        f" ce_weight {args.ce_weight}, batch Dice {args.batch_dice}, CPU bf16 {args.cpu_bf16},"
+        f" ce_weight {args.ce_weight}, batch Dice {args.batch_dice},"
+        f" CPU bf16 {args.cpu_bf16} (native here: {cpu_has_native_bf16()}),"
         f" {args.steps} steps, {torch.get_num_threads()} CPU threads\n"
     )
     head = "| model | params | " + " | ".join(f"Dice {o}" for o in ORGANS) + " | mean fg Dice |"

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.train import train_model
 from fedseg.common.fl.protocol import LocalResult, TrainTask
-from fedseg.common.fl.weights import arrays_from_model, load_arrays
+from fedseg.common.fl.weights import arrays_from_model, encode_arrays, load_arrays
 from fedseg.common.nn.model import build_model
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def train_locally(
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
     Args:
-        arrays: global weights (keyed by state-dict name).
+        arrays: global weights (keyed by state-dict name), in any transport precision.
         task: model, training budget (FedProx μ included) and preprocessing of this round.
         cases: the site's prepared, labelled cases.
         device: where to train.
@@ -68,7 +68,8 @@ def train_locally(
         on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
 
     Returns:
-        The trained weights and the numbers the server may see: cases, mean loss, patches, seconds.
+        The trained weights (in ``task.transport`` precision) and the numbers the server may see: cases, mean
+        loss, patches, seconds.
 
     Raises:
         IncompatibleModelError: the weights do not fit ``task.model``.
@@ -94,4 +95,4 @@ def train_locally(
     result = LocalResult(
         cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds, annotated=annotated
     )
-    return arrays_from_model(model.cpu()), result
+    return encode_arrays(arrays_from_model(model.cpu()), task.transport), result

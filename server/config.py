@@ -6,6 +6,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     min_sites = 2
     round_timeout = 1800
     output_dir = "runs/fed-1"
+    transport = "fp16"        # weights travel in half precision (fp32 | fp16 | bf16); aggregated in fp32
 
     [strategy]
     name = "fedprox"          # fedavg fedprox fedadam fedyogi median trimmed-mean krum multi-krum bulyan
@@ -161,6 +162,9 @@ class ServerConfig(BaseModel):
     seed: int = 0
     cross_site_every: int | None = Field(
         default=None, ge=0, description="sites score the global model every N rounds and after the last (0: last only)"
+    )
+    transport: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="precision of the weights on the wire (fp16/bf16 halve the bytes)"
     )
     strategy: StrategyConfig = StrategyConfig()
     model: ModelConfig = ModelConfig()

@@ -205,8 +205,12 @@ def train_command(
         bool, typer.Option("--batch-dice", help="One Dice term per class over the batch (nnU-Net).")
     ] = False,
     cpu_bf16: Annotated[
-        bool, typer.Option("--cpu-bf16", help="bf16 autocast on the CPU (faster with AVX-512 BF16 / AMX only).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--cpu-bf16/--no-cpu-bf16",
+            help="Force bf16 autocast on the CPU on or off (default: on where the CPU has AVX-512 BF16 / AMX).",
+        ),
+    ] = None,
     affine_prob: Annotated[
         float, typer.Option(help="Share of patches that get the paper's random affine (paper: 1; flips always).")
     ] = 1.0,
@@ -234,7 +238,7 @@ def train_command(
             "ce_weight": ce_weight,
             "affine_prob": affine_prob,
             "batch_dice": batch_dice,
-            "cpu_bf16": cpu_bf16,
+            "cpu_bf16": "auto" if cpu_bf16 is None else cpu_bf16,
             "seed": seed,
         }
     )

@@ -52,9 +52,11 @@ class TrainConfig(BaseModel):
     affine_prob: float = Field(
         default=1.0, ge=0, le=1, description="share of patches that get the paper's random affine (with augment)"
     )
-    amp: bool = Field(default=True, description="bf16 autocast on CUDA; on the CPU only with cpu_bf16")
-    cpu_bf16: bool = Field(
-        default=False, description="bf16 autocast on the CPU as well: faster with AVX-512 BF16 / AMX, slower without"
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA; on the CPU as cpu_bf16 says")
+    cpu_bf16: Literal["auto"] | bool = Field(
+        default="auto",
+        description="bf16 autocast on the CPU: auto = on where the CPU has AVX-512 BF16 or AMX (native bf16), "
+        "true/false to force it",
     )
     channels_last: bool = Field(
         default=True, description="channels_last_3d memory format: much faster 3-D convolutions on CPU and CUDA"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -62,14 +63,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_for(device: torch.device, enabled: bool = True, cpu_bf16: bool = False) -> Any:
-    """bf16 autocast on CUDA when enabled; on the CPU only with ``cpu_bf16`` too, else a no-op (exact fp32).
+#: ``TrainConfig.cpu_bf16`` and inference: bf16 autocast on the CPU on, off, or ``auto`` (on where native).
+CpuBf16 = Literal["auto"] | bool
 
-    CPUs with AVX-512 BF16 or AMX run 3-D convolutions faster in bf16 (``bench/cpu_bf16.py`` times a training
-    step both ways); CPUs without it emulate bf16 and are slower.
+#: ``torch.cpu`` probes of the instruction sets that run bf16 natively (oneDNN uses them for bf16 convolutions).
+_NATIVE_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when torch reports AVX-512 BF16 or AMX on this CPU (bf16 convolutions run natively, not emulated)."""
+    for name in _NATIVE_BF16_PROBES:
+        probe = getattr(torch.cpu, name, None)
+        if probe is not None and bool(probe()):
+            return True
+    return False
+
+
+def use_cpu_bf16(setting: CpuBf16, native: Callable[[], bool] = cpu_has_native_bf16) -> bool:
+    """Resolve a ``cpu_bf16`` setting: ``auto`` asks ``native`` (the capability probe), a bool is taken as is."""
+    if setting == "auto":
+        return native()
+    return bool(setting)
+
+
+def autocast_for(
+    device: torch.device,
+    enabled: bool = True,
+    cpu_bf16: CpuBf16 = False,
+    native: Callable[[], bool] = cpu_has_native_bf16,
+) -> Any:
+    """bf16 autocast on CUDA when enabled; on the CPU only when ``cpu_bf16`` resolves to on, else exact fp32.
+
+    ``cpu_bf16="auto"`` turns it on where the CPU runs bf16 natively (AVX-512 BF16 or AMX, see
+    :func:`cpu_has_native_bf16`; ``native`` replaces that probe in tests). ``bench/cpu_bf16.py`` times a
+    training step both ways.
     """
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and cpu_bf16 and device.type == "cpu":
+    if enabled and device.type == "cpu" and use_cpu_bf16(cpu_bf16, native):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()

@@ -16,7 +16,7 @@ from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import default_manifest
 from fedseg.common.data.preprocess import PreparedCase, preprocess_case, restore_to_source
 from fedseg.common.engine.checkpoint import CheckpointMeta
-from fedseg.common.engine.device import autocast_for
+from fedseg.common.engine.device import CpuBf16, autocast_for
 from fedseg.common.nn.model import SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def sliding_window_predict(
     sw_batch_size: int = 2,
     amp: bool = True,
     tta: bool = False,
+    cpu_bf16: CpuBf16 = "auto",
 ) -> Prediction:
     """Predict a whole prepared volume with overlapping Gaussian-weighted windows.
 
@@ -123,8 +124,9 @@ def sliding_window_predict(
         overlap: fraction of overlap between neighbouring windows.
         attention: also blend the attention maps of ``model.forward_with_attention``.
         sw_batch_size: windows per forward pass.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast on CUDA, and on the CPU as ``cpu_bf16`` says.
         tta: test-time augmentation: average the outputs over the :data:`TTA_FLIPS` mirrorings (4x the time).
+        cpu_bf16: bf16 autocast on the CPU: ``auto`` (on where the CPU has native bf16), True or False.
 
     Returns:
         The blended :class:`Prediction` with the input's (z, y, x) shape.
@@ -139,7 +141,9 @@ def sliding_window_predict(
         for axes in flips:
             dims = [axis + 2 for axis in axes]  # (batch, channel, z, y, x)
             window_input = torch.flip(x, dims) if dims else x
-            for name, value in _blend(model, window_input, patch, device, overlap, attention, sw_batch_size, amp):
+            for name, value in _blend(
+                model, window_input, patch, device, overlap, attention, sw_batch_size, (amp, cpu_bf16)
+            ):
                 value = torch.flip(value, dims) if dims else value
                 total[name] = total[name] + value if name in total else value
     finally:
@@ -159,10 +163,10 @@ def _blend(
     overlap: float,
     attention: bool,
     sw_batch_size: int,
-    amp: bool,
+    amp: tuple[bool, CpuBf16],
 ) -> list[tuple[str, torch.Tensor]]:
     """MONAI's Gaussian-weighted sliding window over ``x`` (1, 1, z, y, x): (name, blended (1, C, z, y, x))."""
-    with torch.inference_mode(), autocast_for(device, amp):
+    with torch.inference_mode(), autocast_for(device, *amp):
         blended = sliding_window_inference(
             x,
             roi_size=window_size(tuple(x.shape[2:]), patch),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +36,9 @@ FAILURE_KEY = "failure"
 ANNOTATED_KEY = "annotated"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
+#: Precision of the weights on the wire both ways (:func:`fedseg.common.fl.weights.encode_arrays`).
+Transport = Literal["fp32", "fp16", "bf16"]
+
 
 class TrainTask(BaseModel):
     """What a site must do in a round: build this model, preprocess like this, train with this budget.
@@ -50,6 +54,7 @@ class TrainTask(BaseModel):
     preprocess: PreprocessConfig
     deadline: float = Field(gt=0, description="seconds; the server's round timeout")
     round_offset: int = Field(default=0, ge=0, description="added to Flower's round: global round of a resumed run")
+    transport: Transport = Field(default="fp32", description="precision of the weights on the wire, both ways")
 
 
 def task_config(task: TrainTask) -> ConfigRecord:
@@ -78,6 +83,14 @@ def read_task(config: ConfigRecord) -> tuple[TrainTask, int]:
     server_round = config.get(ROUND_KEY, 0)
     flower_round = int(server_round) if isinstance(server_round, int | float) else 0
     return task, task.round_offset + flower_round
+
+
+def task_transport(config: ConfigRecord) -> Transport:
+    """The transport a train ConfigRecord asks for (fp32 when it carries no valid task)."""
+    try:
+        return read_task(config)[0].transport
+    except ConfigError:
+        return "fp32"
 
 
 def round_seed(base: int, server_round: int, site: str) -> int:

@@ -56,6 +56,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         preprocess=cfg.preprocess,
         deadline=cfg.round_timeout,
         round_offset=spec.first_round - 1,
+        transport=cfg.transport,
     )
 
 

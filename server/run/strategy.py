@@ -18,6 +18,7 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,15 +31,24 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
-from fedseg.server.run.replies import Accepted, Rejected, SiteRegistry, check_reply, norm_outliers, update_norm
+from fedseg.server.run.replies import (
+    Accepted,
+    Rejected,
+    SiteRegistry,
+    check_reply,
+    norm_outliers,
+    site_of,
+    update_norm,
+)
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
+from fedseg.server.run.transport import decode_reply, encode_messages
 
 __all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
 
@@ -145,6 +155,7 @@ class RecordingStrategy(Strategy):
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
         self.registry = SiteRegistry()
+        self._transport: Transport = "fp32"
         self.class_aware_head = type(inner) in (FedAvg, FedProx)  # see fedseg.server.run.headavg
         self.cross_site = cross_site
         self._reference: dict[str, NDArray] = {}
@@ -172,9 +183,11 @@ class RecordingStrategy(Strategy):
     ) -> Iterable[Message]:
         """Wait (bounded) for enough sites, then let the inner strategy sample and build the messages."""
         wait_for_sites(grid, self.min_sites, self.site_wait_timeout)
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        messages, self._transport = encode_messages(messages, config)  # fp16/bf16 on the wire when asked
         self.begin_round(arrays)
-        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=arrays.count_bytes() * len(messages))
+        sent = messages[0].content.array_records[ARRAYS_KEY].count_bytes() if messages else 0
+        self.stats[server_round] = RoundStats(sampled=len(messages), bytes_out=sent * len(messages))
         return messages
 
     def begin_round(self, arrays: ArrayRecord) -> None:
@@ -192,9 +205,16 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         present = {r.metadata.src_node_id for r in replies}
         for reply in replies:
-            checked = check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
+            wire = reply.content.array_records.get(ARRAYS_KEY) if reply.has_content() else None
+            problem = decode_reply(reply, self._transport)  # the weights back in float32 before any check
+            checked = (
+                Rejected(reply.metadata.src_node_id, site_of(reply), problem)
+                if problem is not None
+                else check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
+            )
             if isinstance(checked, Accepted):
-                accepted.append(checked)
+                wire_bytes = wire.count_bytes() if wire is not None else checked.bytes_in
+                accepted.append(dataclasses.replace(checked, bytes_in=wire_bytes))  # what travelled
             else:
                 rejected.append(checked)
         norms = [update_norm(a.arrays, self._reference) for a in accepted]

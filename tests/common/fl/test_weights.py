@@ -9,7 +9,13 @@ from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedseg.common.errors import IncompatibleModelError
-from fedseg.common.fl.weights import arrays_from_model, load_arrays, state_dict_from_arrays
+from fedseg.common.fl.weights import (
+    arrays_from_model,
+    decode_arrays,
+    encode_arrays,
+    load_arrays,
+    state_dict_from_arrays,
+)
 
 
 def _net() -> nn.Module:
@@ -56,3 +62,37 @@ def test_a_list_built_record_does_not_load() -> None:
     listed = ArrayRecord([v.numpy() for v in net.state_dict().values()])
     with pytest.raises(IncompatibleModelError, match="missing"):
         load_arrays(net, listed)
+
+
+def _big_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(16, 32, 3), nn.BatchNorm3d(32))
+
+
+@pytest.mark.parametrize("transport", ["fp16", "bf16"])
+def test_half_transport_halves_the_bytes_and_loads_back_rounded(transport: str) -> None:
+    source, target = _big_net(), _big_net()
+    with torch.no_grad():
+        source[0].weight.mul_(3.0).add_(0.123456)
+    source[1].num_batches_tracked.fill_(9)
+    full = arrays_from_model(source)
+    wire = encode_arrays(full, transport)  # type: ignore[arg-type]
+    headers = 128 * len(full)  # each array's .npy header (and the int64 counter) does not shrink
+    assert wire.count_bytes() <= 0.5 * full.count_bytes() + headers
+    assert wire.count_bytes() < 0.6 * full.count_bytes()
+    assert wire["1.num_batches_tracked"].numpy().dtype == np.int64
+    half = torch.float16 if transport == "fp16" else torch.bfloat16
+    load_arrays(target, wire)
+    for key, value in source.state_dict().items():
+        got = target.state_dict()[key]
+        assert got.dtype == value.dtype, key
+        expected = value.to(half).to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(got, expected), key  # exactly the half-precision rounding, nothing else
+    decoded = decode_arrays(wire, transport)  # type: ignore[arg-type]
+    assert decoded["0.weight"].numpy().dtype == np.float32
+    np.testing.assert_array_equal(decoded["0.weight"].numpy(), target.state_dict()["0.weight"].numpy())
+
+
+def test_fp32_transport_is_the_identity() -> None:
+    arrays = arrays_from_model(_net())
+    assert encode_arrays(arrays, "fp32") is arrays and decode_arrays(arrays, "fp32") is arrays
