@@ -28,28 +28,44 @@ class ArithmeticGrid:
     def __init__(self, rogue: bool = False) -> None:
         self.nodes = [11, 12, 13] if rogue else [11, 12]
         self.calls = 0
+        self.pending: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Flower's push half: every site "trains" at once; the replies wait for :meth:`pull_messages`."""
         self.calls += 1
-        replies = []
+        ids = []
         for message in messages:
-            node = message.metadata.dst_node_id
-            received = message.content.array_records["arrays"]
-            out = {}
-            for key in received:
-                value = received[key].numpy()
-                if value.dtype.kind == "f":
-                    value = (value + 0.01 * np.cos(value + node)).astype(value.dtype)
-                    if node == 13 and self.calls >= 2 and key.endswith("conv1.0.weight"):
-                        value.reshape(-1)[0] = np.nan
-                out[key] = value
-            arrays = ArrayRecord({k: Array(v) for k, v in out.items()})
-            result = LocalResult(cases=node - 10, loss=0.5, samples=4, seconds=1.0)
-            replies.append(Message(reply_content(arrays, result, f"site-{node}"), reply_to=message))
-        return replies
+            message_id = f"m{self.calls}-{message.metadata.dst_node_id}"
+            message.metadata.__dict__["_message_id"] = message_id
+            self.pending[message_id] = self._reply(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
+
+    def _reply(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        received = message.content.array_records["arrays"]
+        out = {}
+        for key in received:
+            value = received[key].numpy()
+            if value.dtype.kind == "f":
+                value = (value + 0.01 * np.cos(value + node)).astype(value.dtype)
+                if node == 13 and self.calls >= 2 and key.endswith("conv1.0.weight"):
+                    value.reshape(-1)[0] = np.nan
+            out[key] = value
+        arrays = ArrayRecord({k: Array(v) for k, v in out.items()})
+        result = LocalResult(cases=node - 10, loss=0.5, samples=4, seconds=1.0)
+        reply = Message(reply_content(arrays, result, f"site-{node}"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = node
+        return reply
 
 
 def _digest(path: Path) -> str:
