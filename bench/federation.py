@@ -39,7 +39,8 @@ from fedseg.common.engine.validation import validate
 from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
 from fedseg.common.runtime.flwrctl import RunStatus
 from fedseg.common.runtime.processes import Supervisor, free_port
-from fedseg.server.config import ServerConfig, build_config
+from fedseg.server.config import ServerConfig
+from fedseg.server.configfile import build_config
 from fedseg.server.control.demo import DemoOptions, ensure_phantoms, join_argv
 from fedseg.server.control.launch import run_to_end, start_server
 from fedseg.server.control.runs import new_spec

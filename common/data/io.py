@@ -10,6 +10,7 @@ Convention (used everywhere in fedseg):
   matrix whose columns are the x, y and z index axes.
 
 Supported inputs are NIfTI files (``.nii``, ``.nii.gz``) and DICOM series folders; output is always NIfTI.
+(About 300 lines: reading, header checks and writing of both formats stay together so the convention has one home.)
 """
 
 from __future__ import annotations

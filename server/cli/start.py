@@ -14,7 +14,8 @@ from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
 from fedseg.common.runtime.processes import Supervisor
 from fedseg.server.cli.live import LiveRounds, summary_lines
-from fedseg.server.config import RunSpec, load_server_config
+from fedseg.server.config import RunSpec
+from fedseg.server.configfile import load_server_config
 from fedseg.server.control.launch import run_to_end, start_server
 from fedseg.server.control.monitor import monitored
 from fedseg.server.control.report import write_report

@@ -28,7 +28,8 @@ from fedseg.common.eval.attention_export import write_attention
 from fedseg.common.runtime.events import Event
 from fedseg.common.runtime.processes import Child, Supervisor, free_port
 from fedseg.common.synthetic.phantoms import generate_phantoms
-from fedseg.server.config import RunSpec, ServerConfig, build_config, merge, parse_overrides
+from fedseg.server.config import RunSpec, ServerConfig
+from fedseg.server.configfile import build_config, merge, parse_overrides
 from fedseg.server.control.launch import Server, run_to_end, start_server
 from fedseg.server.control.monitor import monitored
 from fedseg.server.control.runs import CONFIG_FILE, new_spec

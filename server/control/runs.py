@@ -13,7 +13,8 @@ import tomli_w
 from fedseg.common.engine.checkpoint import changed_settings, read_meta
 from fedseg.common.engine.keeper import LAST, last_round
 from fedseg.common.errors import ConfigError
-from fedseg.server.config import RUN_CONFIG_KEY, RunSpec, ServerConfig, build_config, merge, parse_overrides
+from fedseg.server.config import RUN_CONFIG_KEY, RunSpec, ServerConfig
+from fedseg.server.configfile import build_config, merge, parse_overrides
 from fedseg.server.run.history import HISTORY_FILE
 from fedseg.server.run.loop import CHECKPOINT_DIR
 

@@ -12,7 +12,13 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
   :mod:`fedseg.server.run.bn`, integer buffers keep the global value, and every array keeps the model's dtype;
 * it keeps the previous global model when fewer than ``min_replies`` sites answered usably or when the aggregate
   is not finite;
-* it records, per round, each site's name, cases, loss, samples, seconds, update norm and payload bytes.
+* it records, per round, each site's name, cases, loss, samples, seconds, update norm and payload bytes;
+* it decodes half-precision transport before validation (:mod:`fedseg.server.run.transport`), averages the output
+  head class-aware under FedAvg/FedProx (:mod:`fedseg.server.run.headavg`) and sends cross-site validation
+  messages when due (:mod:`fedseg.server.run.crosssite`).
+
+(A little over 300 lines because every one of these hooks meets Flower's ``Strategy`` interface here; each
+hook's logic lives in its own module.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from fedseg.server.config import load_server_config
+from fedseg.server.configfile import load_server_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

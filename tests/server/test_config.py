@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedseg.common.errors import ConfigError
-from fedseg.server.config import RunSpec, ServerConfig, load_server_config, merge, parse_overrides
+from fedseg.server.config import RunSpec, ServerConfig
+from fedseg.server.configfile import load_server_config, merge, parse_overrides
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from fedseg.common.synthetic.phantoms import generate_phantoms
-from fedseg.server.config import load_server_config
+from fedseg.server.configfile import load_server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "server.toml"

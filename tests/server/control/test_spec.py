@@ -9,7 +9,8 @@ import pytest
 
 from fedseg.common.errors import ConfigError
 from fedseg.server.app import trusted_spec
-from fedseg.server.config import RUN_CONFIG_KEY, RunSpec, load_server_config
+from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
+from fedseg.server.configfile import load_server_config
 from fedseg.server.control.runs import SPEC_ENV, new_spec, write_spec
 
 

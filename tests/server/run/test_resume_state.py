@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from fedseg.common.engine.checkpoint import load_checkpoint
 from fedseg.common.fl.protocol import LocalResult, reply_content
-from fedseg.server.config import load_server_config
+from fedseg.server.configfile import load_server_config
 from fedseg.server.control.runs import new_spec, resume_spec, save_config
 from fedseg.server.run.history import read_history
 from fedseg.server.run.loop import serve

@@ -16,7 +16,8 @@ from fedseg.client.site import SiteConfig
 from fedseg.common.engine.checkpoint import read_meta
 from fedseg.common.errors import ConfigError
 from fedseg.server.app import run_spec
-from fedseg.server.config import RUN_CONFIG_KEY, RunSpec, load_server_config
+from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
+from fedseg.server.configfile import load_server_config
 from fedseg.server.control.runs import new_spec, resume_spec, save_config
 from fedseg.server.run.history import read_history
 from fedseg.server.run.loop import serve
