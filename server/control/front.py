@@ -6,14 +6,13 @@ import logging
 import os
 import ssl
 import sys
-import time
 import urllib.error
 import urllib.request
 
 from fedseg.common.errors import ConfigError, FedsegError
 from fedseg.common.runtime.processes import Child, Supervisor, host_port
 from fedseg.server.config import ServerConfig
-from fedseg.server.control.superlink import internal_url, local_address
+from fedseg.server.control.superlink import internal_url, local_address, wait_answering
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +71,13 @@ def start_gateway(sup: Supervisor, cfg: ServerConfig, internal_port: int, timeou
     """
     log_path = cfg.output_dir / "logs" / "gateway.log"
     child = sup.start("gateway", gateway_argv(cfg, internal_port), log_path=log_path)
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if child.process.poll() is not None:
-            tail = child.log_tail(2).replace("\n", " | ")
-            raise FedsegError(
-                f"the gateway on {cfg.address} exited with code {child.process.returncode} "
-                f"(is port {cfg.port} in use? set port=...): {tail[-300:]}"
-            )
-        if _answers(cfg):
-            log.info("gateway serving the Fleet API on %s (log: %s)", cfg.address, log_path)
-            return child
-        time.sleep(0.2)
-    raise FedsegError(f"the gateway did not answer on {cfg.address} within {timeout:.0f} s; see {log_path}")
+    what = f"the gateway on {cfg.address}"
+    hint = f"is port {cfg.port} in use? set port=..."
+    try:
+        wait_answering(child, lambda: _answers(cfg), what, hint, timeout, tail_lines=2)
+    except TimeoutError:
+        raise FedsegError(
+            f"the gateway did not answer on {cfg.address} within {timeout:.0f} s; see {log_path}"
+        ) from None
+    log.info("gateway serving the Fleet API on %s (log: %s)", cfg.address, log_path)
+    return child

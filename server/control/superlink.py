@@ -7,7 +7,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fedseg.common.errors import FedsegError
@@ -84,26 +84,38 @@ def is_healthy(cfg: ServerConfig, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
+def wait_answering(
+    child: Child, probe: Callable[[], bool], what: str, hint: str, timeout: float, tail_lines: int = 3
+) -> float:
+    """Poll ``probe`` until it is true; return the seconds it took.
+
+    Raises:
+        FedsegError: ``child`` exited first (``what`` and ``hint`` name it, its log's last lines are quoted).
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if child.process.poll() is not None:
+            tail = child.log_tail(tail_lines).replace("\n", " | ")
+            raise FedsegError(f"{what} exited with code {child.process.returncode} ({hint}): {tail[-300:]}")
+        if probe():
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
 def wait_healthy(cfg: ServerConfig, child: Child, port: int, timeout: float = 60.0) -> float:
     """Poll ``/health`` until it answers; return the seconds it took.
 
     Raises:
         FedsegError: the SuperLink exited (its log's last line is quoted) or did not answer in time.
     """
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if child.process.poll() is not None:
-            tail = child.log_tail(3).replace("\n", " | ")
-            raise FedsegError(
-                f"the SuperLink exited with code {child.process.returncode} "
-                f"(is port {port} in use? set internal_port=...): {tail[-300:]}"
-            )
-        if is_healthy(cfg, port):
-            return time.monotonic() - start
-        time.sleep(0.3)
-    raise FedsegError(
-        f"the SuperLink did not answer {health_url(cfg, port)} within {timeout:.0f} s; see {child.log_path}"
-    )
+    hint = f"is port {port} in use? set internal_port=..."
+    try:
+        return wait_answering(child, lambda: is_healthy(cfg, port), "the SuperLink", hint, timeout)
+    except TimeoutError:
+        raise FedsegError(
+            f"the SuperLink did not answer {health_url(cfg, port)} within {timeout:.0f} s; see {child.log_path}"
+        ) from None
 
 
 def start_superlink(
