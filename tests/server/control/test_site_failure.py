@@ -21,9 +21,10 @@ from fedseg.server.run.history import read_history
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
 
 TAG = "FEDSEG_FAULT_TAG"
-#: Ends round 2 (the killed site never replies), and must also cover a ClientApp's start-up (a torch import that
-#: takes 20 s or more on a loaded 2-core machine) plus training in round 3.
-ROUND_TIMEOUT = 60.0
+#: Ends round 2 (the killed site never replies), and must also cover round 3 at the restarted site: a new
+#: SuperNode's first ClientApp (FAB install, torch import: 25 s on a quiet 2-core machine) plus training. 60 s
+#: was too short on CI, where the restarted site-2 missed round 3.
+ROUND_TIMEOUT = 90.0
 CLI = "from fedseg.{}.cli.main import main; main()"
 
 
@@ -99,8 +100,9 @@ def test_killed_site_does_not_hang_the_federation_and_rejoins(tmp_path: Path) ->
     assert [s.site for s in rows[2].sites] == ["site-1"]
     assert rows[2].failures == 1
     assert rows[2].seconds < ROUND_TIMEOUT + 60.0  # ended by the timeout (or Flower's heartbeat), not hung
-    assert sorted(s.site for s in rows[3].sites) == ["site-1", "site-2"]
-    assert "restart 1)" in (tmp_path / "site-2.log").read_text().replace("\n", " ")
+    site_log = (tmp_path / "site-2.log").read_text(errors="replace")
+    assert sorted(s.site for s in rows[3].sites) == ["site-1", "site-2"], (rows[3], site_log[-3000:])
+    assert "restart 1)" in site_log.replace("\n", " ")
     deadline = time.monotonic() + 60
     while (left := tagged_processes(tag, TAG)) and time.monotonic() < deadline:
         time.sleep(0.2)
