@@ -27,20 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedsim import ORGAN_NAMES, Recipe, State, federate, make_case, organ_dice, server_average
 
-from fedseg.common.data.io import Volume
-from fedseg.common.data.manifest import GLOBAL_CLASSES, LabelManifest
-from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig, preprocess_case
+from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.config import TrainConfig
-from fedseg.common.engine.train import train_model
-from fedseg.common.engine.validation import validate
-from fedseg.common.fl.protocol import round_seed
 from fedseg.common.nn.model import ModelConfig, build_model
-from fedseg.common.synthetic.anatomy import ORGANS
-from fedseg.common.synthetic.phantoms import NEUTRAL_ACQUISITION, render_case, site_acquisition
 from fedseg.server.run.headavg import SiteHead, class_aware_head
 
-ORGAN_NAMES = GLOBAL_CLASSES[1:]
 SITES: dict[str, tuple[str, ...]] = {
     "A": ("pancreas",),
     "B": ("spleen", "kidney"),
@@ -49,32 +42,26 @@ SITES: dict[str, tuple[str, ...]] = {
 VARIANTS = ("naive", "exclusion", "marginal", "full")
 
 
-def make_case(size: int, index: int, case: int, annotated: Sequence[str], seed: int) -> PreparedCase:
-    """Render a phantom as site ``index`` scans it (0 = neutral) and keep only the ``annotated`` organs."""
-    acq = NEUTRAL_ACQUISITION if index == 0 else site_acquisition(index, seed)
-    image, organs = render_case((size, size, size), acq, (seed, 2, index, case))
-    table = np.zeros(max(ORGANS) + 1, np.uint8)
-    for organ_id, name in ORGANS.items():
-        if name in annotated:
-            table[organ_id] = GLOBAL_CLASSES.index(name)
-    label = Volume(table[organs.array], organs.spacing, organs.origin, organs.direction)
-    manifest = LabelManifest(
-        labels={GLOBAL_CLASSES.index(n): n for n in ORGAN_NAMES}, annotated=[n for n in ORGAN_NAMES if n in annotated]
+def class_aware_average(
+    states: Sequence[State], site_cases: Sequence[Sequence[PreparedCase]], reference: State
+) -> State:
+    """fed-server's average, then each class's output-head row averaged only over the sites that annotate it."""
+    merged = server_average(states, site_cases, reference)
+    heads = [
+        SiteHead(
+            {k: v.numpy() for k, v in state.items()},
+            len(cases),
+            tuple(any(c.annotated[i] for c in cases) for i in range(len(cases[0].annotated))),
+        )
+        for state, cases in zip(states, site_cases, strict=True)
+    ]
+    fixed = class_aware_head(
+        {k: v.numpy() for k, v in merged.items()}, {k: v.numpy() for k, v in reference.items()}, heads
     )
-    return preprocess_case(image, label, manifest, PreprocessConfig(), case_id=f"s{index}_{case}")
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fixed.items()}
 
 
-def average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Case-weighted FedAvg of state dicts (integer buffers rounded back)."""
-    total = float(sum(weights))
-    out = {}
-    for key, ref in states[0].items():
-        mean = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
-        out[key] = mean.round().to(ref.dtype) if not ref.dtype.is_floating_point else mean.to(ref.dtype)
-    return out
-
-
-def federate(
+def run_variant(
     variant: str,
     sites: Mapping[str, list[PreparedCase]],
     val: list[PreparedCase],
@@ -82,37 +69,19 @@ def federate(
     train_cfg: TrainConfig,
     rounds: int,
 ) -> tuple[dict[str, float], float]:
-    """Run one variant; return the final validation Dice per organ and the seconds it took."""
-    start = time.perf_counter()
+    """Run one variant from the same initial weights; return the final validation Dice per organ and the seconds."""
     torch.manual_seed(0)
     model = build_model(model_cfg)
     cfg = train_cfg.model_copy(update={"partial_loss": "marginal" if variant == "full" else variant})
-    for server_round in range(1, rounds + 1):
-        previous = {k: v.clone() for k, v in model.state_dict().items()}
-        states, counts, heads = [], [], []
-        for name, cases in sites.items():
-            model.load_state_dict(previous)
-            seed = round_seed(train_cfg.seed, server_round, name)
-            train_model(model, cases, cfg.model_copy(update={"seed": seed}), "cpu", progress=False)
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            states.append(state)
-            counts.append(len(cases))
-            flags = tuple(any(c.annotated[i] for c in cases) for i in range(model_cfg.n_classes))
-            heads.append(SiteHead({k: v.numpy() for k, v in state.items()}, len(cases), flags))
-        merged = average(states, counts)
-        if variant == "marginal":
-            fixed = class_aware_head(
-                {k: v.numpy() for k, v in merged.items()}, {k: v.numpy() for k, v in previous.items()}, heads
-            )
-            merged = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fixed.items()}
-        model.load_state_dict(merged)
-    dice = validate(model, val, train_cfg.patch_size, "cpu")
-    return {organ: dice[f"dice_{organ}"] for organ in ORGAN_NAMES}, time.perf_counter() - start
+    recipe = Recipe(local_steps=train_cfg.total_steps)
+    aggregate = class_aware_average if variant == "marginal" else None
+    model, _, seconds = federate(recipe, sites, model, cfg, rounds * recipe.local_steps, aggregate=aggregate)
+    return organ_dice(model, val, train_cfg.patch_size), seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32^3 phantoms, 6 rounds x 10 steps, 2 cases a site")
+    parser.add_argument("--quick", action="store_true", help="32^3 phantoms, 6 rounds x 20 steps, 2 cases a site")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--cases", type=int, default=3, help="training cases per site")
     parser.add_argument("--val-cases", type=int, default=2)
@@ -121,33 +90,33 @@ def main() -> None:
     parser.add_argument("--arch", choices=("attention-unet", "unet"), default="attention-unet")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=2e-3, help="1e-2 diverged: every Dice 0.000 in --quick")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} here")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.cases, args.rounds, args.local_steps = 32, 2, 6, 10
+        args.size, args.cases, args.rounds, args.local_steps = 32, 2, 6, 20
     torch.set_num_threads(args.threads)  # 1 on a shared 2-core box: 2 oversubscribed threads were 13x slower
     patch = (32, 32, 32) if args.size <= 32 else (48, 48, 48)
     model_cfg = ModelConfig(arch=args.arch, feature_scale=16)
     train_cfg = TrainConfig(
-        steps=args.local_steps, patch_size=patch, batch_size=2, lr=1e-2, ce_weight=1.0, foreground_prob=0.67,
+        steps=args.local_steps, patch_size=patch, batch_size=2, lr=args.lr, ce_weight=1.0, foreground_prob=0.67,
         augment=False, seed=args.seed,
     )  # fmt: skip
     t0 = time.perf_counter()
     partial = {
-        name: [make_case(args.size, i + 1, c, organs, args.seed) for c in range(args.cases)]
+        name: [make_case(args.size, i + 1, c, args.seed, organs) for c in range(args.cases)]
         for i, (name, organs) in enumerate(SITES.items())
     }
     full = {
-        name: [make_case(args.size, i + 1, c, ORGAN_NAMES, args.seed) for c in range(args.cases)]
-        for i, name in enumerate(SITES)
+        name: [make_case(args.size, i + 1, c, args.seed) for c in range(args.cases)] for i, name in enumerate(SITES)
     }
-    val = [make_case(args.size, 0, c, ORGAN_NAMES, args.seed) for c in range(args.val_cases)]
+    val = [make_case(args.size, 0, c, args.seed) for c in range(args.val_cases)]
     print(f"phantoms ready in {time.perf_counter() - t0:.0f} s; sites {SITES}")
     results: dict[str, dict[str, float]] = {}
     for variant in args.variants.split(","):
         sites = full if variant == "full" else partial
-        dice, seconds = federate(variant, sites, val, model_cfg, train_cfg, args.rounds)
+        dice, seconds = run_variant(variant, sites, val, model_cfg, train_cfg, args.rounds)
         results[variant] = dice
         scores = " ".join(f"{o}={d:.3f}" for o, d in dice.items())
         print(f"{variant:10s} {scores}  ({seconds:.0f} s)", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,8 @@ from rich.markup import escape
 from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple
 from fedseg.common.console import console
 from fedseg.server.cli.live import LiveRounds, summary_lines
+from fedseg.server.config import ServerConfig
+from fedseg.server.control.baselines import comparison_lines, site_alone
 from fedseg.server.control.demo import DemoOptions, run_demo, write_final_attention
 from fedseg.server.control.report import write_report
 
@@ -27,6 +30,14 @@ def demo_command(
         str, typer.Option("--size", help=f"Phantom grid {SIZE_HELP} at 2 mm (multiples of 16).")
     ] = "48,48,48",
     cases: Annotated[int, typer.Option("--cases", min=1, help="Phantom cases per site.")] = 3,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines/--no-baselines",
+            help="After the federation, train the same model on each site alone for the same steps and print "
+            "both on the central validation set (about a minute per site).",
+        ),
+    ] = True,
 ) -> None:
     """Run a small federation end to end and show Dice per organ after every round."""
     opts = DemoOptions(
@@ -42,9 +53,28 @@ def demo_command(
         spec = run_demo(opts, live.add, [live.on_event], [live.tick])
     for line in summary_lines(live.rows):
         console.print(line)
+    if baselines and live.rows:
+        _print_baselines(opts, spec.config, live.rows[-1].dice)
     files = write_final_attention(spec.config, opts.out / "attention")
     pngs = [f for f in files if f.suffix == ".png"]
     if pngs:
         console.print(f"attention maps of the final model: {escape(str(pngs[0]))}")
     console.print(f"history, metrics.csv and checkpoints in [bold]{escape(str(spec.config.output_dir))}[/]")
     console.print(f"report: [bold]{escape(str(write_report(spec.config.output_dir)))}[/]")
+
+
+def _print_baselines(opts: DemoOptions, cfg: ServerConfig, federated: Mapping[str, float | None]) -> None:
+    """Each site alone for the steps it trained in the federation, beside the final global model."""
+    steps = opts.rounds * cfg.train.total_steps
+    datasets = {name: (opts.data_dir / name, opts.data_dir / name / "labels.toml") for name in opts.site_names}
+    with console.status("") as status:
+        alone = site_alone(
+            cfg,
+            datasets,
+            steps,
+            opts.out / "baselines",
+            on_site=lambda name: status.update(f"training {name} alone for {steps} steps (--no-baselines skips)"),
+        )
+    console.print("central validation Dice, the final federated model vs each site alone:")
+    for line in comparison_lines(federated, alone):
+        console.print(line, highlight=False)

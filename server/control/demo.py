@@ -71,6 +71,11 @@ class DemoOptions:
     overrides: Sequence[str] = field(default_factory=tuple)
 
     @property
+    def site_names(self) -> list[str]:
+        """``site-1`` ... ``site-N``."""
+        return [f"site-{i}" for i in range(1, self.sites + 1)]
+
+    @property
     def data_dir(self) -> Path:
         """Phantom datasets."""
         return self.out / "data"
@@ -87,7 +92,7 @@ def ensure_phantoms(opts: DemoOptions) -> None:
     Raises:
         DataError: the data folder exists but lacks a site (generated earlier with fewer sites).
     """
-    wanted = [opts.data_dir / f"site-{i}" for i in range(1, opts.sites + 1)] + [opts.data_dir / "validation"]
+    wanted = [opts.data_dir / name for name in opts.site_names] + [opts.data_dir / "validation"]
     if all((p / "dataset.json").is_file() for p in wanted):
         log.info("reusing phantoms in %s", opts.data_dir)
         return
@@ -162,8 +167,7 @@ def start_sites(sup: Supervisor, opts: DemoOptions, server: Server) -> list[Chil
     threads = max(1, (os.cpu_count() or 1) // opts.sites)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     children = []
-    for i in range(1, opts.sites + 1):
-        name = f"site-{i}"
+    for name in opts.site_names:
         argv = join_argv(name, opts.data_dir / name, server.cfg.address, opts.out / "sites" / name)
         children.append(sup.start(name, argv, env=env, log_path=opts.out / "logs" / f"{name}.log"))
     return children

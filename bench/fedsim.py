@@ -1,0 +1,219 @@
+"""In-process federated training for the accuracy benchmarks (``payoff.py``, ``partial_labels.py``).
+
+A loopback Flower federation costs about two minutes of process start-up per round on a 2-core machine
+(``federation.py`` part (a) measures it), which rules out the long budgets and repeated seeds an accuracy
+comparison needs. Here every site trains in this process with the same trainer the ClientApp calls
+(:func:`fedseg.common.engine.train.train_model`) and the server step is the one ``fed-server`` runs by default:
+Flower's weighted average (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`) for every tensor
+except the BatchNorm running statistics, which are pooled by the law of total variance
+(:func:`fedseg.server.run.bn.pooled_statistics`).
+
+What a recipe may change (one thing at a time in the benchmark):
+
+* ``local_steps`` per round (rounds follow from the total budget);
+* ``schedule``: ``constant`` (what a site does today) or ``poly`` decayed over the whole federation;
+* ``keep_optimizer``: each site's Adam state carried across rounds instead of a fresh optimiser per round;
+* ``prox_mu``: FedProx's proximal term;
+* ``bn``: ``pooled`` (BatchNorm averaged) or ``local`` (FedBN: each site keeps its own BatchNorm tensors; the
+  global model evaluated centrally carries the pooled ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
+
+from fedseg.common.data.io import Volume
+from fedseg.common.data.manifest import GLOBAL_CLASSES, LabelManifest
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig, preprocess_case
+from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.train import make_optimizer, train_model
+from fedseg.common.engine.validation import validate
+from fedseg.common.fl.protocol import round_seed
+from fedseg.common.synthetic.anatomy import ORGANS
+from fedseg.common.synthetic.phantoms import NEUTRAL_ACQUISITION, render_case, site_acquisition
+from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+
+ORGAN_NAMES = GLOBAL_CLASSES[1:]
+State = dict[str, torch.Tensor]
+#: (steps taken, Dice per organ on the validation set) after each evaluation.
+Curve = list[tuple[int, dict[str, float]]]
+#: The server step: (site states, each site's cases, the round's global state) -> the new global state.
+Aggregate = Callable[[Sequence[State], Sequence[Sequence[PreparedCase]], State], State]
+
+
+def make_case(size: int, site: int, case: int, seed: int, annotated: Sequence[str] = ORGAN_NAMES) -> PreparedCase:
+    """Render phantom ``case`` as site ``site`` scans it (0 = the neutral scanner), keeping the ``annotated`` organs.
+
+    ``seed`` draws both the anatomy and the site's acquisition (spacing, field of view, HU calibration, noise,
+    blur, orientation), so another seed means other patients at other hospitals.
+    """
+    acq = NEUTRAL_ACQUISITION if site == 0 else site_acquisition(site, seed)
+    image, organs = render_case((size, size, size), acq, (seed, 2, site, case))
+    table = np.zeros(max(ORGANS) + 1, np.uint8)
+    for organ_id, name in ORGANS.items():
+        if name in annotated:
+            table[organ_id] = GLOBAL_CLASSES.index(name)
+    label = Volume(table[organs.array], organs.spacing, organs.origin, organs.direction)
+    manifest = LabelManifest(
+        labels={GLOBAL_CLASSES.index(n): n for n in ORGAN_NAMES}, annotated=[n for n in ORGAN_NAMES if n in annotated]
+    )
+    return preprocess_case(image, label, manifest, PreprocessConfig(), case_id=f"s{site}_{case}")
+
+
+def organ_dice(model: nn.Module, val: Sequence[PreparedCase], patch: tuple[int, int, int]) -> dict[str, float]:
+    """Mean Dice per organ of ``model`` on ``val`` (sliding window)."""
+    dice = validate(model, list(val), patch, "cpu")
+    return {organ: float(dice[f"dice_{organ}"]) for organ in ORGAN_NAMES}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the federation trains (see the module docstring)."""
+
+    local_steps: int = 30
+    schedule: Literal["constant", "poly"] = "constant"
+    keep_optimizer: bool = False
+    prox_mu: float = 0.0
+    bn: Literal["pooled", "local"] = "pooled"
+
+    def label(self) -> str:
+        """A short description for tables."""
+        parts = [f"E={self.local_steps}", self.schedule]
+        if self.keep_optimizer:
+            parts.append("keep-opt")
+        if self.prox_mu:
+            parts.append(f"mu={self.prox_mu:g}")
+        if self.bn == "local":
+            parts.append("FedBN")
+        return " ".join(parts)
+
+
+def _numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def server_average(states: Sequence[State], site_cases: Sequence[Sequence[PreparedCase]], reference: State) -> State:
+    """``fed-server``'s default aggregate: Flower's weighted average by training cases, BatchNorm statistics pooled."""
+    cases = [len(c) for c in site_cases]
+    sites = [_numpy(s) for s in states]
+    weights = [k for k in reference if not is_bn_statistic(k)]
+    records = [
+        RecordDict({"arrays": ArrayRecord({k: Array(s[k]) for k in weights}), "metrics": MetricRecord({"n": n})})
+        for s, n in zip(sites, cases, strict=True)
+    ]
+    merged = {k: a.numpy() for k, a in aggregate_arrayrecords(records, "n").items()}
+    merged.update(pooled_statistics(sites, cases, _numpy(reference)))
+    return {k: torch.from_numpy(np.ascontiguousarray(merged[k])).to(reference[k].dtype) for k in reference}
+
+
+def bn_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of every BatchNorm layer (affine weights and running statistics)."""
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for key in module.state_dict()
+    }
+
+
+@dataclass
+class _Site:
+    name: str
+    cases: list[PreparedCase]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    own_bn: State = field(default_factory=dict)
+
+
+def federate(
+    recipe: Recipe,
+    sites: Mapping[str, list[PreparedCase]],
+    model: nn.Module,
+    train_cfg: TrainConfig,
+    total_steps: int,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    aggregate: Aggregate | None = None,
+) -> tuple[nn.Module, Curve, float]:
+    """Federate ``model`` (changed in place) over ``sites`` until every site has taken ``total_steps`` steps.
+
+    Returns the global model, the curve ``(steps per site, Dice)`` evaluated every ``eval_every`` rounds (and at
+    the end) when ``evaluate`` is given, and the wall seconds. ``aggregate`` defaults to :func:`server_average`.
+    """
+    aggregate = aggregate or server_average
+    start = time.perf_counter()
+    rounds = max(1, total_steps // recipe.local_steps)
+    bn = bn_keys(model)
+    crew = [_Site(name, cases, copy.deepcopy(model)) for name, cases in sites.items()]
+    curve: Curve = []
+    for server_round in range(1, rounds + 1):
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        states = [_local_round(site, reference, recipe, train_cfg, server_round, rounds, bn) for site in crew]
+        model.load_state_dict(aggregate(states, [s.cases for s in crew], reference))
+        if evaluate is not None and ((eval_every and server_round % eval_every == 0) or server_round == rounds):
+            curve.append((server_round * recipe.local_steps, evaluate(model)))
+    return model, curve, time.perf_counter() - start
+
+
+def _local_round(
+    site: _Site, reference: State, recipe: Recipe, train_cfg: TrainConfig, server_round: int, rounds: int,
+    bn: set[str],
+) -> State:  # fmt: skip
+    """One site's round: take the global weights (its own BatchNorm under FedBN), train, return its state."""
+    incoming = dict(reference)
+    if recipe.bn == "local" and site.own_bn:
+        incoming.update(site.own_bn)
+    site.model.load_state_dict(incoming)  # copies in place: a kept optimiser still points at these parameters
+    cfg = train_cfg.model_copy(
+        update={
+            "steps": recipe.local_steps,
+            "seed": round_seed(train_cfg.seed, server_round, site.name),
+            "prox_mu": recipe.prox_mu,
+            "lr_schedule": recipe.schedule,
+        }
+    )
+    optimizer = site.optimizer if recipe.keep_optimizer else None
+    if optimizer is None:
+        optimizer = make_optimizer(site.model, cfg)
+    schedule = ((server_round - 1) * recipe.local_steps, rounds * recipe.local_steps)
+    train_model(site.model, site.cases, cfg, "cpu", optimizer=optimizer, schedule=schedule, progress=False)
+    if recipe.keep_optimizer:
+        site.optimizer = optimizer
+    state = {k: v.detach().clone() for k, v in site.model.state_dict().items()}
+    if recipe.bn == "local":
+        site.own_bn = {k: state[k] for k in bn}
+    return state
+
+
+def train_single(
+    cases: Sequence[PreparedCase],
+    model: nn.Module,
+    train_cfg: TrainConfig,
+    total_steps: int,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+) -> tuple[nn.Module, Curve, float]:
+    """Train one model on ``cases`` for ``total_steps`` steps (the schedule spans them all); same returns."""
+    start = time.perf_counter()
+    optimizer = make_optimizer(model, train_cfg)
+    curve: Curve = []
+    chunk = eval_every if evaluate is not None and eval_every else total_steps
+    done = 0
+    while done < total_steps:
+        steps = min(chunk, total_steps - done)
+        cfg = train_cfg.model_copy(update={"steps": steps, "seed": train_cfg.seed + done})
+        train_model(model, cases, cfg, "cpu", optimizer=optimizer, schedule=(done, total_steps), progress=False)
+        done += steps
+        if evaluate is not None:
+            curve.append((done, evaluate(model)))
+    return model, curve, time.perf_counter() - start
