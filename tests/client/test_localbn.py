@@ -3,36 +3,30 @@ received global weights, used for cross-site scoring, and never sent (the reply 
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, MessageType, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedseg.client import app as client_app
 from fedseg.client import training as client_training
 from fedseg.client.localbn import LOCAL_BN_KEY, keep_own, own_start, shared_only
-from fedseg.client.site import SiteConfig, load_training_cases, write_node_config
+from fedseg.client.site import load_training_cases, write_node_config
 from fedseg.client.training import train_locally
 from fedseg.common.data.preprocess import PreprocessConfig
-from fedseg.common.engine.config import TrainConfig
 from fedseg.common.fl.batchnorm import batchnorm_keys
-from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, TrainTask, task_config
+from fedseg.common.fl.offline import to_site
+from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, task_config
 from fedseg.common.fl.weights import arrays_from_model
-from fedseg.common.nn.model import ModelConfig, build_model
+from fedseg.common.nn.model import build_model
+from tests.client.test_app_handlers import TASK as HANDLER_TASK
+from tests.client.test_app_handlers import TINY, _site
 
-TINY = ModelConfig(feature_scale=64)
-TASK = TrainTask(
-    model=TINY,
-    train=TrainConfig(steps=1, batch_size=2, patch_size=(16, 16, 16), augment=False, lr=1e-2),
-    preprocess=PreprocessConfig(),
-    deadline=120.0,
-    bn="local",
-)
+TASK = HANDLER_TASK.model_copy(update={"bn": "local", "train": HANDLER_TASK.train.model_copy(update={"steps": 1})})
 
 
 def _record(values: dict[str, float]) -> ArrayRecord:
@@ -66,12 +60,6 @@ def test_kept_batchnorm_that_does_not_fit_falls_back_to_the_global_one() -> None
     state = RecordDict({LOCAL_BN_KEY: _record({"other.running_mean": 2.0})})
     received = _record({"n.running_mean": 1.0, "n.weight": 1.0})
     assert own_start(received, state) is received
-
-
-def _site(root: Path, tmp_path: Path) -> SiteConfig:
-    return SiteConfig(
-        site="site-1", data=root / "site-1", labels=str(root / "site-1" / "labels.toml"), workdir=tmp_path
-    )
 
 
 def test_two_rounds_train_from_the_sites_own_batchnorm_and_send_only_the_global_one(
@@ -128,18 +116,8 @@ def test_cross_site_scoring_uses_the_sites_own_batchnorm(
     received = arrays_from_model(build_model(TINY))
     own = {k: Array(received[k].numpy() + 1) for k in batchnorm_keys(received) if k.endswith("running_var")}
     state = RecordDict({LOCAL_BN_KEY: ArrayRecord(OrderedDict(own))})
-    metadata = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=MessageType.EVALUATE,
-    )
-    message = Message(RecordDict({ARRAYS_KEY: received, CONFIG_KEY: task_config(TASK)}), metadata=metadata)
+    content = RecordDict({ARRAYS_KEY: received, CONFIG_KEY: task_config(TASK)})
+    message = to_site(content, 5, MessageType.EVALUATE)
     context = Context(run_id=1, node_id=5, node_config=node_config, state=state, run_config={})
     client_app.evaluate(message, context)
     var = "conv1.conv1.1.running_var"
