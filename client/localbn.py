@@ -44,6 +44,7 @@ def own_start(received: ArrayRecord, state: RecordDict) -> ArrayRecord:
     if set(kept) != keys or any(tuple(kept[k].shape) != tuple(received[k].shape) for k in keys):
         log.warning("the kept BatchNorm tensors do not fit the received model; using the global BatchNorm")
         return received
+    log.info("using this site's own BatchNorm (%d tensors) over the global weights", len(keys))
     return _replaced(received, kept, keys)
 
 
