@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg
 
 from fedseg.client.training import train_locally
@@ -39,6 +39,7 @@ from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_labelled
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.validation import validate
+from fedseg.common.fl.offline import from_site
 from fedseg.common.fl.protocol import LocalResult, TrainTask, reply_content, round_seed
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import ModelConfig, build_model
@@ -71,18 +72,7 @@ AGGREGATORS = {"fedavg+validation": "fedavg", "median": "median", "krum": "krum"
 
 def _message(node: int, arrays: dict[str, np.ndarray], result: LocalResult, site: str) -> Message:
     record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in arrays.items()})
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(reply_content(record, result, site), metadata=meta)  # type: ignore[call-overload,no-any-return]
+    return from_site(reply_content(record, result, site), node)
 
 
 class Sites:

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseg.client.crosssite import score_cases
+from fedseg.client.localbn import own_start
 from fedseg.client.site import load_training_cases, site_from_node_config
 from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
 from fedseg.client.training import TrainingDiverged, deadline, train_locally
@@ -55,7 +56,9 @@ def train(msg: Message, context: Context) -> Message:
             report.cases(len(cases))
             seed = round_seed(task.train.seed, server_round, site.site)
             device = resolve_device(site.device)
-            new_arrays, result = train_locally(arrays, task, cases, device, seed, on_step=report.step)
+            new_arrays, result = train_locally(
+                arrays, task, cases, device, seed, on_step=report.step, state=context.state
+            )
         report.phase("train", result.seconds)
         report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
@@ -76,7 +79,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Cross-site validation: score the received global model on this site's labelled cases, aggregates only."""
+    """Cross-site validation: score the received global model on this site's labelled cases, aggregates only.
+
+    Under ``bn = "local"`` the site scores it with its own BatchNorm tensors (the ones it trains with).
+    """
     site = site_from_node_config(context.node_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     try:
@@ -85,7 +91,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
             model = build_model(task.model)
-            load_arrays(model, msg.content.array_records[ARRAYS_KEY])
+            received = msg.content.array_records[ARRAYS_KEY]
+            load_arrays(model, own_start(received, context.state) if task.bn == "local" else received)
             scores = score_cases(model, cases, task.train.patch_size, resolve_device(site.device))
         log.info(
             "site %s round %d: cross-site scores of the global model on %d cases", site.site, server_round, len(cases)

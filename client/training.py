@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 
+from fedseg.client.localbn import keep_own, own_start, shared_only
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.train import train_model
 from fedseg.common.fl.protocol import LocalResult, TrainTask
@@ -56,6 +57,7 @@ def train_locally(
     device: torch.device | str,
     seed: int,
     on_step: Callable[[int, int, float, float], None] | None = None,
+    state: RecordDict | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
@@ -66,17 +68,20 @@ def train_locally(
         device: where to train.
         seed: this round's seed at this site (patch sampling, augmentation).
         on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
+        state: the site's ``context.state``; under ``task.bn == "local"`` it keeps the site's own BatchNorm
+            tensors across rounds (:mod:`fedseg.client.localbn`). None: BatchNorm as received, nothing kept.
 
     Returns:
-        The trained weights (in ``task.transport`` precision) and the numbers the server may see: cases, mean
-        loss, patches, seconds.
+        The trained weights (in ``task.transport`` precision; under ``bn = "local"`` with the received BatchNorm
+        entries) and the numbers the server may see: cases, mean loss, patches, seconds.
 
     Raises:
         IncompatibleModelError: the weights do not fit ``task.model``.
         TrainingDiverged: more than ``task.train.max_skipped_steps`` steps were skipped as non-finite.
     """
+    own_bn = state if task.bn == "local" else None
     model = build_model(task.model)
-    load_arrays(model, arrays)
+    load_arrays(model, own_start(arrays, own_bn) if own_bn is not None else arrays)
     cfg = task.train.model_copy(update={"seed": seed})
     report = train_model(model, cases, cfg, device, progress=False, on_step=on_step)
     if report.skipped_steps > cfg.max_skipped_steps:
@@ -95,4 +100,8 @@ def train_locally(
     result = LocalResult(
         cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds, annotated=annotated
     )
-    return encode_arrays(arrays_from_model(model.cpu()), task.transport), result
+    trained = arrays_from_model(model.cpu())
+    if own_bn is None:
+        return encode_arrays(trained, task.transport), result
+    keep_own(trained, own_bn)
+    return shared_only(encode_arrays(trained, task.transport), arrays), result

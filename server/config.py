@@ -15,6 +15,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     proximal_mu = 0.01
     max_update_ratio = 10     # reject updates longer than 10 x the round's median update norm (0 = off)
     clip_norm = 0             # clip every accepted update to this L2 norm (0 = off)
+    bn = "pooled"             # BatchNorm: pooled by the server, or "local" (FedBN: each site keeps its own)
 
     [model]
     feature_scale = 4
@@ -53,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.device import DeviceName
+from fedseg.common.fl.protocol import BatchNormMode
 from fedseg.common.nn.model import ModelConfig
 from fedseg.common.runtime.processes import host_port
 
@@ -76,8 +78,10 @@ class StrategyConfig(BaseModel):
 
     Every reply is validated first (see :mod:`fedseg.server.run.replies`): ``max_update_ratio``,
     ``max_update_norm``, ``max_examples`` bound what a single site can do; ``clip_norm`` clips each accepted
-    update. BatchNorm running statistics never go through the chosen strategy: they are averaged by case count
-    with the law of total variance (:mod:`fedseg.server.run.bn`).
+    update. BatchNorm running statistics never go through the chosen strategy: with ``bn = "pooled"`` they are
+    averaged by case count with the law of total variance (:mod:`fedseg.server.run.bn`); with ``bn = "local"``
+    (FedBN, Li et al. 2021) every BatchNorm tensor (γ, β and the running statistics) stays at its site and the
+    global model keeps the BatchNorm tensors it started with.
     """
 
     model_config = _FROZEN
@@ -99,6 +103,9 @@ class StrategyConfig(BaseModel):
     max_update_norm: float = Field(default=0.0, ge=0, description="absolute bound on ‖w_site − w_global‖; 0 = off")
     clip_norm: float = Field(default=0.0, ge=0, description="clip each accepted update to this norm; 0 = off")
     max_examples: int = Field(default=100_000, ge=1, description="cap on a reply's num-examples (training cases)")
+    bn: BatchNormMode = Field(
+        default="pooled", description="pooled: the server pools BatchNorm; local: each site keeps its own (FedBN)"
+    )
 
 
 class ValidationConfig(BaseModel):

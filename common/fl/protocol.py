@@ -7,7 +7,9 @@ weight ``num-examples`` (training cases) and aggregate numbers only, and a Confi
 site name and ``annotated``, one flag per global class (background first): the classes the site labels, used
 for class-aware averaging of the output head. A site whose local training failed on purpose (too many
 non-finite steps) replies with only the ``site`` ConfigRecord, carrying the reason under ``failure``
-(:func:`failure_content`). No image, label or per-case value ever leaves a site.
+(:func:`failure_content`). No image, label or per-case value ever leaves a site. Under ``bn = "local"`` (FedBN)
+the BatchNorm entries of a reply are the ones the site received: its own stay in its Flower context
+(:mod:`fedseg.client.localbn`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
 #: Precision of the weights on the wire both ways (:func:`fedseg.common.fl.weights.encode_arrays`).
 Transport = Literal["fp32", "fp16", "bf16"]
+#: Who owns the BatchNorm tensors: the server pools them, or every site keeps its own (FedBN).
+BatchNormMode = Literal["pooled", "local"]
 
 
 class TrainTask(BaseModel):
@@ -55,6 +59,9 @@ class TrainTask(BaseModel):
     deadline: float = Field(gt=0, description="seconds; the server's round timeout")
     round_offset: int = Field(default=0, ge=0, description="added to Flower's round: global round of a resumed run")
     transport: Transport = Field(default="fp32", description="precision of the weights on the wire, both ways")
+    bn: BatchNormMode = Field(
+        default="pooled", description="local: the site trains and evaluates with its own BatchNorm tensors (FedBN)"
+    )
 
 
 def task_config(task: TrainTask) -> ConfigRecord:

@@ -57,6 +57,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         deadline=cfg.round_timeout,
         round_offset=spec.first_round - 1,
         transport=cfg.transport,
+        bn=cfg.strategy.bn,
     )
 
 

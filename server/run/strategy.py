@@ -9,7 +9,8 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
   with its reason recorded, never aborting the round;
 * it optionally clips each accepted update to ``clip_norm``;
 * it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
-  :mod:`fedseg.server.run.bn`, integer buffers keep the global value, and every array keeps the model's dtype;
+  :mod:`fedseg.server.run.bn` (under ``bn = "local"`` every BatchNorm tensor, γ and β too, keeps the global value:
+  the sites keep their own), integer buffers keep the global value, and every array keeps the model's dtype;
 * it keeps the previous global model when fewer than ``min_replies`` sites answered usably or when the aggregate
   is not finite;
 * it records, per round, each site's name, cases, loss, samples, seconds, update norm and payload bytes;
@@ -37,6 +38,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.fl.batchnorm import batchnorm_keys
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
@@ -168,8 +170,12 @@ class RecordingStrategy(Strategy):
 
     @property
     def _weight_keys(self) -> list[str]:
-        """The keys the inner strategy aggregates: floating-point, not BatchNorm running statistics."""
-        return [k for k, v in self._reference.items() if v.dtype.kind == "f" and not is_bn_statistic(k)]
+        """The keys the inner strategy aggregates: floating-point, not BatchNorm running statistics (under
+        ``bn = "local"`` no BatchNorm tensor at all)."""
+        local = batchnorm_keys(self._reference) if self.limits.bn == "local" else set()
+        return [
+            k for k, v in self._reference.items() if v.dtype.kind == "f" and not is_bn_statistic(k) and k not in local
+        ]
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -254,7 +260,8 @@ class RecordingStrategy(Strategy):
         return self.combine(server_round, accepted)
 
     def combine(self, server_round: int, accepted: list[Accepted]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics, in the model's dtypes."""
+        """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics (under ``bn = "local"``
+        the global BatchNorm unchanged), in the model's dtypes."""
         ref = self._reference
         keys = self._weight_keys
         messages = [self._sanitised(a, keys) for a in accepted]
@@ -262,7 +269,8 @@ class RecordingStrategy(Strategy):
         if arrays is None:
             return None, metrics
         merged = dict(ref)
-        merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
+        if self.limits.bn == "pooled":
+            merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
         merged.update({k: arrays[k].numpy().astype(ref[k].dtype) for k in keys})
         if self.class_aware_head:
             merged.update(headavg.head_of_accepted(merged, ref, [(a.arrays, a.cases, a.message) for a in accepted]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedseg.client import training as client_training
@@ -18,6 +18,7 @@ from fedseg.client.training import DeadlineExceeded, deadline, train_locally
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError, DataError
+from fedseg.common.fl.offline import to_site
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
@@ -94,19 +95,8 @@ def test_deadline_interrupts_long_work_and_is_disarmed_after() -> None:
     time.sleep(0.4)  # no late alarm
 
 
-def _train_message(arrays_record: object, config: ConfigRecord) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=MessageType.TRAIN,
-    )
-    return Message(RecordDict({ARRAYS_KEY: arrays_record, CONFIG_KEY: config}), metadata=metadata)  # type: ignore[dict-item]
+def _train_message(arrays_record: ArrayRecord, config: ConfigRecord) -> Message:
+    return to_site(RecordDict({ARRAYS_KEY: arrays_record, CONFIG_KEY: config}), 5)
 
 
 def test_train_handler_replies_with_weights_metrics_and_site_name(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common.config import parse_config_args
 
 from fedseg.client import training as client_training
@@ -17,6 +16,7 @@ from fedseg.client.training import TrainingDiverged, train_locally
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.train import TrainReport
+from fedseg.common.fl.offline import to_site
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, FAILURE_KEY, SITE_KEY, TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
@@ -60,18 +60,7 @@ def test_the_handler_replies_with_the_failure_reason(
     node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
     arrays: ArrayRecord = arrays_from_model(build_model(TINY))
     config: ConfigRecord = task_config(TASK)
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    message = Message(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), metadata=meta)
+    message = to_site(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), 5)
     context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
     reply = train(message, context)
     assert not reply.has_error()

@@ -2,51 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Error, Message
 
-
-def make_metadata(src: int, dst: int = 0) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id="x",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-
-
-def train_reply(
-    node: int,
-    weights: dict[str, np.ndarray],
-    cases: int,
-    loss: float = 0.5,
-    site: str | None = None,
-    metrics: dict[str, float] | None = None,
-) -> Message:
-    """A site's train reply the way fedseg.client.app builds it."""
-    record = {
-        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-        "metrics": MetricRecord(
-            metrics
-            if metrics is not None
-            else {"num-examples": cases, "train-loss": loss, "train-samples": 4 * cases, "train-seconds": 1.5}
-        ),
-    }
-    if site is not None:
-        record["site"] = ConfigRecord({"name": site})
-    return Message(RecordDict(record), metadata=make_metadata(node))
+from fedseg.common.fl.offline import from_site, train_reply
 
 
 def error_reply(node: int, reason: str = "boom") -> Message:
-    return Message(Error(code=0, reason=reason), metadata=make_metadata(node))
+    return from_site(Error(code=0, reason=reason), node)
 
 
 @pytest.fixture
@@ -56,7 +20,8 @@ def weights() -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def reply() -> object:
-    """Factory of train replies: ``reply(node, weights, cases, loss=..., site=..., metrics=...)``."""
+    """Factory of train replies: ``reply(node, weights, cases, loss=..., site=..., metrics=...)``
+    (:func:`fedseg.common.fl.offline.train_reply`)."""
     return train_reply
 
 

@@ -4,12 +4,12 @@ server optimiser (variances stay positive), the model's dtype kept; BN pooling b
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from fedseg.common.fl.offline import train_reply
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.bn import pooled_statistics
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
@@ -23,26 +23,7 @@ class OneNodeGrid:
 
 
 def _reply(node: int, weights: dict[str, np.ndarray], cases: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    metrics = {"num-examples": cases, "train-loss": 0.5, "train-samples": 2, "train-seconds": 1.0}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-            "site": ConfigRecord({"name": f"site-{node}"}),
-        }
-    )
-    return Message(content, metadata=meta)
+    return train_reply(node, weights, cases, site=f"site-{node}")
 
 
 def _strategy(name: str, round_offset: int = 0) -> RecordingStrategy:

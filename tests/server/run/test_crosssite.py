@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedseg.common.fl.offline import from_site
 from fedseg.common.fl.protocol import evaluate_content
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.crosssite import CrossSite, matrix_of
@@ -19,11 +19,7 @@ from tests.server.run.test_strategy import FakeGrid
 
 
 def _evaluate_reply(node: int, content: RecordDict) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x", group_id="",
-        created_at=time.time(), ttl=60.0, message_type=MessageType.EVALUATE,
-    )  # fmt: skip
-    return Message(content, metadata=metadata)
+    return from_site(content, node, MessageType.EVALUATE)
 
 
 def test_due_every_n_rounds_and_at_the_end() -> None:

@@ -3,13 +3,13 @@ round, and the aggregate equals FedAvg of the honest replies alone (driven offli
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from fedseg.common.fl.offline import from_site, train_reply
 from fedseg.common.fl.protocol import failure_content
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
@@ -36,20 +36,6 @@ class FakeGrid:
         return self.nodes
 
 
-def make_metadata(src: int) -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=src,
-        dst_node_id=0,
-        reply_to_message_id="x",
-        group_id="",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-
-
 def honest(node: int) -> Weights:
     """Site ``node``'s honest weights: a small, node-specific step away from the global model."""
     rng = np.random.default_rng(node)
@@ -63,22 +49,8 @@ def honest(node: int) -> Weights:
 
 def message(node: int, weights: Weights, metrics: dict[str, object] | None = None, site: str | None = None) -> Message:
     cases = HONEST_CASES.get(node, 2)
-    values = metrics if metrics is not None else {}
-    record = {
-        "num-examples": cases,
-        "train-loss": 0.5,
-        "train-samples": 4 * cases,
-        "train-seconds": 1.0,
-        **values,
-    }
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-            "metrics": MetricRecord({k: v for k, v in record.items() if v is not None}),  # type: ignore[misc]
-            "site": ConfigRecord({"name": site or f"site-{node}"}),
-        }
-    )
-    return Message(content, metadata=make_metadata(node))
+    values = {"num-examples": cases, "train-loss": 0.5, "train-samples": 4 * cases, "train-seconds": 1.0}
+    return train_reply(node, weights, cases, site=site or f"site-{node}", metrics={**values, **(metrics or {})})  # type: ignore[dict-item]
 
 
 def run_round(replies_round2: list[Message], nodes: int = 4) -> tuple[RecordingStrategy, ArrayRecord | None]:
@@ -198,7 +170,7 @@ def test_a_site_failure_reply_and_an_absolute_norm_bound_are_recorded() -> None:
     strategy = RecordingStrategy(build_strategy(ServerConfig(min_sites=2)), 2, 1, 1.0, limits=limits)
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))  # type: ignore[arg-type]
-    failed = Message(failure_content("site-3", "12 of 20 local steps had a non-finite loss"), metadata=make_metadata(3))
+    failed = from_site(failure_content("site-3", "12 of 20 local steps had a non-finite loss"), 3)
     far = honest(2)
     far["conv.weight"] = far["conv.weight"] + 1.0
     aggregate, _ = strategy.aggregate_train(1, [message(1, honest(1)), message(2, far), failed])
