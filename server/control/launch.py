@@ -28,7 +28,7 @@ from fedseg.server.control.runs import (
     write_run_config,
     write_spec,
 )
-from fedseg.server.control.sites import read_sites, register_sites
+from fedseg.server.control.sites import NODE_SITES_FILE, read_sites, register_sites
 from fedseg.server.control.superlink import INTERNAL_HOST, start_superlink
 from fedseg.server.run.history import RoundRow, read_history
 
@@ -74,6 +74,7 @@ def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
     spec_env = {SPEC_ENV: str((private / SPEC_FILE).resolve())}
     child = start_superlink(sup, cfg, port, home, cfg.output_dir / "logs" / "superlink.log", spec_env)
     control = FlowerControl(home)
+    (private / NODE_SITES_FILE).unlink(missing_ok=True)  # a map from an earlier start names stale node ids
     if cfg.node_auth:
         nodes = register_sites(control, read_sites(cfg.sites_file), private)
         log.info("node authentication on: %d site(s) allowed (%s)", len(nodes), ", ".join(sorted(nodes.values())))
