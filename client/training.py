@@ -56,6 +56,7 @@ def train_locally(
     device: torch.device | str,
     seed: int,
     on_step: Callable[[int, int, float, float], None] | None = None,
+    time_limit: float | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
@@ -66,6 +67,8 @@ def train_locally(
         device: where to train.
         seed: this round's seed at this site (patch sampling, augmentation).
         on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
+        time_limit: the site's ``max_seconds``: training stops after the step that passes it, and the weights
+            trained so far are returned (the result's ``policy`` says so).
 
     Returns:
         The trained weights (in ``task.transport`` precision) and the numbers the server may see: cases, mean
@@ -78,7 +81,7 @@ def train_locally(
     model = build_model(task.model)
     load_arrays(model, arrays)
     cfg = task.train.model_copy(update={"seed": seed})
-    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step)
+    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
     if report.skipped_steps > cfg.max_skipped_steps:
         raise TrainingDiverged(
             f"{report.skipped_steps} of {report.steps} local steps had a non-finite loss or gradient "
@@ -92,7 +95,16 @@ def train_locally(
         report.mean_loss,
     )
     annotated = tuple(any(c < len(k.annotated) and k.annotated[c] for k in cases) for c in range(task.model.n_classes))
+    stopped: tuple[str, ...] = ()
+    if report.time_limited and time_limit is not None:
+        where = f"step {report.steps} of {cfg.total_steps}"
+        stopped = (f"stopped at {where} after {report.seconds:.1f} s (max_seconds {time_limit:g})",)
     result = LocalResult(
-        cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds, annotated=annotated
+        cases=len(cases),
+        loss=report.mean_loss,
+        samples=report.samples,
+        seconds=report.seconds,
+        annotated=annotated,
+        policy=stopped,
     )
     return encode_arrays(arrays_from_model(model.cpu()), task.transport), result
