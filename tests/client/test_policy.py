@@ -171,3 +171,13 @@ def test_train_locally_without_a_limit_runs_the_whole_budget(phantom_root: Path,
         arrays_from_model(build_model(TINY)), _task(steps=3, batch=2), cases, "cpu", seed=1
     )
     assert result.samples == 6 and result.policy == ()
+
+
+def test_the_join_terminal_says_what_the_policy_changed(caplog: pytest.LogCaptureFixture) -> None:
+    from fedseg.client.cli.live import SiteProgress
+
+    view = SiteProgress("hospital-a", "h:1")
+    view.interactive = False  # a log file: one line per event
+    with caplog.at_level("INFO"):
+        view.on_event({"kind": "policy", "round": 3, "note": "steps 250 -> 200 (max_steps)"})
+    assert "site hospital-a: round 3: site policy applied: steps 250 -> 200 (max_steps)" in caplog.text
