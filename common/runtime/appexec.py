@@ -66,6 +66,8 @@ class TokenFileExecutor(SubprocessExecutor):
         self.tokens = tokens
         self.task_types = task_types
         self.running: dict[subprocess.Popen[bytes], Path] = {}
+        for stale in tokens.glob("task-*.token"):  # left by a killed predecessor (no exit handler ran)
+            stale.unlink(missing_ok=True)
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Start the task's app process; the kernel kills it if this process dies."""

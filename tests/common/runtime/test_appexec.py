@@ -41,7 +41,9 @@ def test_the_token_is_in_a_private_file_and_not_on_the_command_line(tmp_path: Pa
 
 
 def test_other_task_types_are_refused_without_a_process(tmp_path: Path) -> None:
+    write_token(tmp_path, 3, TOKEN)  # a killed executor's leftover is removed by the next one
     executor = TokenFileExecutor(tmp_path, frozenset({TaskType.SERVER_APP}))
+    assert list(tmp_path.iterdir()) == []
     result = executor.launch(_spec(TaskType.SIMULATION))
     assert result.status == "failed" and "does not run" in (result.message or "")
     assert executor.running == {} and list(tmp_path.iterdir()) == []
