@@ -6,6 +6,7 @@ SuperNode's node-config (written by ``fed-client join``), the round's task from 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -46,9 +47,15 @@ def train(msg: Message, context: Context) -> Message:
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         task, server_round = read_task(config)
+        task, clamped = site.policy.clamp(task)
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
         report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
         report.start(task.train.total_steps)
+        if clamped:
+            log.warning(
+                "site %s round %d: site policy lowered the task: %s", site.site, server_round, "; ".join(clamped)
+            )
+            report.policy(clamped)
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
@@ -57,8 +64,19 @@ def train(msg: Message, context: Context) -> Message:
             seed = round_seed(task.train.seed, server_round, site.site)
             device = resolve_device(site.device)
             new_arrays, result = train_locally(
-                arrays, task, cases, device, seed, on_step=report.step, state=context.state
+                arrays,
+                task,
+                cases,
+                device,
+                seed,
+                on_step=report.step,
+                state=context.state,
+                time_limit=site.max_seconds,
             )
+        if result.policy:
+            log.warning("site %s round %d: %s", site.site, server_round, "; ".join(result.policy))
+            report.policy(result.policy)
+        result = dataclasses.replace(result, policy=(*clamped, *result.policy))
         report.phase("train", result.seconds)
         report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)

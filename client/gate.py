@@ -4,15 +4,19 @@
 runs this module next to it: ``python -m fedseg.client.gate --runtime-api-address 127.0.0.1:PORT --trust HASH ...``.
 Before a ClientApp process is started for a task, :class:`GatedPlugin` compares the task's FAB hash with the
 trusted set; any other run is refused (no process starts, so none of its code runs) and logged with its id.
-Everything else (polling, launching ``flwr-clientapp``, parent-death monitoring) is Flower's own SuperExec.
+A trusted app is launched by :class:`~fedseg.common.runtime.appexec.TokenFileExecutor`: ``flwr-clientapp`` dies with
+the gate (a parent-death signal) and gets its task token in a private file, not on its command line. Everything else
+(polling, task bookkeeping) is Flower's own SuperExec.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from collections.abc import Sequence
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from flwr.proto.task_pb2 import Task
 from flwr.supercore.superexec import run_superexec as superexec
@@ -20,6 +24,7 @@ from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from fedseg.client.trust import refusal
+from fedseg.common.runtime.appexec import TokenFileExecutor
 
 log = logging.getLogger("fedseg.client.gate")
 
@@ -47,6 +52,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (loopback)")
     parser.add_argument("--trust", action="append", default=[], help="a trusted FAB hash (repeat)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process exits")
+    parser.add_argument("--tokens", type=Path, help="private folder for task token files (default: a new temp one)")
     return parser.parse_args(argv)
 
 
@@ -59,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not hasattr(superexec, "AutoExecPlugin"):
         raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name
+    tokens = args.tokens if args.tokens is not None else Path(tempfile.mkdtemp(prefix="fedseg-tokens-"))
+
+    def executor(*_args: Any, **_kwargs: Any) -> TokenFileExecutor:
+        return TokenFileExecutor(tokens, frozenset(GatedPlugin.supported_task_types))
+
+    superexec.get_executor = executor  # type: ignore[attr-defined]  # ... and builds its executor through this one
     log.info("executor up; trusted apps: %s", ", ".join(sorted(h[:12] for h in GatedPlugin.trusted)))
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,

@@ -14,6 +14,7 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedseg.client.policy import SitePolicy
 from fedseg.common.data.manifest import SITE_MANIFEST, LabelManifest, site_manifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_labelled
@@ -34,6 +35,7 @@ class SiteConfig(BaseModel):
         labels: label manifest file or built-in name; None = data already in global numbering.
         workdir: the site's private folder (cache, logs, Flower home).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        max_steps, max_seconds, max_batch: the site policy's caps on a round's task (:mod:`fedseg.client.policy`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -43,6 +45,14 @@ class SiteConfig(BaseModel):
     labels: str | None = None
     workdir: Path
     device: DeviceName = "cpu"
+    max_steps: int | None = Field(default=None, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
+    max_batch: int | None = Field(default=None, ge=1)
+
+    @property
+    def policy(self) -> SitePolicy:
+        """The caps a round's task must fit (devices were checked when ``join`` started)."""
+        return SitePolicy(max_steps=self.max_steps, max_seconds=self.max_seconds, max_batch=self.max_batch)
 
     @property
     def cache_dir(self) -> Path:

@@ -125,9 +125,12 @@ def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
     return argv
 
 
-def gate_argv(opts: JoinOptions) -> list[str]:
-    """Command line of the site's executor (:mod:`fedseg.client.gate`) next to the SuperNode."""
+def gate_argv(opts: JoinOptions, tokens: Path | None = None) -> list[str]:
+    """Command line of the site's executor (:mod:`fedseg.client.gate`) next to the SuperNode; ``tokens``: the
+    private folder for the ClientApp's task token files (default: a new temporary one)."""
     argv = [sys.executable, "-m", "fedseg.client.gate", "--runtime-api-address", f"127.0.0.1:{opts.port}"]
+    if tokens is not None:
+        argv += ["--tokens", str(tokens)]
     for fab_hash in sorted(opts.trusted_apps):
         argv += ["--trust", fab_hash]
     return [*argv, "--parent-pid", str(os.getpid())]
@@ -180,7 +183,8 @@ def run_supernode(
         while True:
             started = time.monotonic()
             child = sup.start("supernode", argv, env=env, log_path=site.log_dir / "supernode.log")
-            gate = sup.start("gate", gate_argv(opts), env=env, log_path=site.log_dir / "gate.log")
+            gate_cmd = gate_argv(opts, site.workdir / "tokens")
+            gate = sup.start("gate", gate_cmd, env=env, log_path=site.log_dir / "gate.log")
             log.info("site %s: SuperNode (pid %d) connecting to %s", site.site, child.pid, opts.server)
             code = child.process.wait()
             ran_for = time.monotonic() - started

@@ -76,6 +76,10 @@ class RoundReporter:
         """The round trains on ``used`` cases."""
         self.events.emit("cases", round=self.round, used=used)
 
+    def policy(self, notes: tuple[str, ...] | list[str]) -> None:
+        """The site's policy lowered this round's task (``notes``: what changed)."""
+        self.events.emit("policy", round=self.round, note="; ".join(notes))
+
     def step(self, step: int, total: int, loss: float, speed: float) -> None:
         """Step ``step`` of ``total`` done; reported at most once a second (and always the last step).
 

@@ -58,6 +58,7 @@ def train_locally(
     seed: int,
     on_step: Callable[[int, int, float, float], None] | None = None,
     state: RecordDict | None = None,
+    time_limit: float | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
@@ -70,6 +71,8 @@ def train_locally(
         on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
         state: the site's ``context.state``; under ``task.bn == "local"`` it keeps the site's own BatchNorm
             tensors across rounds (:mod:`fedseg.client.localbn`). None: BatchNorm as received, nothing kept.
+        time_limit: the site's ``max_seconds``: training stops after the step that passes it, and the weights
+            trained so far are returned (the result's ``policy`` says so).
 
     Returns:
         The trained weights (in ``task.transport`` precision; under ``bn = "local"`` with the received BatchNorm
@@ -83,7 +86,7 @@ def train_locally(
     model = build_model(task.model)
     load_arrays(model, own_start(arrays, own_bn) if own_bn is not None else arrays)
     cfg = task.train.model_copy(update={"seed": seed})
-    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step)
+    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
     if report.skipped_steps > cfg.max_skipped_steps:
         raise TrainingDiverged(
             f"{report.skipped_steps} of {report.steps} local steps had a non-finite loss or gradient "
@@ -97,8 +100,17 @@ def train_locally(
         report.mean_loss,
     )
     annotated = tuple(any(c < len(k.annotated) and k.annotated[c] for k in cases) for c in range(task.model.n_classes))
+    stopped: tuple[str, ...] = ()
+    if report.time_limited and time_limit is not None:
+        where = f"step {report.steps} of {cfg.total_steps}"
+        stopped = (f"stopped at {where} after {report.seconds:.1f} s (max_seconds {time_limit:g})",)
     result = LocalResult(
-        cases=len(cases), loss=report.mean_loss, samples=report.samples, seconds=report.seconds, annotated=annotated
+        cases=len(cases),
+        loss=report.mean_loss,
+        samples=report.samples,
+        seconds=report.seconds,
+        annotated=annotated,
+        policy=stopped,
     )
     trained = arrays_from_model(model.cpu())
     if own_bn is None:

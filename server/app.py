@@ -19,6 +19,7 @@ from fedseg.common.errors import ConfigError, format_validation_error
 from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
 from fedseg.server.control.runs import PRIVATE_DIR, SPEC_ENV
+from fedseg.server.control.sites import read_node_sites
 from fedseg.server.run.loop import serve
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,32 @@ def trusted_spec(run_config: Mapping[str, object], environ: Mapping[str, str]) -
     return run_spec({RUN_CONFIG_KEY: written})
 
 
+def registered_sites(spec: RunSpec, environ: Mapping[str, str]) -> dict[int, str]:
+    """Node id -> site name of the keys ``fed-server start`` registered (empty without node authentication).
+
+    The map lies next to the spec file (the run's private folder, see :data:`SPEC_ENV`).
+
+    Raises:
+        ConfigError: node authentication is on but the map is missing or unreadable.
+    """
+    if not spec.config.node_auth:
+        return {}
+    nodes = read_node_sites(Path(environ[SPEC_ENV]).parent)
+    if not nodes:
+        raise ConfigError("node authentication is on but fed-server start registered no site; run refused")
+    return nodes
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point called by Flower in the ServerApp process."""
     spec = trusted_spec(context.run_config, os.environ)
+    registered = registered_sites(spec, os.environ)
     out = spec.config.output_dir
     handler = log_to_file(out / LOG_FILE)
     outcome = "failed"
     try:
-        serve(grid, spec)
+        serve(grid, spec, registered)
         outcome = "completed"
     except Exception:
         log.exception("the ServerApp failed")

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from rich.markup import escape
 
 from fedseg.client.cli.live import SiteProgress
+from fedseg.client.policy import site_policy
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
 from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
@@ -102,6 +103,20 @@ def join_command(
         list[str] | None,
         typer.Option("--trust-app", help="Also run apps with this FAB hash (default: only the installed fedseg app)."),
     ] = None,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option("--policy", help="Site policy TOML capping the server's task (default: DATA/policy.toml if any)."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="At most this many local steps per round (overrides --policy).")
+    ] = None,
+    max_seconds: Annotated[
+        float | None,
+        typer.Option("--max-seconds", help="Stop local training after this many seconds per round; the reply goes."),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option("--max-batch", help="At most this many patches per batch (overrides --policy).")
+    ] = None,
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
@@ -111,12 +126,19 @@ def join_command(
             raise ConfigError(f"{name} {path} does not exist")
     if not data.is_dir():
         raise ConfigError(f"--data {data} is not a folder; pass the site's dataset folder")
+    policy = site_policy(
+        data, policy_file, {"max_steps": max_steps, "max_seconds": max_seconds, "max_batch": max_batch}
+    )
+    policy.check_device(device)
     cfg = SiteConfig(
         site=site,
         data=data.resolve(),
         labels=resolve_labels(data, labels),
         workdir=(workdir or Path(f"fedseg-{site}")).resolve(),
         device=device,
+        max_steps=policy.max_steps,
+        max_seconds=policy.max_seconds,
+        max_batch=policy.max_batch,
     )
     resolve_device(cfg.device)
     cfg, report, cases = check_and_prepare(cfg, PreprocessConfig())
@@ -132,6 +154,9 @@ def join_command(
         max_restarts=max_restarts,
         trusted_apps=trusted,
     )
+    limits = policy.model_dump(exclude_none=True, exclude={"devices"})
+    if limits:
+        console.print(f"site [bold]{escape(site)}[/] policy: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     console.print(f"site [bold]{escape(site)}[/] runs only these apps (FAB hash): {', '.join(sorted(trusted))}")
     try:
         with monitored_site(cfg, opts.server, len(report.skipped), metrics_host, metrics_port) as restarted:

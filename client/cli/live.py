@@ -89,6 +89,8 @@ class SiteProgress:
                 loss=f"{float(event['loss']):.3f}",
                 rate=f"{float(event['steps_per_second']):.2f}",
             )
+        elif kind == "policy":
+            self._say(f"round {round_}: site policy applied: {event['note']}")
         elif kind == "round_end":
             outcome = "done" if event["ok"] else "FAILED"
             loss = f", loss {float(event['loss']):.3f}" if "loss" in event else ""

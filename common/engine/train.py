@@ -37,6 +37,7 @@ class TrainReport:
         samples: patches seen (steps × batch size).
         steps: steps taken (skipped ones included).
         skipped_steps: steps whose loss or gradients were not finite: no update was applied.
+        time_limited: the loop stopped before the budget because ``time_limit`` seconds had passed.
         seconds: wall time of the loop, validation included.
         val_seconds: the part of ``seconds`` spent validating.
         dice: per-class Dice of the last validation (``validate`` keys), ``None`` if not validated.
@@ -50,6 +51,7 @@ class TrainReport:
     seconds: float
     val_seconds: float = 0.0
     skipped_steps: int = 0
+    time_limited: bool = False
     dice: dict[str, float] | None = None
     loss_history: list[float] = field(default_factory=list)
     val_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -139,6 +141,7 @@ def train_model(
     optimizer: torch.optim.Optimizer | None = None,
     schedule: tuple[int, int] | None = None,
     on_step: Callable[[int, int, float, float], None] | None = None,
+    time_limit: float | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``cfg.total_steps`` steps on random patches of ``cases``.
 
@@ -155,6 +158,9 @@ def train_model(
             a fresh :func:`make_optimizer` one when ``None``.
         schedule: ``(steps already taken, total steps)`` of a learning-rate schedule that spans several calls
             (``fed-eval train`` calls once per epoch); defaults to ``(0, cfg.total_steps)``.
+        on_step: called after every step with (step, total, loss, patches/s).
+        time_limit: stop after the first step that ends this many seconds after the start (a site's
+            ``max_seconds``); None = run the whole budget.
 
     Returns:
         A :class:`TrainReport`.
@@ -208,6 +214,10 @@ def train_model(
                 log.info("step %d: validation %s", step, _format_dice(report.dice))
                 model.train()
             if step >= total:
+                break
+            if time_limit is not None and time.perf_counter() - start >= time_limit:
+                report.time_limited = True
+                log.info("stopped after %d of %d steps: the %.0f s time limit has passed", step, total, time_limit)
                 break
     report.seconds = time.perf_counter() - start
     finite = [x for x in report.loss_history if math.isfinite(x)]

@@ -7,9 +7,10 @@ weight ``num-examples`` (training cases) and aggregate numbers only, and a Confi
 site name and ``annotated``, one flag per global class (background first): the classes the site labels, used
 for class-aware averaging of the output head. A site whose local training failed on purpose (too many
 non-finite steps) replies with only the ``site`` ConfigRecord, carrying the reason under ``failure``
-(:func:`failure_content`). No image, label or per-case value ever leaves a site. Under ``bn = "local"`` (FedBN)
-the BatchNorm entries of a reply are the ones the site received: its own stay in its Flower context
-(:mod:`fedseg.client.localbn`).
+(:func:`failure_content`). A site whose policy lowered the task (fewer steps, a smaller batch, a time limit)
+says so under ``policy`` in the ``site`` record (:func:`policy_note`). No image, label or per-case value ever
+leaves a site. Under ``bn = "local"`` (FedBN) the BatchNorm entries of a reply are the ones the site received:
+its own stay in its Flower context (:mod:`fedseg.client.localbn`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ PROX_KEY = "proximal-mu"
 WEIGHT_KEY = "num-examples"
 FAILURE_KEY = "failure"
 ANNOTATED_KEY = "annotated"
+POLICY_KEY = "policy"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
 
 #: Precision of the weights on the wire both ways (:func:`fedseg.common.fl.weights.encode_arrays`).
@@ -108,13 +110,15 @@ def round_seed(base: int, server_round: int, site: str) -> int:
 
 @dataclass(frozen=True)
 class LocalResult:
-    """Aggregate numbers of one site's local training in one round (``annotated``: its classes, background first)."""
+    """Aggregate numbers of one site's local training in one round (``annotated``: its classes, background first;
+    ``policy``: what the site's policy changed in the task)."""
 
     cases: int
     loss: float
     samples: int
     seconds: float
     annotated: tuple[bool, ...] | None = None
+    policy: tuple[str, ...] = ()
 
 
 def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> RecordDict:
@@ -130,12 +134,21 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
     site_record = ConfigRecord({"name": site})
     if result.annotated is not None:
         site_record[ANNOTATED_KEY] = [bool(a) for a in result.annotated]
+    if result.policy:
+        site_record[POLICY_KEY] = "; ".join(result.policy)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_record})
 
 
 def failure_content(site: str, reason: str) -> RecordDict:
     """The RecordDict of a train reply that carries no weights, only why the site could not train."""
     return RecordDict({SITE_KEY: ConfigRecord({"name": site, FAILURE_KEY: reason})})
+
+
+def policy_note(content: RecordDict) -> str:
+    """What the site's policy changed in the task, as the reply says it ("" when nothing)."""
+    record = content.config_records.get(SITE_KEY)
+    value = record.get(POLICY_KEY) if record is not None else None
+    return value[:300] if isinstance(value, str) else ""
 
 
 def annotated_of(content: RecordDict) -> tuple[bool, ...] | None:

@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 
 from fedseg.common.errors import FedsegError
+from fedseg.common.runtime.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,15 @@ class FlowerControl:
         log.debug("running %s", " ".join(argv))
         try:
             # cwd=home: flwr reads a connection name that is also a folder of the cwd (e.g. a clone's fedseg/) as an app
-            done = subprocess.run(
-                argv, env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout, check=False
+            done = subprocess.run(  # killed with us: no `flwr` call outlives a killed fed-server
+                argv,
+                env=self.env,
+                cwd=self.home,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                preexec_fn=die_with_parent(),
             )
         except subprocess.TimeoutExpired as err:
             raise FedsegError(f"'flwr {args[0]}' did not answer within {timeout:.0f} s") from err

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -59,6 +59,18 @@ def _prctl(option: int, value: int) -> bool:
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process (Linux); returns whether it worked."""
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when its parent (thread) dies (Linux; None
+    elsewhere). Start such children from the main thread: the signal follows the thread that forked them."""
+    if not _LINUX:
+        return None
+
+    def setup() -> None:  # runs in the child between fork and exec
+        _prctl(_PR_SET_PDEATHSIG, sig)
+
+    return setup
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec

@@ -1,7 +1,8 @@
 """Drive a whole federated run from ``fed-server``: SuperLink up, run submitted, followed to the end, all stopped.
 
-Everything runs under a :class:`~fedseg.common.runtime.processes.Supervisor`, so the SuperLink, its SuperExec and the
-ServerApp process are gone when the ``with`` block ends, whether the run completed, failed or was interrupted.
+Everything runs under a :class:`~fedseg.common.runtime.processes.Supervisor`, so the SuperLink, fedseg's executor and
+the ServerApp process it starts are gone when the ``with`` block ends, whether the run completed, failed or was
+interrupted, and within a second or two when ``fed-server`` itself is killed (parent-death signals all the way down).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fedseg.server.control.runs import (
     write_run_config,
     write_spec,
 )
-from fedseg.server.control.sites import read_sites, register_sites
+from fedseg.server.control.sites import NODE_SITES_FILE, read_sites, register_sites
 from fedseg.server.control.superlink import INTERNAL_HOST, start_superlink
 from fedseg.server.run.history import RoundRow, read_history
 
@@ -49,6 +50,7 @@ class Server:
 
     cfg: ServerConfig
     superlink: Child
+    executor: Child
     control: FlowerControl
     gateway: Child
     internal_port: int
@@ -72,13 +74,14 @@ def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
     port = cfg.internal_port or free_port(INTERNAL_HOST)
     write_connection(home, host_port(INTERNAL_HOST, port), cfg.tls.ca if cfg.tls is not None else None)
     spec_env = {SPEC_ENV: str((private / SPEC_FILE).resolve())}
-    child = start_superlink(sup, cfg, port, home, cfg.output_dir / "logs" / "superlink.log", spec_env)
+    child, executor = start_superlink(sup, cfg, port, home, cfg.output_dir / "logs", spec_env)
     control = FlowerControl(home)
+    (private / NODE_SITES_FILE).unlink(missing_ok=True)  # a map from an earlier start names stale node ids
     if cfg.node_auth:
         nodes = register_sites(control, read_sites(cfg.sites_file), private)
         log.info("node authentication on: %d site(s) allowed (%s)", len(nodes), ", ".join(sorted(nodes.values())))
     gateway = start_gateway(sup, cfg, port)
-    return Server(cfg=cfg, superlink=child, control=control, gateway=gateway, internal_port=port)
+    return Server(cfg=cfg, superlink=child, executor=executor, control=control, gateway=gateway, internal_port=port)
 
 
 def submit(server: Server, spec: RunSpec) -> int:
@@ -129,7 +132,7 @@ def follow(
     failures = 0
     while True:
         _report_new_rows(out, seen, on_row)
-        _check_alive([server.superlink, server.gateway, *watch])
+        _check_alive([server.superlink, server.executor, server.gateway, *watch])
         every = STATUS_EVERY_AFTER_EXIT if (out / EXIT_MARKER).is_file() else STATUS_EVERY
         if time.monotonic() - last_status >= every:
             last_status = time.monotonic()

@@ -109,6 +109,22 @@ def remove_site(path: Path, name: str) -> None:
     _write(path, [s for s in sites if s.name != name])
 
 
+def read_node_sites(private: Path) -> dict[int, str]:
+    """The node id -> site name map that :func:`register_sites` wrote into ``private`` (empty when there is none).
+
+    Raises:
+        ConfigError: the file exists but is not such a map.
+    """
+    path = private / NODE_SITES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {int(node): str(name) for node, name in raw.items()}
+    except (ValueError, AttributeError) as err:
+        raise ConfigError(f"{path} is not a node id -> site name map ({err})") from None
+
+
 def register_sites(control: FlowerControl, sites: list[Site], private: Path) -> dict[int, str]:
     """Register every site's key with the SuperLink (loopback Control API); write and return node id -> name.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,13 +26,16 @@ INTERNAL_HOST = "127.0.0.1"
 
 
 def superlink_argv(cfg: ServerConfig, port: int) -> list[str]:
-    """Command line of ``flower-superlink`` for ``cfg`` on loopback ``port``: no runtime dependency installs."""
+    """Command line of ``flower-superlink`` for ``cfg`` on loopback ``port``: no runtime dependency installs, and
+    ``--isolation process``: it spawns no ServerApp itself, fedseg's executor does (:func:`executor_argv`)."""
     argv = [
         flower_executable("flower-superlink"),
         "--host",
         INTERNAL_HOST,
         "--port",
         str(port),
+        "--isolation",
+        "process",
         "--disable-runtime-dependency-installation",
     ]
     if cfg.tls is None:
@@ -49,6 +53,16 @@ def superlink_argv(cfg: ServerConfig, port: int) -> list[str]:
         argv += ["--database", str(cfg.database)]
     if cfg.node_auth:
         argv.append("--enable-supernode-auth")
+    return argv
+
+
+def executor_argv(cfg: ServerConfig, port: int, tokens: Path) -> list[str]:
+    """Command line of fedseg's server executor (:mod:`fedseg.server.control.executor`) for the SuperLink on
+    loopback ``port``; ``tokens`` is the private folder for the ServerApp's token file."""
+    argv = [sys.executable, "-m", "fedseg.server.control.executor"]
+    argv += ["--runtime-api-address", host_port(INTERNAL_HOST, port), "--tokens", str(tokens)]
+    if cfg.tls is not None:
+        argv += ["--root-certificates", str(cfg.tls.ca)]
     return argv
 
 
@@ -119,22 +133,28 @@ def wait_healthy(cfg: ServerConfig, child: Child, port: int, timeout: float = 60
 
 
 def start_superlink(
-    sup: Supervisor, cfg: ServerConfig, port: int, home: Path, log_path: Path, env: Mapping[str, str] | None = None
-) -> Child:
-    """Start the SuperLink on loopback ``port`` under ``sup`` and return once it is healthy.
+    sup: Supervisor, cfg: ServerConfig, port: int, home: Path, logs: Path, env: Mapping[str, str] | None = None
+) -> tuple[Child, Child]:
+    """Start the SuperLink on loopback ``port`` and, once it is healthy, the executor that runs the ServerApp.
 
     Args:
-        sup: the supervisor that will stop it.
+        sup: the supervisor that will stop them (and whose parent-death signal ends them with ``fed-server``).
         cfg: server configuration (TLS, database, node authentication).
         port: its internal loopback port.
-        home: FLWR_HOME for the SuperLink and its helpers.
-        log_path: where its stdout/stderr go.
-        env: extra environment (inherited by the ServerApp process).
+        home: FLWR_HOME for the SuperLink and its helpers (the executor keeps token files in ``home/tokens``).
+        logs: folder of ``superlink.log`` and ``executor.log``.
+        env: extra environment of the executor (inherited by the ServerApp process).
+
+    Returns:
+        The SuperLink and the executor.
 
     Raises:
         FedsegError: it failed to start (port in use, bad certificates, ...).
     """
-    child = sup.start("superlink", superlink_argv(cfg, port), env=flower_env(home, env), log_path=log_path)
+    log_path = logs / "superlink.log"
+    child = sup.start("superlink", superlink_argv(cfg, port), env=flower_env(home), log_path=log_path)
     seconds = wait_healthy(cfg, child, port)
     log.info("SuperLink up on %s after %.1f s (log: %s)", host_port(INTERNAL_HOST, port), seconds, log_path)
-    return child
+    argv = executor_argv(cfg, port, home / "tokens")
+    executor = sup.start("executor", argv, env=flower_env(home, env), log_path=logs / "executor.log")
+    return child, executor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -146,12 +146,14 @@ def _dice_text(dice: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in dice.items()) or "(no central validation)"
 
 
-def serve(grid: Grid, spec: RunSpec) -> None:
+def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None) -> None:
     """Run ``spec.num_rounds`` rounds of the configured strategy on ``grid``, recording every round.
 
     Args:
         grid: Flower's grid (from ``@app.main``).
         spec: the validated run description.
+        registered: node id -> site name of the registered site keys (node authentication); those names are
+            locked (:meth:`~fedseg.server.run.replies.SiteRegistry.lock`).
     """
     cfg = spec.config
     out: Path = cfg.output_dir
@@ -173,6 +175,9 @@ def serve(grid: Grid, spec: RunSpec) -> None:
             strategy.restore(load_state(spec.initial_checkpoint.parent, spec.first_round - 1))
         except ConfigError as err:  # a run folder from before strategy state was saved
             log.warning("%s; the strategy state starts afresh", err)
+    if registered:
+        strategy.registry.lock(registered)
+        log.info("site names locked to their keys: %s", ", ".join(f"{n}={s}" for n, s in sorted(registered.items())))
     keeper = CheckpointKeeper(out / CHECKPOINT_DIR)
     evaluator = RoundEvaluator(spec, model, validator, keeper, history, strategy.stats, strategy.state)
     telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round, cfg.rounds)

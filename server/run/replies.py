@@ -4,7 +4,9 @@ A reply is *accepted* only when it is exactly what our ClientApp sends for the r
 ``arrays`` ArrayRecord with the global model's keys, shapes and dtypes and only finite values; one ``metrics``
 MetricRecord with exactly :data:`~fedseg.common.fl.protocol.METRIC_KEYS`, of the right types; ``num-examples`` a
 positive integer no larger than the configured cap and than what the node declared in its first reply (pinned by
-:class:`SiteRegistry` for the run); and a site name that the node used from the start and no other node uses.
+:class:`SiteRegistry` for the run); and a site name that the node used from the start and no other node uses. With
+node authentication, the names registered with the sites' keys are locked: a node must carry its key's name, and
+a registered name never passes to another node.
 Everything else becomes a :class:`Rejected` with a one-line reason; nothing here raises.
 
 :func:`norm_outliers` then applies the update-norm bound over the round's accepted replies.
@@ -53,17 +55,44 @@ class Rejected:
 
 @dataclass
 class SiteRegistry:
-    """Pins, for the whole run, each node's site name and the case count it declared in its first usable reply."""
+    """Pins, for the whole run, each node's site name and the case count it declared in its first usable reply.
+
+    ``locked``: node id -> site name registered with the site's key (``fed-server start`` with node
+    authentication); see :meth:`lock`. Not part of the saved state: each start registers the keys afresh.
+    """
 
     names: dict[int, str] = field(default_factory=dict)
     cases: dict[int, int] = field(default_factory=dict)
+    locked: dict[int, str] = field(default_factory=dict)
+
+    def lock(self, registered: Mapping[int, str]) -> None:
+        """Bind each registered node id to its key's site name for good (a resumed run's pins follow the name)."""
+        self.locked = dict(registered)
+        for node, site in self.locked.items():
+            for other, name in list(self.names.items()):
+                if other != node and name == site:
+                    del self.names[other]
+                    if node not in self.cases and other in self.cases:
+                        self.cases[node] = self.cases[other]
+                    self.cases.pop(other, None)
+            self.names[node] = site
 
     def identity_problem(self, node: int, site: str, present: Collection[int]) -> str | None:
         """Why ``node`` may not call itself ``site`` (None when it may).
 
-        A name held by another node that also replied this round (``present``) is refused; a name whose node did
-        not reply is handed over (a site restarted with ``fed-client join`` comes back as a new node).
+        A registered node must carry the name of its key, and a registered name belongs to its node only. Without
+        registration, a name held by another node that also replied this round (``present``) is refused; a name
+        whose node did not reply is handed over (a site restarted with ``fed-client join`` comes back as a new
+        node).
         """
+        registered = self.locked.get(node)
+        if self.locked and registered is None:
+            return f"node {node} has no registered site key"
+        if registered is not None and registered != site:
+            return f"node {node} is registered as site {registered!r} (its key) and claims to be {site!r}"
+        owner = next((other for other, name in self.locked.items() if name == site), None)
+        if owner is not None and owner != node:
+            return f"site name {site!r} is registered to node {owner}'s key, not node {node}"
         pinned = self.names.get(node)
         if pinned is not None and pinned != site:
             return f"node {node} joined as site {pinned!r} and now claims to be {site!r}"

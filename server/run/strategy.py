@@ -39,7 +39,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.batchnorm import batchnorm_keys
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport, policy_note
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
@@ -225,6 +225,8 @@ class RecordingStrategy(Strategy):
                 else check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
             )
             if isinstance(checked, Accepted):
+                if note := policy_note(reply.content):
+                    log.warning("round %d: %s trained under its site policy: %s", server_round, checked.site, note)
                 wire_bytes = wire.count_bytes() if wire is not None else checked.bytes_in
                 accepted.append(dataclasses.replace(checked, bytes_in=wire_bytes))  # what travelled
             else:

@@ -19,9 +19,11 @@ from fedseg.client.keys import make_site_key
 from fedseg.client.supernode import JoinOptions, supernode_argv
 from fedseg.common.runtime.flwrctl import CONNECTION, flower_env
 from fedseg.common.runtime.processes import Child, Supervisor, free_port
-from fedseg.server.config import ServerConfig, TLSConfig
+from fedseg.server.app import registered_sites
+from fedseg.server.config import RunSpec, ServerConfig, TLSConfig
 from fedseg.server.control.certs import make_certificates
 from fedseg.server.control.launch import Server, start_server
+from fedseg.server.control.runs import SPEC_ENV, SPEC_FILE
 from fedseg.server.control.sites import NODE_SITES_FILE, add_site
 
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.2 is loopback on Linux")]
@@ -72,6 +74,9 @@ def _online(setup: Setup) -> list[dict[str, object]]:
 def test_start_registered_the_allowed_site_under_its_name(setup: Setup) -> None:
     nodes = json.loads((setup.server.private_dir / NODE_SITES_FILE).read_text())
     assert list(nodes.values()) == ["hospital-a"]
+    # what the ServerApp locks in its SiteRegistry (it reads the map next to the spec file it is named)
+    env = {SPEC_ENV: str(setup.server.private_dir / SPEC_FILE)}
+    assert registered_sites(RunSpec(config=setup.server.cfg), env) == {int(k): v for k, v in nodes.items()}
 
 
 def test_an_unlisted_site_key_is_refused_and_a_listed_one_connects(setup: Setup) -> None:

@@ -63,6 +63,8 @@ def test_superlink_argv_loopback_only_insecure_by_default_and_tls_when_configure
         "127.0.0.1",
         "--port",
         "1234",
+        "--isolation",
+        "process",
         "--disable-runtime-dependency-installation",
         "--insecure",
     ]

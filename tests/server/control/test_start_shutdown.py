@@ -1,4 +1,4 @@
-"""`fed-server start` as a real process: Ctrl-C and a failing ServerApp both end with no process left over."""
+"""`fed-server start` as a real process: Ctrl-C, a failing ServerApp and ``kill -9`` leave no process behind."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_ctrl_c_stops_superlink_serverapp_and_all_helpers(tmp_path: Path) -> Non
     while not read_history(out) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)  # round 0 recorded = the ServerApp is up and waiting for sites
     assert read_history(out), "the ServerApp never recorded round 0"
-    assert len(tagged_processes(tag, TAG)) >= 4  # fed-server, superlink, superexec, serverapp
+    assert len(tagged_processes(tag, TAG)) >= 4  # fed-server, superlink, executor, gateway, serverapp
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
@@ -49,6 +49,29 @@ def test_ctrl_c_stops_superlink_serverapp_and_all_helpers(tmp_path: Path) -> Non
     assert "error: interrupted" in output
     assert time.monotonic() - started < 60  # SIGTERM, then SIGKILL after 10 s: never a hang
     assert _wait_gone(tag) == []
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def test_kill_9_of_fed_server_takes_every_process_with_it(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    proc = _start(["start", f"output_dir={tmp_path / 'run'}", "min_sites=1", f"port={free_port()}"], tag)
+    deadline = time.monotonic() + 300  # a ceiling for a loaded machine; the loop ends when the ServerApp is up
+    serverapp: list[str] = []
+    while not serverapp and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        found = [_cmdline(p) for p in tagged_processes(tag, TAG)]
+        serverapp = next((c for c in found if any(part.endswith("flwr-serverapp") for part in c)), [])
+    assert serverapp, "the ServerApp process never started"
+    assert "--token" not in serverapp and "--token-file" in serverapp  # the task token is not in `ps`
+    proc.kill()
+    proc.wait()
+    assert _wait_gone(tag, timeout=15.0) == []  # parent-death signals: no orphan retries a dead SuperLink
 
 
 def test_failing_serverapp_is_reported_in_one_line_and_cleaned_up(tmp_path: Path) -> None:

@@ -159,3 +159,16 @@ def test_configure_train_gives_up_when_sites_do_not_come(weights: dict[str, np.n
     arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
     with pytest.raises(FedsegError, match="start more sites"):
         strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1]))  # type: ignore[arg-type]
+
+
+def test_a_reply_trained_under_a_site_policy_is_used_and_logged(
+    weights: dict[str, np.ndarray], reply: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    strategy = _recorder()
+    _configure(strategy, weights)
+    clamped = reply(1, weights, cases=2, site="a")
+    clamped.content.config_records["site"]["policy"] = "steps 250 -> 100 (max_steps)"
+    strategy.aggregate_train(1, [clamped, reply(2, weights, cases=2, site="b")])
+    assert [s.site for s in strategy.stats[1].sites] == ["a", "b"]
+    logged = [r.getMessage() for r in caplog.records if "site policy" in r.getMessage()]
+    assert logged == ["round 1: a trained under its site policy: steps 250 -> 100 (max_steps)"]
