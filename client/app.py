@@ -6,6 +6,7 @@ SuperNode's node-config (written by ``fed-client join``), the round's task from 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 
@@ -29,7 +30,7 @@ from fedseg.common.fl.protocol import (
 from fedseg.common.fl.weights import load_arrays
 from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.applog import detach, log_to_file
-from fedseg.common.runtime.events import EventWriter
+from fedseg.common.runtime.events import EventWriter, process_started
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def train(msg: Message, context: Context) -> Message:
         task, server_round = read_task(config)
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
         report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
-        report.start(task.train.total_steps)
+        report.start(task.train.total_steps, process_started=process_started())
+        atexit.register(report.exiting)  # Flower pushes the reply, then exits this process
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 from flwr.proto.task_pb2 import Task
@@ -20,6 +21,7 @@ from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from fedseg.client.trust import refusal
+from fedseg.common.runtime.events import EventWriter
 
 log = logging.getLogger("fedseg.client.gate")
 
@@ -29,12 +31,15 @@ class GatedPlugin(AutoExecPlugin):
 
     trusted: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[set[int]] = set()
+    #: The site's event file: a ``launch`` event per started process (the round anatomy's spawn mark).
+    events: ClassVar[EventWriter] = EventWriter(None)
 
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         """Launch the task's app process only if its app is trusted."""
         fab_hash = task.fab_hash if task.HasField("fab_hash") else ""
         reason = refusal(int(task.run_id), fab_hash, self.trusted)
         if reason is None:
+            self.events.emit("launch", run=int(task.run_id))
             return super().launch_task(token, task)
         if task.run_id not in self.refused:  # Flower may offer the same run again; say it once
             self.refused.add(int(task.run_id))
@@ -47,6 +52,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (loopback)")
     parser.add_argument("--trust", action="append", default=[], help="a trusted FAB hash (repeat)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process exits")
+    parser.add_argument("--events", type=Path, help="the site's event file (a launch event per ClientApp process)")
     return parser.parse_args(argv)
 
 
@@ -56,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
     args = _parse(argv)
     GatedPlugin.trusted = frozenset(h.lower() for h in args.trust)
+    GatedPlugin.events = EventWriter(args.events)
     if not hasattr(superexec, "AutoExecPlugin"):
         raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name

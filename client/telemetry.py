@@ -64,9 +64,14 @@ class RoundReporter:
         self._first_step: tuple[int, float] | None = None
         self._last_progress = float("-inf")
 
-    def start(self, steps: int) -> None:
-        """The round's task arrived: ``steps`` local steps are planned."""
-        self.events.emit("round_start", round=self.round, steps=steps)
+    def start(self, steps: int, **timing: float | None) -> None:
+        """The round's task arrived: ``steps`` local steps are planned.
+
+        ``timing`` adds wall-clock instants of the process's start-up for the round anatomy
+        (``process_started``, see :func:`fedseg.common.runtime.events.process_started`); None values are left out.
+        """
+        marks = {k: v for k, v in timing.items() if v is not None}
+        self.events.emit("round_start", round=self.round, steps=steps, **marks)
 
     def phase(self, name: str, seconds: float) -> None:
         """A phase (``load`` cases, ``train``) took ``seconds``."""
@@ -90,6 +95,10 @@ class RoundReporter:
         first, since = self._first_step
         rate = (step - first) / (now - since) if now > since else 0.0
         self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
+
+    def exiting(self) -> None:
+        """The ClientApp process exits (its reply was pushed to the SuperNode); register with ``atexit``."""
+        self.events.emit("exit", round=self.round)
 
     def end(self, ok: bool, loss: float | None = None) -> None:
         """The round ended (``ok`` = a reply was sent); the peak CUDA memory is reported on a GPU."""
