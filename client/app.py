@@ -1,12 +1,12 @@
 """Our Flower ClientApp (``fedseg.client.app:app``): thin handlers around :mod:`fedseg.client.training`.
 
 Flower starts a new ``flwr-clientapp`` process for every message; the site's settings come from the
-SuperNode's node-config (written by ``fed-client join``), the round's task from the message.
+SuperNode's node-config (written by ``fed-client join``; on the simulation runtime see
+:mod:`fedseg.client.simulated`), the round's task from the message.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import time
 
@@ -14,8 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseg.client.crosssite import score_cases
-from fedseg.client.site import load_training_cases, site_from_node_config
-from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
+from fedseg.client.simulated import site_for
+from fedseg.client.site import load_training_cases
+from fedseg.client.telemetry import EVENTS_FILE, RoundReporter, note_exit
 from fedseg.client.training import TrainingDiverged, deadline, train_locally
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.fl.protocol import (
@@ -40,7 +41,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with weights and aggregate metrics."""
-    site = site_from_node_config(context.node_config)
+    site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     report: RoundReporter | None = None
     try:
@@ -49,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
         report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
         report.start(task.train.total_steps, process_started=process_started())
-        atexit.register(report.exiting)  # Flower pushes the reply, then exits this process
+        note_exit(report)
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
@@ -79,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Cross-site validation: score the received global model on this site's labelled cases, aggregates only."""
-    site = site_from_node_config(context.node_config)
+    site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())

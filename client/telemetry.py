@@ -10,6 +10,7 @@ bytes only: no case identifier and nothing derived from a patient.
 
 from __future__ import annotations
 
+import atexit
 import socket
 import time
 from collections.abc import Callable
@@ -45,6 +46,21 @@ SITE_METRICS = (
     "fedseg_site_state",
     "fedseg_site_cuda_peak_memory_bytes",
 )
+
+
+#: The reporter of the latest round in this process (see :func:`note_exit`).
+_LATEST: list[RoundReporter] = []
+
+
+def note_exit(report: RoundReporter) -> None:
+    """Emit ``report``'s ``exit`` event when this process exits.
+
+    Flower pushes a ClientApp's reply, then ends its process, so the exit marks the reply leaving the site. A
+    long-lived worker (a Ray actor of the simulation runtime) runs many rounds: only its last round is noted.
+    """
+    if not _LATEST:
+        atexit.register(lambda: _LATEST[-1].exiting())
+    _LATEST[:] = [report]
 
 
 class RoundReporter:
@@ -97,7 +113,7 @@ class RoundReporter:
         self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
 
     def exiting(self) -> None:
-        """The ClientApp process exits (its reply was pushed to the SuperNode); register with ``atexit``."""
+        """The ClientApp process exits (its reply was pushed to the SuperNode); see :func:`note_exit`."""
         self.events.emit("exit", round=self.round)
 
     def end(self, ok: bool, loss: float | None = None) -> None:

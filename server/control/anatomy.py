@@ -2,8 +2,8 @@
 
 Sources, all stamped with the same wall clock (one machine):
 
-* the ServerApp's events (:mod:`fedseg.server.run.telemetry`): ``phase`` training (tasks pushed), ``reply``
-  (seconds after the push), ``phase`` aggregating, ``phase`` validating, ``round`` (history row written);
+* the ServerApp's events (:mod:`fedseg.server.run.telemetry`): ``phase`` training (tasks about to be pushed),
+  ``reply`` (pulled), ``phase`` aggregating, ``phase`` validating, ``round`` (history row written);
 * each site's events (:mod:`fedseg.client.telemetry`): ``launch`` (the gate starts a ClientApp process),
   ``round_start`` (the train handler runs; carries the process start), ``phase`` load / train (seconds),
   ``round_end`` (the handler returns its reply) and ``exit`` (the process exits after Flower pushed the reply).
@@ -138,7 +138,8 @@ def round_anatomy(server: Sequence[Event], sites: Mapping[str, Sequence[Event]])
         validating = _first(server, "phase", round=round_, phase="validating")
         if done is None or aggregating is None or validating is None:
             continue  # the round did not finish
-        replies = {e["site"]: pushed + e["seconds"] for e in server if e["kind"] == "reply" and e["round"] == round_}
+        # a reply's own stamp: its "seconds" count from the end of the push, which can take long itself
+        replies = {e["site"]: e["t"] for e in server if e["kind"] == "reply" and e["round"] == round_}
         nxt = pushes.get(round_ + 1)
         out.append(
             RoundAnatomy(

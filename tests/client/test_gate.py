@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from flwr.proto.task_pb2 import Task
+from flwr.supercore.superexec import run_superexec as superexec
 from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
+from fedseg.client import gate
 from fedseg.client.gate import GatedPlugin
 from fedseg.common.runtime.events import EventTail, EventWriter
 
@@ -32,3 +35,16 @@ def test_launch_event_only_for_trusted_apps(tmp_path: Path, monkeypatch: pytest.
     events = EventTail(tmp_path / "events.jsonl").read()
     assert launched == [7]
     assert [(e["kind"], e["run"]) for e in events] == [("launch", 7)]
+
+
+def test_the_gate_polls_every_fifth_of_a_second_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str | None] = []
+    monkeypatch.setattr(superexec, "run_superexec", lambda **kw: seen.append(os.environ.get(gate.POLL_ENV)))
+    for name in ("trusted", "events"):  # main() sets them; restored afterwards
+        monkeypatch.setattr(GatedPlugin, name, getattr(GatedPlugin, name))
+    monkeypatch.setattr(superexec, "AutoExecPlugin", vars(superexec)["AutoExecPlugin"])
+    monkeypatch.delenv(gate.POLL_ENV, raising=False)
+    gate.main(["--runtime-api-address", "127.0.0.1:1", "--events", str(tmp_path / "e.jsonl")])
+    monkeypatch.setenv(gate.POLL_ENV, "2.5")
+    gate.main(["--runtime-api-address", "127.0.0.1:1"])
+    assert seen == ["0.2", "2.5"]

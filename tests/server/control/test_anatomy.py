@@ -12,8 +12,9 @@ def ev(t: float, kind: str, **fields: object) -> Event:
     return {"t": t, "kind": kind, **fields}
 
 
-# Round 1 pushed at t=100; site-a replies at +20 (t=120), site-b at +30 (t=130, the slowest); aggregation 130..131,
-# validation 131..135, round 2 pushed at 136; round 2 pushed at 136, b replies at +10, done at 150.
+# Round 1 pushed at t=100; site-a's reply is pulled at 120.5, site-b's at 130.5 (the slowest; "seconds" count from
+# the end of the push and are not used); aggregation 130.5..131, validation 131..135; round 2 pushed at 136, b's
+# reply pulled at 146, done at 150.
 SERVER = [
     ev(100.0, "phase", round=1, phase="training"),
     ev(120.5, "reply", round=1, site="site-a", seconds=20.0),
@@ -56,7 +57,7 @@ def test_round_split_along_the_slowest_site() -> None:
             "train": 15.0,
             "prepare": 0.5,
             "push": 1.0,
-            "forward": 0.5,
+            "forward": 1.0,
             "aggregate": 0.5,
             "validate": 4.0,
             "next": 1.0,
@@ -64,6 +65,7 @@ def test_round_split_along_the_slowest_site() -> None:
     )
     assert first.wall == pytest.approx(36.0)
     assert first.overhead == pytest.approx(21.0)
+    assert sum(v for v in first.phases().values() if v is not None) == pytest.approx(first.wall)
     phases = second.phases()
     assert phases["send"] == pytest.approx(1.0)
     assert phases["spawn"] is None and phases["start-up"] is None and phases["push"] is None
