@@ -121,16 +121,14 @@ def _run(app_dir: Path, run_config: dict[str, str], opts: SimOptions) -> None:
     from flwr.simulation.run_simulation import _run_simulation  # 1.42's entry taking a ServerApp context
     from flwr.supercore.telemetry import EventType
 
-    from fedseg.client.app import app as client_app
-    from fedseg.server.app import app as server_app
-
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     _run_simulation(
         num_supernodes=opts.sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
+        client_app_attr="fedseg.client.app:app",  # the components of the thin FAB, loaded as Flower loads them
+        server_app_attr="fedseg.server.app:app",
         backend_config={"client_resources": {"num_cpus": opts.cpus_per_site, "num_gpus": 0.0}},
         server_app_context=context,
         app_dir=str(app_dir),
+        is_app=True,  # the virtual sites' run config comes from the app folder
     )
