@@ -162,7 +162,7 @@ def anatomy_table(rounds: Sequence[RoundAnatomy]) -> list[str]:
     for r in rounds:
         slowest = r.slowest
         cells = [f"{r.round:>9}", f"{(slowest.site if slowest else '-'):>9}"]
-        cells += [f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in r.phases().values()]
+        cells += [f"{round(v, 2) + 0.0:>9.2f}" if v is not None else f"{'-':>9}" for v in r.phases().values()]
         cells += [f"{r.wall:>9.2f}", f"{r.overhead:>9.2f}"]
         lines.append(" ".join(cells))
     return lines
