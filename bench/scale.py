@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedseg.server.run.history import read_history
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +58,11 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def round_seconds(out: Path) -> list[float]:
+    """Seconds of each trained round from the run's history (the first includes Ray's and the actors' start)."""
+    return [row.seconds for row in read_history(out / "run") if row.round > 0]
+
+
 def run_one(args: argparse.Namespace, sites: int) -> tuple[float, int, int]:
     """Wall seconds, peak tree RSS and exit code of one simulation with ``sites`` sites."""
     out = args.out / f"sites-{sites}"
@@ -82,10 +89,12 @@ def main() -> None:
     counts = [int(s) for s in args.sites.split(",")]
     print(f"fed-server simulate: {args.rounds} rounds x {args.steps} steps, feature_scale 16, 32^3 phantoms, "
           f"{args.cpus_per_site} CPU per site, {os.cpu_count()} cores")  # fmt: skip
-    print(f"{'sites':>6} {'wall s':>8} {'s/round':>8} {'peak RSS GB':>12} {'exit':>5}")
+    print(f"{'sites':>6} {'wall s':>8} {'round 1 s':>10} {'last round s':>13} {'peak RSS GB':>12} {'exit':>5}")
     for sites in counts:
         seconds, peak, code = run_one(args, sites)
-        print(f"{sites:>6} {seconds:>8.0f} {seconds / args.rounds:>8.0f} {peak / 1e9:>12.2f} {code:>5}", flush=True)
+        rounds = round_seconds(args.out / f"sites-{sites}") or [float("nan")]
+        print(f"{sites:>6} {seconds:>8.0f} {rounds[0]:>10.1f} {rounds[-1]:>13.1f} {peak / 1e9:>12.2f} {code:>5}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
