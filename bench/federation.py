@@ -16,6 +16,13 @@
 
     python bench/federation.py                                  # both parts, defaults below (~30 min on 2 cores)
     python bench/federation.py --skip-overhead --rounds 2 --local-steps 5    # a quick smoke run of part (b)
+
+(c) **Round anatomy** (``--anatomy``, only this part): a small loopback federation (``--sites`` sites, a 1/16-width
+    network, 2 rounds of ``--local-steps`` steps, central validation on) and, per round, where the wall time went
+    along the slowest site's path (:mod:`fedseg.server.control.anatomy`): send, spawn, import, setup, load, train,
+    reply, aggregate, validate, next. Read from the event files the run writes anyway.
+
+    OMP_NUM_THREADS=1 nice -n 10 python bench/federation.py --anatomy --sites 2 --cases 2 --size 32 --local-steps 5
 """
 
 from __future__ import annotations
@@ -37,14 +44,17 @@ from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.train import train_model
 from fedseg.common.engine.validation import validate
 from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
+from fedseg.common.runtime.events import EventTail
 from fedseg.common.runtime.flwrctl import RunStatus
 from fedseg.common.runtime.processes import Supervisor, free_port
 from fedseg.server.config import ServerConfig
 from fedseg.server.configfile import build_config
+from fedseg.server.control.anatomy import anatomy_table, round_anatomy
 from fedseg.server.control.demo import DemoOptions, ensure_phantoms, join_argv
 from fedseg.server.control.launch import run_to_end, start_server
 from fedseg.server.control.runs import new_spec
 from fedseg.server.run.history import RoundRow
+from fedseg.server.run.telemetry import EVENTS_FILE
 
 ORGANS = GLOBAL_CLASSES[1:]
 
@@ -64,6 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--anatomy", action="store_true", help="only the round anatomy (c)")
     return parser.parse_args()
 
 
@@ -118,6 +129,33 @@ def overhead(args: argparse.Namespace) -> None:
         f"Flower wire counters for the run: {status.bytes_out / 1e6:.1f} MB out, {status.bytes_in / 1e6:.1f} MB in "
         f"= {status.bytes_out / per / 1e6:.2f} MB down and {status.bytes_in / per / 1e6:.2f} MB up per site-round"
     )
+
+
+def anatomy(args: argparse.Namespace) -> None:
+    side = min(args.size, 32)
+    settings = {
+        "rounds": 2,
+        "model": {"feature_scale": 16},
+        "train": {"steps": args.local_steps, "batch_size": 2, "patch_size": [side] * 3, "lr": 1e-3, "amp": False},
+        "validation": {
+            "data": str(args.out / "data" / "validation"),
+            "labels": str(args.out / "data" / "validation" / "labels.toml"),
+            "patch_size": [side] * 3,
+        },
+    }
+    started = time.perf_counter()
+    federate(args, "anatomy", settings)
+    wall = time.perf_counter() - started
+    out = args.out / "anatomy"
+    server = EventTail(out / "run" / EVENTS_FILE).read()
+    sites = {
+        f"site-{i}": EventTail(out / "sites" / f"site-{i}" / "events.jsonl").read() for i in range(1, args.sites + 1)
+    }
+    rounds = round_anatomy(server, sites)
+    print(f"\n(c) round anatomy: {args.sites} sites, loopback, feature_scale 16, {args.local_steps} steps of "
+          f"{side}^3 per round; seconds along the slowest site's path (whole run {wall:.0f} s)")  # fmt: skip
+    for line in anatomy_table(rounds):
+        print(line)
 
 
 def load_site(root: Path, cache: Path) -> list[PreparedCase]:
@@ -189,6 +227,9 @@ def main() -> None:
             val_cases=args.val_cases,
         )
     )
+    if args.anatomy:
+        anatomy(args)
+        return
     if not args.skip_overhead:
         overhead(args)
     if not args.skip_accuracy:

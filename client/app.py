@@ -1,7 +1,8 @@
 """Our Flower ClientApp (``fedseg.client.app:app``): thin handlers around :mod:`fedseg.client.training`.
 
 Flower starts a new ``flwr-clientapp`` process for every message; the site's settings come from the
-SuperNode's node-config (written by ``fed-client join``), the round's task from the message.
+SuperNode's node-config (written by ``fed-client join``; on the simulation runtime see
+:mod:`fedseg.client.simulated`), the round's task from the message.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from flwr.clientapp import ClientApp
 
 from fedseg.client.crosssite import score_cases
 from fedseg.client.localbn import own_start
-from fedseg.client.site import load_training_cases, site_from_node_config
-from fedseg.client.telemetry import EVENTS_FILE, RoundReporter
+from fedseg.client.simulated import site_for
+from fedseg.client.site import load_training_cases
+from fedseg.client.telemetry import EVENTS_FILE, RoundReporter, note_exit
 from fedseg.client.training import TrainingDiverged, deadline, train_locally
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.fl.protocol import (
@@ -31,7 +33,7 @@ from fedseg.common.fl.protocol import (
 from fedseg.common.fl.weights import load_arrays
 from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.applog import detach, log_to_file
-from fedseg.common.runtime.events import EventWriter
+from fedseg.common.runtime.events import EventWriter, process_started
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with weights and aggregate metrics."""
-    site = site_from_node_config(context.node_config)
+    site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     report: RoundReporter | None = None
     try:
@@ -50,7 +52,8 @@ def train(msg: Message, context: Context) -> Message:
         task, clamped = site.policy.clamp(task)
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
         report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
-        report.start(task.train.total_steps)
+        report.start(task.train.total_steps, process_started=process_started())
+        note_exit(report)
         if clamped:
             log.warning(
                 "site %s round %d: site policy lowered the task: %s", site.site, server_round, "; ".join(clamped)
@@ -101,7 +104,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     Under ``bn = "local"`` the site scores it with its own BatchNorm tensors (the ones it trains with).
     """
-    site = site_from_node_config(context.node_config)
+    site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,14 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from fedseg.client.trust import refusal
 from fedseg.common.runtime.appexec import TokenFileExecutor
+from fedseg.common.runtime.events import EventWriter
 
 log = logging.getLogger("fedseg.client.gate")
+
+#: Flower's knob for the executor's task poll (its default is 1 s); each poll is one loopback HTTP call.
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+#: Our default: a ClientApp starts within 0.2 s of its message reaching the SuperNode.
+POLL_SECONDS = "0.2"
 
 
 class GatedPlugin(AutoExecPlugin):
@@ -34,12 +41,15 @@ class GatedPlugin(AutoExecPlugin):
 
     trusted: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[set[int]] = set()
+    #: The site's event file: a ``launch`` event per started process (the round anatomy's spawn mark).
+    events: ClassVar[EventWriter] = EventWriter(None)
 
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         """Launch the task's app process only if its app is trusted."""
         fab_hash = task.fab_hash if task.HasField("fab_hash") else ""
         reason = refusal(int(task.run_id), fab_hash, self.trusted)
         if reason is None:
+            self.events.emit("launch", run=int(task.run_id))
             return super().launch_task(token, task)
         if task.run_id not in self.refused:  # Flower may offer the same run again; say it once
             self.refused.add(int(task.run_id))
@@ -53,6 +63,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trust", action="append", default=[], help="a trusted FAB hash (repeat)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process exits")
     parser.add_argument("--tokens", type=Path, help="private folder for task token files (default: a new temp one)")
+    parser.add_argument("--events", type=Path, help="the site's event file (a launch event per ClientApp process)")
     return parser.parse_args(argv)
 
 
@@ -62,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
     args = _parse(argv)
     GatedPlugin.trusted = frozenset(h.lower() for h in args.trust)
+    GatedPlugin.events = EventWriter(args.events)
+    os.environ.setdefault(POLL_ENV, POLL_SECONDS)  # an operator's own setting wins
     if not hasattr(superexec, "AutoExecPlugin"):
         raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name

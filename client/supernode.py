@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, write_node_config
+from fedseg.client.telemetry import EVENTS_FILE
 from fedseg.common.data.layouts import CaseFiles
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_site
@@ -125,14 +126,19 @@ def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
     return argv
 
 
-def gate_argv(opts: JoinOptions, tokens: Path | None = None) -> list[str]:
-    """Command line of the site's executor (:mod:`fedseg.client.gate`) next to the SuperNode; ``tokens``: the
-    private folder for the ClientApp's task token files (default: a new temporary one)."""
+def gate_argv(opts: JoinOptions, tokens: Path | None = None, events: Path | None = None) -> list[str]:
+    """Command line of the site's executor (:mod:`fedseg.client.gate`) next to the SuperNode.
+
+    ``tokens`` is the private folder for the ClientApp's task token files (default: a new temporary one);
+    ``events`` is the site's event file, where the gate notes each ClientApp process it starts.
+    """
     argv = [sys.executable, "-m", "fedseg.client.gate", "--runtime-api-address", f"127.0.0.1:{opts.port}"]
     if tokens is not None:
         argv += ["--tokens", str(tokens)]
     for fab_hash in sorted(opts.trusted_apps):
         argv += ["--trust", fab_hash]
+    if events is not None:
+        argv += ["--events", str(events)]
     return [*argv, "--parent-pid", str(os.getpid())]
 
 
@@ -183,7 +189,7 @@ def run_supernode(
         while True:
             started = time.monotonic()
             child = sup.start("supernode", argv, env=env, log_path=site.log_dir / "supernode.log")
-            gate_cmd = gate_argv(opts, site.workdir / "tokens")
+            gate_cmd = gate_argv(opts, site.workdir / "tokens", site.workdir / EVENTS_FILE)
             gate = sup.start("gate", gate_cmd, env=env, log_path=site.log_dir / "gate.log")
             log.info("site %s: SuperNode (pid %d) connecting to %s", site.site, child.pid, opts.server)
             code = child.process.wait()

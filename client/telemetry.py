@@ -10,6 +10,7 @@ bytes only: no case identifier and nothing derived from a patient.
 
 from __future__ import annotations
 
+import atexit
 import socket
 import time
 from collections.abc import Callable
@@ -47,6 +48,21 @@ SITE_METRICS = (
 )
 
 
+#: The reporter of the latest round in this process (see :func:`note_exit`).
+_LATEST: list[RoundReporter] = []
+
+
+def note_exit(report: RoundReporter) -> None:
+    """Emit ``report``'s ``exit`` event when this process exits.
+
+    Flower pushes a ClientApp's reply, then ends its process, so the exit marks the reply leaving the site. A
+    long-lived worker (a Ray actor of the simulation runtime) runs many rounds: only its last round is noted.
+    """
+    if not _LATEST:
+        atexit.register(lambda: _LATEST[-1].exiting())
+    _LATEST[:] = [report]
+
+
 class RoundReporter:
     """Used inside the ClientApp for one round: start, throttled step progress, phase times, end.
 
@@ -64,9 +80,14 @@ class RoundReporter:
         self._first_step: tuple[int, float] | None = None
         self._last_progress = float("-inf")
 
-    def start(self, steps: int) -> None:
-        """The round's task arrived: ``steps`` local steps are planned."""
-        self.events.emit("round_start", round=self.round, steps=steps)
+    def start(self, steps: int, **timing: float | None) -> None:
+        """The round's task arrived: ``steps`` local steps are planned.
+
+        ``timing`` adds wall-clock instants of the process's start-up for the round anatomy
+        (``process_started``, see :func:`fedseg.common.runtime.events.process_started`); None values are left out.
+        """
+        marks = {k: v for k, v in timing.items() if v is not None}
+        self.events.emit("round_start", round=self.round, steps=steps, **marks)
 
     def phase(self, name: str, seconds: float) -> None:
         """A phase (``load`` cases, ``train``) took ``seconds``."""
@@ -94,6 +115,10 @@ class RoundReporter:
         first, since = self._first_step
         rate = (step - first) / (now - since) if now > since else 0.0
         self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
+
+    def exiting(self) -> None:
+        """The ClientApp process exits (its reply was pushed to the SuperNode); see :func:`note_exit`."""
+        self.events.emit("exit", round=self.round)
 
     def end(self, ok: bool, loss: float | None = None) -> None:
         """The round ended (``ok`` = a reply was sent); the peak CUDA memory is reported on a GPU."""

@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 
+def process_started() -> float | None:
+    """Wall-clock instant this process started (Linux ``/proc``; None elsewhere), to 1/100 s."""
+    try:
+        stat = Path("/proc/self/stat").read_text(encoding="ascii")
+        uptime = float(Path("/proc/uptime").read_text(encoding="ascii").split()[0])
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after the command name
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class EventWriter:
     """Appends events to ``path`` (created with its folder on first use).
 

@@ -85,7 +85,7 @@ class PhantomConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sites: int = Field(default=3, ge=1, le=32)
+    sites: int = Field(default=3, ge=1, le=1000)  # fed-server simulate studies up to ~100 sites
     cases_per_site: int = Field(default=4, ge=1, le=1000)
     val_cases: int = Field(default=2, ge=0, le=1000)
     size: tuple[int, int, int] = Field(default=(64, 64, 64), description="neutral grid (D, H, W), 16..512 each")

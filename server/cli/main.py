@@ -6,6 +6,7 @@ from fedseg.common.cli.shell import make_app
 from fedseg.server.cli.certs import certs_command
 from fedseg.server.cli.demo import demo_command
 from fedseg.server.cli.report import report_command
+from fedseg.server.cli.simulate import simulate_command
 from fedseg.server.cli.sites import sites_app
 from fedseg.server.cli.start import start_command
 
@@ -18,6 +19,7 @@ app = make_app(
 # Command registrations (one line each, alphabetical):
 app.command("certs")(certs_command)
 app.command("demo")(demo_command)
+app.command("simulate")(simulate_command)
 app.add_typer(sites_app, name="sites")
 app.command("report")(report_command)
 app.command("start")(start_command)

@@ -35,8 +35,9 @@ from fedseg.server.run.history import RoundRow, read_history
 
 log = logging.getLogger(__name__)
 
-#: Seconds between ``flwr ls`` calls (each costs ~1 s of CPU) while the ServerApp is still running ...
-STATUS_EVERY = 15.0
+#: Seconds between ``flwr ls`` calls (each a new process: 1-3 s of CPU taken from the sites on a small machine)
+#: while the ServerApp is still running; its exit marker, written on every normal or failed exit, ends the wait ...
+STATUS_EVERY = 30.0
 #: ... and once it has written its exit marker.
 STATUS_EVERY_AFTER_EXIT = 1.0
 #: Consecutive failed ``flwr ls`` calls tolerated (a loaded machine can make one time out).

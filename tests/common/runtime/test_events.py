@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from fedseg.common.runtime.events import EventTail, EventWriter
 
@@ -44,3 +49,14 @@ def test_writing_never_raises(tmp_path: Path) -> None:
     blocker.write_text("x")
     EventWriter(blocker / "events.jsonl").emit("x")  # parent is a file: logged, not raised
     EventWriter(None).emit("x")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_process_started_is_the_child_start_instant() -> None:
+    before = time.time()
+    code = "from fedseg.common.runtime.events import process_started; print(repr(process_started()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    after = time.time()
+    started = float(out)
+    # /proc counts in clock ticks (1/100 s): the start lies between the spawn and the answer, within a tick
+    assert before - 0.02 <= started <= after

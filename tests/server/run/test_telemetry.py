@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from fedseg.common.runtime.events import EventTail, EventWriter
-from fedseg.server.run.telemetry import ServerTelemetry, TelemetryGrid
+from fedseg.server.run.telemetry import PULL_EVERY, ServerTelemetry, TelemetryGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -84,11 +84,14 @@ def test_replies_are_reported_one_by_one_and_silent_sites_at_the_timeout(
         (e["site"], e["outcome"], e["bytes_out"], e["bytes_in"], e["seconds"]) for e in events if e["kind"] == "reply"
     ]
     size = record.count_bytes()  # the same serialised size as the history's bytes_out
-    assert replies_seen == [("site-a", "ok", size, size, 1.0), ("node-2", "error", size, 0, 3.0)]
+    assert replies_seen == [
+        ("site-a", "ok", size, size, pytest.approx(1 * PULL_EVERY)),
+        ("node-2", "error", size, 0, pytest.approx(3 * PULL_EVERY)),
+    ]
     assert [(e["site"], e["bytes_out"]) for e in events if e["kind"] == "missing"] == [("node-3", size)]
     assert events[0] == {"t": 0.0, "kind": "sites", "connected": 3, "needed": 3}
     assert [e["phase"] for e in events if e["kind"] == "phase"] == ["training", "aggregating"]
-    assert clock.now == 10.0  # pulled once a second until the timeout
+    assert clock.now == pytest.approx(10.0, abs=PULL_EVERY)  # pulled every PULL_EVERY seconds until the timeout
 
 
 def test_no_wait_for_a_round_after_the_last(tmp_path: Path) -> None:
