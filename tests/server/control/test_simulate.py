@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import fedseg.server.control.simulate as simulate_module
 from fedseg.client.simulated import site_for
 from fedseg.common.errors import ConfigError
 from fedseg.server.app import trusted_spec
@@ -44,6 +45,7 @@ def test_the_engine_gets_our_apps_the_sites_and_the_spec(tmp_path: Path, monkeyp
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(engine, "_run_simulation", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(simulate_module, "require_ray", lambda: None)  # CI has no Ray; the engine is faked anyway
     monkeypatch.delenv(SPEC_ENV, raising=False)
     monkeypatch.delenv("FLWR_HOME", raising=False)
     spec = simulate(SimOptions(out=tmp_path, sites=3, rounds=2, size=(16, 16, 16), cases_per_site=1, cpus_per_site=0.5))
