@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common.config import parse_config_args
 
 from fedseg.client import training as client_training
 from fedseg.client.app import train
-from fedseg.client.site import SiteConfig, write_node_config
 from fedseg.client.training import TrainingDiverged, train_locally
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
@@ -20,6 +18,7 @@ from fedseg.common.fl.offline import to_site
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, FAILURE_KEY, SITE_KEY, TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
+from tests.client.sites import phantom_node_config
 
 TINY = ModelConfig(feature_scale=64)
 TASK = TrainTask(
@@ -51,13 +50,7 @@ def test_the_handler_replies_with_the_failure_reason(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client_training, "train_model", _diverging(3))
-    site = SiteConfig(
-        site="site-1",
-        data=phantom_root / "site-1",
-        labels=str(phantom_root / "site-1" / "labels.toml"),
-        workdir=tmp_path,
-    )
-    node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
+    node_config = phantom_node_config(phantom_root, tmp_path)
     arrays: ArrayRecord = arrays_from_model(build_model(TINY))
     config: ConfigRecord = task_config(TASK)
     message = to_site(RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config}), 5)

@@ -4,28 +4,28 @@ training while the reply still goes back, and a bad policy is one line at ``join
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, Metadata, RecordDict
-from flwr.common.config import parse_config_args
+from flwr.app import Context, Message, RecordDict
 from typer.testing import CliRunner
 
 from fedseg.client import training as client_training
 from fedseg.client.app import train
 from fedseg.client.cli.main import app as client_cli
 from fedseg.client.policy import SitePolicy, site_policy
-from fedseg.client.site import SiteConfig, write_node_config
+from fedseg.client.site import SiteConfig
 from fedseg.client.telemetry import EVENTS_FILE
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.train import TrainReport
 from fedseg.common.errors import ConfigError
+from fedseg.common.fl.offline import to_site
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TrainTask, policy_note, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
+from tests.client.sites import phantom_node_config
 
 TINY = ModelConfig(feature_scale=64)
 runner = CliRunner()
@@ -48,30 +48,12 @@ def _run_handler(
         return reports[-1]
 
     monkeypatch.setattr(client_training, "train_model", spy)
-    site = SiteConfig(
-        site="site-1",
-        data=phantom_root / "site-1",
-        labels=str(phantom_root / "site-1" / "labels.toml"),
-        workdir=tmp_path,
-        **caps,  # type: ignore[arg-type]
-    )
-    node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
+    node_config = phantom_node_config(phantom_root, tmp_path, **caps)
     config = task_config(task)
     config["server-round"] = 2
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=MessageType.TRAIN,
-    )
     content = RecordDict({ARRAYS_KEY: arrays_from_model(build_model(TINY)), CONFIG_KEY: config})
     context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
-    return train(Message(content, metadata=metadata), context), reports  # type: ignore[call-overload]
+    return train(to_site(content, 5), context), reports
 
 
 def _events(tmp_path: Path) -> list[dict[str, object]]:
