@@ -134,9 +134,10 @@ def federation(sites: Sites, name: str, attack: str | None, n_sites: int, rounds
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds x 3 steps on 32^3 phantoms")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 oversubscribed ones crawl)")
     args = parser.parse_args()
     rounds, steps, size = (3, 3, 32) if args.quick else (6, 10, 48)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     task = TrainTask(
         model=ModelConfig(feature_scale=16),
         train=TrainConfig(steps=steps, lr=3e-3, patch_size=(32, 32, 32), augment=False, amp=False),
