@@ -11,6 +11,7 @@ visible but usable. A single prediction file may also be paired with its case in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,26 +82,25 @@ def pred_case_id(path: Path, ref_ids: set[str]) -> str:
 
 def _prediction_files(folder: Path, ref_ids: set[str]) -> dict[str, Path]:
     """Case id -> label map in a prediction folder; only ``*_seg`` files when there are any."""
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and is_nifti(p)]
+    files = _nifti_files(folder)
     segs = [p for p in files if case_name(p).endswith(PRED_SUFFIX)]
-    found: dict[str, Path] = {}
-    for path in segs or files:
-        case_id = pred_case_id(path, ref_ids)
-        if case_id in found:
-            raise DataError(f"{path}: case {case_id} appears twice (also {found[case_id].name}); keep one")
-        found[case_id] = path
-    if not found:
-        raise DataError(f"{folder}: folder holds no NIfTI files (.nii, .nii.gz); check the path")
-    return found
+    return _by_case(folder, segs or files, lambda path: pred_case_id(path, ref_ids))
 
 
 def _nifti_by_case(folder: Path) -> dict[str, Path]:
     """Map case id -> NIfTI file in ``folder`` (not recursive; other entries ignored)."""
+    return _by_case(folder, _nifti_files(folder), case_name)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and is_nifti(p)]
+
+
+def _by_case(folder: Path, files: list[Path], case_of: Callable[[Path], str]) -> dict[str, Path]:
+    """Case id -> file; a case id twice or no file at all is a one-line :class:`DataError`."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not (path.is_file() and is_nifti(path)):
-            continue
-        case_id = case_name(path)
+    for path in files:
+        case_id = case_of(path)
         if case_id in found:
             raise DataError(f"{path}: case {case_id} appears twice (also {found[case_id].name}); keep one")
         found[case_id] = path
