@@ -7,6 +7,10 @@ trusted set; any other run is refused (no process starts, so none of its code ru
 A trusted app is launched by :class:`~fedseg.common.runtime.appexec.TokenFileExecutor`: ``flwr-clientapp`` dies with
 the gate (a parent-death signal) and gets its task token in a private file, not on its command line. Everything else
 (polling, task bookkeeping) is Flower's own SuperExec.
+
+Warm start (``--preload MODULE``, what ``fed-client join`` passes unless ``--cold-start``): the gate keeps a
+:class:`~fedseg.common.runtime.forkserver.ForkServer` that has imported torch, MONAI and the ClientApp once, and
+each ClientApp process is forked from it instead of importing them again for every message.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 from fedseg.client.trust import refusal
 from fedseg.common.runtime.appexec import TokenFileExecutor
 from fedseg.common.runtime.events import EventWriter
+from fedseg.common.runtime.forkserver import ForkServer
 
 log = logging.getLogger("fedseg.client.gate")
 
@@ -34,6 +39,8 @@ log = logging.getLogger("fedseg.client.gate")
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 #: Our default: a ClientApp starts within 0.2 s of its message reaching the SuperNode.
 POLL_SECONDS = "0.2"
+#: What each ClientApp process runs (Flower's ``flwr-clientapp`` main), and what the fork server imports for it.
+CLIENTAPP_ENTRY = "flwr.supernode.cli:flwr_clientapp"
 
 
 class GatedPlugin(AutoExecPlugin):
@@ -64,6 +71,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parent-pid", type=int, help="exit when this process exits")
     parser.add_argument("--tokens", type=Path, help="private folder for task token files (default: a new temp one)")
     parser.add_argument("--events", type=Path, help="the site's event file (a launch event per ClientApp process)")
+    parser.add_argument(
+        "--preload", action="append", default=[], help="import this module once and fork ClientApps from it (repeat)"
+    )
     return parser.parse_args(argv)
 
 
@@ -79,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name
     tokens = args.tokens if args.tokens is not None else Path(tempfile.mkdtemp(prefix="fedseg-tokens-"))
+    preload = [*args.preload, CLIENTAPP_ENTRY.partition(":")[0]] if args.preload else []
+    warm = ForkServer(preload, CLIENTAPP_ENTRY) if preload else None  # imports while the SuperNode connects
 
     def executor(*_args: Any, **_kwargs: Any) -> TokenFileExecutor:
-        return TokenFileExecutor(tokens, frozenset(GatedPlugin.supported_task_types))
+        return TokenFileExecutor(tokens, frozenset(GatedPlugin.supported_task_types), forkserver=warm)
 
     superexec.get_executor = executor  # type: ignore[attr-defined]  # ... and builds its executor through this one
     log.info("executor up; trusted apps: %s", ", ".join(sorted(h[:12] for h in GatedPlugin.trusted)))

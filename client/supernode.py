@@ -44,6 +44,7 @@ class JoinOptions:
         auth_key: SuperNode private key (ECDSA, SSH format) when the SuperLink enforces node auth.
         max_restarts: give up after this many restarts; None restarts forever.
         trusted_apps: FAB hashes whose runs may execute here (the installed fedseg app plus ``--trust-app``).
+        warm: fork each ClientApp from a process that imported it once (False: a fresh process per message).
     """
 
     server: str
@@ -52,6 +53,11 @@ class JoinOptions:
     auth_key: Path | None = None
     max_restarts: int | None = None
     trusted_apps: frozenset[str] = frozenset()
+    warm: bool = True
+
+
+#: What the gate's fork server imports once when ``warm`` (the ClientApp pulls in torch, MONAI and fedseg).
+WARM_MODULES = ("fedseg.client.app",)
 
 
 def usable_view(cases: Sequence[CaseFiles], folder: Path) -> Path:
@@ -139,6 +145,8 @@ def gate_argv(opts: JoinOptions, tokens: Path | None = None, events: Path | None
         argv += ["--trust", fab_hash]
     if events is not None:
         argv += ["--events", str(events)]
+    for module in WARM_MODULES if opts.warm else ():
+        argv += ["--preload", module]
     return [*argv, "--parent-pid", str(os.getpid())]
 
 
