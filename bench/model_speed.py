@@ -1,15 +1,24 @@
-"""Speed and peak memory: AttentionUNet3D vs UNet3D vs MONAI's AttentionUnet, forward and one training step.
+"""Speed and peak memory: the paper's official networks vs fedseg's (fp32, channels_last_3d, bf16 auto) vs MONAI.
+
+Rows (all at the same input, seeded identically):
+  * ``official AttUNet`` / ``official UNet``: the paper's own classes (``unet_CT_multi_att_dsv_3D``,
+    ``unet_CT_dsv_3D``) imported from a checkout given with ``--official DIR`` (a clone of
+    ozan-oktay/Attention-Gated-Networks; nothing of it is copied into fedseg). Without it these rows are skipped
+    with a note.
+  * ``AttentionUNet3D`` / ``UNet3D`` in fp32, ``AttentionUNet3D cl`` with ``channels_last_3d``, and ``AttentionUNet3D
+    auto`` as fedseg trains by default: channels_last_3d plus bf16 autocast where the device runs bf16 natively
+    (CUDA; on the CPU where torch reports AVX-512 BF16 or AMX, i.e. ``cpu_bf16 = "auto"``), plain fp32 elsewhere.
+  * ``MONAI AttentionUnet`` with paper-like channels, fp32.
 
 Measures, at the same input for all three networks:
   * forward: eval mode, ``torch.no_grad()``;
   * train step: train mode, forward + cross-entropy + backward + ``Adam.step()`` (lr 1e-4, wd 1e-6).
 Runs are interleaved (model A, B, C, A, B, C, ...) after ``--warmup`` untimed rounds, and the table shows the
-median of ``--repeats`` timed rounds with ratios against UNet3D.
+median of ``--repeats`` timed rounds with ratios against the first row (the official Attention U-Net when given).
 
 Peak memory:
   * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the run (the caching allocator's live
-    tensors, not reserved blocks). CUDA runs use bf16 autocast and, unless ``--no-channels-last``, try
-    ``torch.channels_last_3d`` (falling back to contiguous if a model rejects it).
+    tensors, not reserved blocks).
   * CPU: resident-set-size increase over extra, untimed runs (median of ``--memory-repeats``), sampled every
     0.5 ms from ``/proc/self/statm`` by a background thread, after ``malloc_trim(0)`` has returned freed heap
     memory to the OS (glibc). So it is the run's peak live memory (tensors, im2col buffers of the CPU 3-D
@@ -19,7 +28,7 @@ The ``cpu s`` column is process CPU time (all threads), steadier than wall time 
 Usage:
     python bench/model_speed.py                         # CPU, 1x1x64x64x64, 5 repeats
     python bench/model_speed.py --input 96,96,64 --repeats 9 --threads 2
-    python bench/model_speed.py --device cuda --input 160,160,96 --batch-size 2
+    python bench/model_speed.py --device cuda --input 160,160,96 --batch-size 2 --official /path/to/checkout
 """
 
 from __future__ import annotations
@@ -27,18 +36,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.attentionunet import AttentionUnet
 from torch import Tensor, nn
 
+from fedseg.common.engine.device import use_cpu_bf16
 from fedseg.common.nn.model import AttentionUNet3D, UNet3D, check_spatial_size, count_parameters
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -83,11 +96,13 @@ class PeakRss:
 
 @dataclass
 class Runner:
-    """One network with its optimiser and the samples collected for it."""
+    """One network variant with its optimiser and the samples collected for it."""
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    channels_last: bool = False
+    bf16: bool = False
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, key: str, value: float) -> None:
@@ -97,17 +112,59 @@ class Runner:
         return statistics.median(self.samples[key])
 
 
-def build_models(n_classes: int, feature_scale: int) -> dict[str, nn.Module]:
-    """The three networks, seeded identically; MONAI's with the paper-like channels (16, 32, 64, 128, 256)."""
-    torch.manual_seed(0)
-    channels = tuple(c // feature_scale for c in (64, 128, 256, 512, 1024))
-    return {
-        "AttentionUNet3D": AttentionUNet3D(1, n_classes, feature_scale),
-        "UNet3D": UNet3D(1, n_classes, feature_scale),
-        "MONAI AttentionUnet": AttentionUnet(
-            spatial_dims=3, in_channels=1, out_channels=n_classes, channels=channels, strides=(2, 2, 2, 2)
+@dataclass(frozen=True)
+class Variant:
+    """A row: how to build the network and how to run it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    channels_last: bool = False
+    bf16: bool = False
+
+
+def official_classes(checkout: Path) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The paper's Attention U-Net (2 gates per scale + deep supervision) and U-Net classes from a checkout."""
+    if not (checkout / "models" / "networks" / "unet_CT_multi_att_dsv_3D.py").is_file():
+        raise SystemExit(f"--official {checkout}: not a checkout of ozan-oktay/Attention-Gated-Networks")
+    sys.path.insert(0, str(checkout))
+    att = importlib.import_module("models.networks.unet_CT_multi_att_dsv_3D").unet_CT_multi_att_dsv_3D
+    unet = importlib.import_module("models.networks.unet_CT_dsv_3D").unet_CT_dsv_3D
+    return att, unet
+
+
+def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    """The rows of one run, in table order."""
+    n, fs = args.classes, args.feature_scale
+    auto_bf16 = device.type == "cuda" or use_cpu_bf16("auto")
+    rows: list[Variant] = []
+    if args.official is not None:
+        att, unet = official_classes(args.official)
+        common = {"n_classes": n, "is_batchnorm": True, "in_channels": 1, "feature_scale": fs, "is_deconv": False}
+        rows += [
+            Variant(
+                "official AttUNet", lambda: att(**common, nonlocal_mode="concatenation", attention_dsample=(2, 2, 2))
+            ),
+            Variant("official UNet", lambda: unet(**common)),
+        ]
+    else:
+        print("note: no --official checkout given; the official rows are skipped")
+    channels = tuple(c // fs for c in (64, 128, 256, 512, 1024))
+    rows += [
+        Variant("AttentionUNet3D", lambda: AttentionUNet3D(1, n, fs)),
+        Variant("AttentionUNet3D cl", lambda: AttentionUNet3D(1, n, fs), channels_last=args.channels_last),
+        Variant(
+            f"AttentionUNet3D auto ({'bf16' if auto_bf16 else 'fp32'})",
+            lambda: AttentionUNet3D(1, n, fs),
+            channels_last=args.channels_last,
+            bf16=auto_bf16,
         ),
-    }
+        Variant("UNet3D", lambda: UNet3D(1, n, fs)),
+        Variant(
+            "MONAI AttentionUnet",
+            lambda: AttentionUnet(spatial_dims=3, in_channels=1, out_channels=n, channels=channels, strides=(2,) * 4),
+        ),
+    ]
+    return rows
 
 
 def _time(device: torch.device, fn: Callable[[], None]) -> tuple[float, float]:
@@ -136,14 +193,14 @@ def _peak_memory(device: torch.device, fn: Callable[[], None]) -> int:
     return rss.peak_delta
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _forward(runner: Runner, x: Tensor, device: torch.device) -> Callable[[], None]:
     def run() -> None:
         runner.model.eval()
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), _autocast(device, runner.bf16):
             runner.model(x)
 
     return run
@@ -153,7 +210,7 @@ def _train_step(runner: Runner, x: Tensor, target: Tensor, device: torch.device)
     def run() -> None:
         runner.model.train()
         runner.optimizer.zero_grad(set_to_none=True)
-        with _autocast(device):
+        with _autocast(device, runner.bf16):
             loss = F.cross_entropy(runner.model(x), target)
         loss.backward()  # type: ignore[no-untyped-call]
         runner.optimizer.step()
@@ -168,7 +225,7 @@ def _to_device(model: nn.Module, x: Tensor, device: torch.device, channels_last:
     try:
         model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         x_cl = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad():
             model.eval()(x_cl)
         return model, x_cl
     except RuntimeError as err:
@@ -189,10 +246,11 @@ def run_benchmark(args: argparse.Namespace) -> list[Runner]:
     x = torch.randn(args.batch_size, 1, *size, device=device)
     target = torch.randint(0, args.classes, (args.batch_size, *size), device=device)
     runners, inputs = [], {}
-    for name, model in build_models(args.classes, args.feature_scale).items():
-        model, inputs[name] = _to_device(model, x, device, args.channels_last and device.type == "cuda")
+    for variant in variants(args, device):
+        torch.manual_seed(0)
+        model, inputs[variant.name] = _to_device(variant.build(), x, device, variant.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=1e-6)
-        runners.append(Runner(name, model, optimizer))
+        runners.append(Runner(variant.name, model, optimizer, variant.channels_last, variant.bf16))
     for round_ in range(args.warmup + args.repeats):
         for runner in runners:
             for key, fn in _steps(runner, inputs[runner.name], target, device):
@@ -209,11 +267,11 @@ def run_benchmark(args: argparse.Namespace) -> list[Runner]:
 
 
 def print_table(runners: list[Runner]) -> None:
-    """Print a Markdown table of medians, with wall-time ratios against UNet3D."""
-    base = next(r for r in runners if r.name == "UNet3D")
+    """Print a Markdown table of medians, with wall-time ratios against the first row."""
+    base = runners[0]
     header = (
-        "| model | params | fwd s | fwd cpu s | fwd ×UNet | fwd peak MiB "
-        "| train s | train cpu s | train ×UNet | train peak MiB |"
+        "| model | params | fwd s | fwd cpu s | fwd ×first | fwd peak MiB "
+        "| train s | train cpu s | train ×first | train peak MiB |"
     )
     print(header)
     print("|---|" + "---:|" * 9)
@@ -239,6 +297,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--official", type=Path, help="checkout of ozan-oktay/Attention-Gated-Networks (official rows)")
     args = parser.parse_args()
     try:
         check_spatial_size(tuple(int(v) for v in args.input.split(",")))
