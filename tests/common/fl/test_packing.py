@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
 from fedseg.common.errors import IncompatibleModelError
@@ -112,3 +113,12 @@ def test_a_model_packed_by_the_site_unpacks_into_the_same_model_at_the_server() 
     back = unpacked(packed, {k: v.numpy() for k, v in state.items()}, "fp32")
     for key, value in state.items():
         np.testing.assert_array_equal(back[key].numpy(), value.numpy())
+
+
+def test_a_packed_record_is_three_flower_objects_however_many_tensors() -> None:
+    """Flower pushes/pulls one request per object: record, array and its chunks (5 MB each)."""
+    rng = np.random.default_rng(0)
+    state = OrderedDict((f"layer{i}.weight", rng.standard_normal(8).astype(np.float32)) for i in range(10))
+    record = _record(state)
+    assert len(get_all_nested_objects(record)) == 1 + 10 + 10  # record, 10 arrays, one chunk each
+    assert len(get_all_nested_objects(pack_arrays(record))) == 3
