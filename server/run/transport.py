@@ -63,6 +63,8 @@ def decode_reply(reply: Message, transport: Transport, reference: Mapping[str, n
         arrays = unpacked(reply.content.array_records[ARRAYS_KEY], reference, transport)
     except IncompatibleModelError as err:
         return str(err)
+    except Exception as err:  # a corrupt payload is the sender's problem, never the round's
+        return f"its packed weights cannot be decoded ({type(err).__name__})"
     if transport == "fp32":
         reply.content[ARRAYS_KEY] = arrays
         return None

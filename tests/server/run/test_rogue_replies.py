@@ -107,6 +107,13 @@ def packed(reply: Message, cut: int = 0) -> Message:
     return reply
 
 
+def _garbled(reply: Message) -> Message:
+    """``reply`` whose packed array's bytes are no .npy payload."""
+    garbage = Array(dtype="uint8", shape=(88,), stype="numpy.ndarray", data=b"\x00" * 88)
+    reply.content["arrays"] = ArrayRecord({PACKED_KEY: garbage})
+    return reply
+
+
 def _reordered() -> Weights:
     w = honest(4)
     return {k: w[k] for k in ("bn.running_mean", "conv.weight", "bn.running_var", "bn.num_batches_tracked")}
@@ -136,6 +143,7 @@ CASES: dict[str, Case] = {
     "packed-x100-weights": (lambda: packed(message(4, _scaled(100.0))), False, "x the round's median"),
     "packed-short": (lambda: packed(message(4, honest(4)), cut=4), True, "are 84 bytes, the model needs 88"),
     "packed-reordered": (lambda: packed(message(4, _reordered())), False, "laid out for another model"),
+    "packed-not-npy": (lambda: _garbled(packed(message(4, honest(4)))), False, "packed weights cannot be decoded"),
 }
 
 
