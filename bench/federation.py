@@ -23,18 +23,26 @@
     reply, aggregate, validate, next. Read from the event files the run writes anyway.
 
     OMP_NUM_THREADS=1 nice -n 10 python bench/federation.py --anatomy --sites 2 --cases 2 --size 32 --local-steps 5
+
+    The weights travel packed into one array per message (:mod:`fedseg.common.fl.packing`); ``--no-pack`` sends
+    every tensor as its own array (the server's ``FEDSEG_PACK=0``), ``--compare`` runs both, per-tensor first, and
+    prints them side by side: push + forward seconds, round wall, bytes per site per round and Flower objects per
+    message.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedseg.common.cli.logs import setup_logging
 from fedseg.common.data.manifest import GLOBAL_CLASSES, load_manifest
@@ -43,6 +51,8 @@ from fedseg.common.data.sitecache import prepare_site
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.train import train_model
 from fedseg.common.engine.validation import validate
+from fedseg.common.fl.packing import pack_arrays
+from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
 from fedseg.common.runtime.events import EventTail
 from fedseg.common.runtime.flwrctl import RunStatus
@@ -55,6 +65,7 @@ from fedseg.server.control.launch import run_to_end, start_server
 from fedseg.server.control.runs import new_spec
 from fedseg.server.run.history import RoundRow
 from fedseg.server.run.telemetry import EVENTS_FILE
+from fedseg.server.run.transport import PACK_ENV
 
 ORGANS = GLOBAL_CLASSES[1:]
 
@@ -75,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--anatomy", action="store_true", help="only the round anatomy (c)")
+    parser.add_argument("--no-pack", action="store_true", help="(c): send every tensor as its own array")
+    parser.add_argument("--compare", action="store_true", help="(c): per-tensor, then packed, side by side")
     return parser.parse_args()
 
 
@@ -131,6 +144,61 @@ def overhead(args: argparse.Namespace) -> None:
     )
 
 
+def flower_objects(feature_scale: int) -> tuple[int, int]:
+    """Flower objects (records, arrays, chunks; one request each) in a message's weights: per-tensor, packed."""
+    arrays = arrays_from_model(build_model(ModelConfig(feature_scale=feature_scale)))
+    return len(get_all_nested_objects(arrays)), len(get_all_nested_objects(pack_arrays(arrays)))
+
+
+@contextlib.contextmanager
+def server_packing(packed: bool) -> Iterator[None]:
+    """The ServerApp (it inherits this environment) packs, or sends per-tensor, inside the block."""
+    before = os.environ.get(PACK_ENV)
+    os.environ[PACK_ENV] = "1" if packed else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PACK_ENV]
+        else:
+            os.environ[PACK_ENV] = before
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool) -> dict[str, float]:
+    """One anatomy federation: print its table, return its summary (means over the trained rounds)."""
+    name = "anatomy" if packed else "anatomy-per-tensor"
+    started = time.perf_counter()
+    with server_packing(packed):
+        rows, _ = federate(args, name, settings)
+    wall = time.perf_counter() - started
+    out = args.out / name
+    server = EventTail(out / "run" / EVENTS_FILE).read()
+    sites = {
+        f"site-{i}": EventTail(out / "sites" / f"site-{i}" / "events.jsonl").read() for i in range(1, args.sites + 1)
+    }
+    rounds = round_anatomy(server, sites)
+    form = "packed (one array per message)" if packed else "per-tensor (one array per tensor)"
+    print(f"\n(c) round anatomy, weights {form}: {args.sites} sites, loopback, feature_scale 16, "
+          f"{args.local_steps} steps of {settings['train']['patch_size'][0]}^3 per round; seconds along the slowest "
+          f"site's path (whole run {wall:.0f} s)")  # fmt: skip
+    for line in anatomy_table(rounds):
+        print(line)
+    trained = [r for r in rows if r.round > 0 and r.sites]
+    moved = [sum(r.phases()[k] or 0.0 for k in ("push", "forward")) for r in rounds]
+    return {
+        "push+forward": _mean(moved),
+        "wall": _mean([r.wall for r in rounds]),
+        "overhead": _mean([r.overhead for r in rounds]),
+        "down": _mean([r.bytes_out / len(r.sites) for r in trained]),
+        "up": _mean([s.bytes_in for r in trained for s in r.sites]),
+        "run": wall,
+    }
+
+
 def anatomy(args: argparse.Namespace) -> None:
     side = min(args.size, 32)
     settings = {
@@ -143,19 +211,34 @@ def anatomy(args: argparse.Namespace) -> None:
             "patch_size": [side] * 3,
         },
     }
-    started = time.perf_counter()
-    federate(args, "anatomy", settings)
-    wall = time.perf_counter() - started
-    out = args.out / "anatomy"
-    server = EventTail(out / "run" / EVENTS_FILE).read()
-    sites = {
-        f"site-{i}": EventTail(out / "sites" / f"site-{i}" / "events.jsonl").read() for i in range(1, args.sites + 1)
-    }
-    rounds = round_anatomy(server, sites)
-    print(f"\n(c) round anatomy: {args.sites} sites, loopback, feature_scale 16, {args.local_steps} steps of "
-          f"{side}^3 per round; seconds along the slowest site's path (whole run {wall:.0f} s)")  # fmt: skip
-    for line in anatomy_table(rounds):
-        print(line)
+    forms = [False, True] if args.compare else [not args.no_pack]
+    results = {packed: anatomy_run(args, settings, packed) for packed in forms}
+    objects = dict(zip((False, True), flower_objects(16), strict=True))
+    print("\n(c) summary, means over the rounds (push + forward: slowest site; bytes: weights payload per site)")
+    columns = (
+        "weights",
+        "objects/msg",
+        "push+forward s",
+        "wall s",
+        "overhead s",
+        "down MB/site",
+        "up MB/site",
+        "run s",
+    )
+    widths = (10, 11, 14, 7, 10, 12, 10, 6)
+    print(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
+    for packed, r in results.items():
+        cells = (
+            "packed" if packed else "per-tensor",
+            objects[packed],
+            f"{r['push+forward']:.2f}",
+            f"{r['wall']:.2f}",
+            f"{r['overhead']:.2f}",
+            f"{r['down'] / 1e6:.4f}",
+            f"{r['up'] / 1e6:.4f}",
+            f"{r['run']:.0f}",
+        )
+        print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
 
 
 def load_site(root: Path, cache: Path) -> list[PreparedCase]:

@@ -21,6 +21,7 @@ from fedseg.client.site import load_training_cases
 from fedseg.client.telemetry import EVENTS_FILE, RoundReporter, note_exit
 from fedseg.client.training import TrainingDiverged, deadline, train_locally
 from fedseg.common.engine.device import resolve_device
+from fedseg.common.fl.packing import unpacked
 from fedseg.common.fl.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -112,7 +113,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         with deadline(task.deadline):
             cases = load_training_cases(site, task.preprocess)
             model = build_model(task.model)
-            received = msg.content.array_records[ARRAYS_KEY]
+            received = unpacked(msg.content.array_records[ARRAYS_KEY], model.state_dict(), task.transport)
             load_arrays(model, own_start(received, context.state) if task.bn == "local" else received)
             scores = score_cases(model, cases, task.train.patch_size, resolve_device(site.device))
         log.info(

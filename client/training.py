@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedseg.client.localbn import keep_own, own_start, shared_only
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.train import train_model
+from fedseg.common.fl.packing import pack_arrays, unpacked
 from fedseg.common.fl.protocol import LocalResult, TrainTask
 from fedseg.common.fl.weights import arrays_from_model, encode_arrays, load_arrays
 from fedseg.common.nn.model import build_model
@@ -63,7 +64,7 @@ def train_locally(
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
     Args:
-        arrays: global weights (keyed by state-dict name), in any transport precision.
+        arrays: global weights (keyed by state-dict name, or packed into one array), in any transport precision.
         task: model, training budget (FedProx μ included) and preprocessing of this round.
         cases: the site's prepared, labelled cases.
         device: where to train.
@@ -75,8 +76,8 @@ def train_locally(
             trained so far are returned (the result's ``policy`` says so).
 
     Returns:
-        The trained weights (in ``task.transport`` precision; under ``bn = "local"`` with the received BatchNorm
-        entries) and the numbers the server may see: cases, mean loss, patches, seconds.
+        The trained weights (in ``task.transport`` precision, packed when ``task.packed``; under ``bn = "local"``
+        with the received BatchNorm entries) and the numbers the server may see: cases, mean loss, patches, seconds.
 
     Raises:
         IncompatibleModelError: the weights do not fit ``task.model``.
@@ -84,6 +85,7 @@ def train_locally(
     """
     own_bn = state if task.bn == "local" else None
     model = build_model(task.model)
+    arrays = unpacked(arrays, model.state_dict(), task.transport)
     load_arrays(model, own_start(arrays, own_bn) if own_bn is not None else arrays)
     cfg = task.train.model_copy(update={"seed": seed})
     report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
@@ -113,7 +115,8 @@ def train_locally(
         policy=stopped,
     )
     trained = arrays_from_model(model.cpu())
-    if own_bn is None:
-        return encode_arrays(trained, task.transport), result
-    keep_own(trained, own_bn)
-    return shared_only(encode_arrays(trained, task.transport), arrays), result
+    reply = encode_arrays(trained, task.transport)
+    if own_bn is not None:
+        keep_own(trained, own_bn)
+        reply = shared_only(reply, arrays)
+    return (pack_arrays(reply) if task.packed else reply), result

@@ -41,18 +41,25 @@ CLI = "from fedseg.{side}.cli.main import main; main()"
 SITES = ("site-1", "site-2")
 ROGUE = "site-3"
 #: The rogue site's sitecustomize.py: once fedseg's training module is imported (in the ClientApp process),
-#: ``train_locally`` returns every floating-point weight x100.
+#: ``train_locally`` returns every floating-point weight x100 (unpacked, scaled and packed again, as the server sends
+#: packed tasks).
 ROGUE_PYTHON = """
 import importlib.abc, importlib.util, sys
 
 def _poison(module):
     from flwr.app import Array, ArrayRecord
+    from fedseg.common.fl.packing import is_packed, pack_arrays, unpacked
+    from fedseg.common.nn.model import build_model
     honest = module.train_locally
 
     def train_locally(*args, **kwargs):
         arrays, result = honest(*args, **kwargs)
+        task, packed = args[1], is_packed(arrays)
+        if packed:
+            arrays = unpacked(arrays, build_model(task.model).state_dict(), task.transport)
         scaled = {k: a.numpy() * 100 if a.numpy().dtype.kind == "f" else a.numpy() for k, a in arrays.items()}
-        return ArrayRecord({k: Array(v) for k, v in scaled.items()}), result
+        poisoned = ArrayRecord({k: Array(v) for k, v in scaled.items()})
+        return (pack_arrays(poisoned) if packed else poisoned), result
 
     module.train_locally = train_locally
 

@@ -64,6 +64,9 @@ class TrainTask(BaseModel):
     bn: BatchNormMode = Field(
         default="pooled", description="local: the site trains and evaluates with its own BatchNorm tensors (FedBN)"
     )
+    packed: bool = Field(
+        default=False, description="the weights travel as one array both ways (fedseg.common.fl.packing)"
+    )
 
 
 def task_config(task: TrainTask) -> ConfigRecord:

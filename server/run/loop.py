@@ -28,6 +28,7 @@ from fedseg.server.run.history import History, RoundRow, clean_dice
 from fedseg.server.run.state import StrategyState, load_state, save_state
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 from fedseg.server.run.telemetry import EVENTS_FILE, ServerTelemetry, TelemetryGrid
+from fedseg.server.run.transport import pack_wanted
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         round_offset=spec.first_round - 1,
         transport=cfg.transport,
         bn=cfg.strategy.bn,
+        packed=pack_wanted(),
     )
 
 

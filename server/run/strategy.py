@@ -218,7 +218,7 @@ class RecordingStrategy(Strategy):
         present = {r.metadata.src_node_id for r in replies}
         for reply in replies:
             wire = reply.content.array_records.get(ARRAYS_KEY) if reply.has_content() else None
-            problem = decode_reply(reply, self._transport)  # the weights back in float32 before any check
+            problem = decode_reply(reply, self._transport, self._reference)  # unpacked, float32, before any check
             checked = (
                 Rejected(reply.metadata.src_node_id, site_of(reply), problem)
                 if problem is not None

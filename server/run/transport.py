@@ -1,44 +1,75 @@
-"""Half-precision transport on the server side: cast the outgoing weights once, restore float32 on arrival.
+"""The weights on the wire, server side: half precision when asked, packed into one array when the task says so.
 
-The strategy (and any state it keeps, e.g. FedAdam's current weights) only ever sees float32: train
-messages are built from the float32 global model and then get the encoded copy, and replies are decoded
-before validation and aggregation. See :mod:`fedseg.common.fl.weights` for the encoding.
+The strategy (and any state it keeps, e.g. FedAdam's current weights) only ever sees float32, per-tensor records:
+train messages are built from the float32 global model and then get the encoded (and packed) copy, and replies
+are unpacked and decoded before validation and aggregation. Replies are accepted packed or per-tensor, whatever
+was sent. See :mod:`fedseg.common.fl.weights` for the encoding and :mod:`fedseg.common.fl.packing` for packing.
+
+``FEDSEG_PACK=0`` in the ServerApp's environment sends per-tensor weights (``bench/federation.py --no-pack``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from flwr.app import ConfigRecord, Message
 
-from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, task_transport
+from fedseg.common.errors import ConfigError, IncompatibleModelError
+from fedseg.common.fl.packing import pack_arrays, unpacked
+from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, read_task
 from fedseg.common.fl.weights import decode_arrays, encode_arrays
+
+#: Set to ``0`` to send every tensor as its own array (the per-tensor form, for before/after measurements).
+PACK_ENV = "FEDSEG_PACK"
+
+
+def pack_wanted() -> bool:
+    """Whether the server packs the weights of its train messages (yes unless ``FEDSEG_PACK=0``)."""
+    return os.environ.get(PACK_ENV, "1").strip() != "0"
 
 
 def encode_messages(messages: Iterable[Message], config: ConfigRecord) -> tuple[list[Message], Transport]:
-    """Train messages with their weights in the precision the task asks for, and that transport.
+    """Train messages with their weights in the precision the task asks for (packed when it says so), and that
+    transport.
 
     All messages share one encoded ``ArrayRecord`` (the same global model goes to every site).
     """
     out = list(messages)
-    transport = task_transport(config)
-    if transport == "fp32" or not out:
-        return out, transport
-    encoded = encode_arrays(out[0].content.array_records[ARRAYS_KEY], transport)
+    try:
+        task = read_task(config)[0]
+    except ConfigError:
+        return out, "fp32"
+    if not out or (task.transport == "fp32" and not task.packed):
+        return out, task.transport
+    encoded = encode_arrays(out[0].content.array_records[ARRAYS_KEY], task.transport)
+    if task.packed:
+        encoded = pack_arrays(encoded)
     for message in out:
         message.content[ARRAYS_KEY] = encoded
-    return out, transport
+    return out, task.transport
 
 
-def decode_reply(reply: Message, transport: Transport) -> str | None:
-    """Put a train reply's weights back in float32 in place; returns why that failed, or None.
+def decode_reply(reply: Message, transport: Transport, reference: Mapping[str, np.ndarray]) -> str | None:
+    """Put a train reply's weights back in per-tensor float32 in place; returns why that failed, or None.
 
+    ``reference`` is the round's global model: a packed reply is cut along its layout in ``transport``.
     A reply without weights is left as it is (validation rejects it with its own reason).
     """
-    if transport == "fp32" or not reply.has_content() or ARRAYS_KEY not in reply.content.array_records:
+    if not reply.has_content() or ARRAYS_KEY not in reply.content.array_records:
         return None
     try:
-        reply.content[ARRAYS_KEY] = decode_arrays(reply.content.array_records[ARRAYS_KEY], transport)
+        arrays = unpacked(reply.content.array_records[ARRAYS_KEY], reference, transport)
+    except IncompatibleModelError as err:
+        return str(err)
+    except Exception as err:  # a corrupt payload is the sender's problem, never the round's
+        return f"its packed weights cannot be decoded ({type(err).__name__})"
+    if transport == "fp32":
+        reply.content[ARRAYS_KEY] = arrays
+        return None
+    try:
+        reply.content[ARRAYS_KEY] = decode_arrays(arrays, transport)
     except (TypeError, ValueError, RuntimeError) as err:
         return f"its weights are not in the {transport} transport encoding ({err})"
     return None

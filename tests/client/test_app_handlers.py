@@ -19,6 +19,7 @@ from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.fl.offline import to_site
+from fedseg.common.fl.packing import is_packed, pack_arrays, unpacked
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
@@ -112,14 +113,17 @@ def test_train_handler_replies_with_weights_metrics_and_site_name(
     monkeypatch.setattr(client_training, "train_model", spy)
     site = _site(phantom_root, tmp_path)
     node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
-    config = task_config(TASK)
+    config = task_config(TASK.model_copy(update={"packed": True}))  # what our server sends
     config["server-round"] = 3
     config["proximal-mu"] = 0.1
     arrays = arrays_from_model(build_model(TINY))
     context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
-    reply = train(_train_message(arrays, config), context)
+    reply = train(_train_message(pack_arrays(arrays), config), context)
     assert not reply.has_error()
-    assert set(reply.content[ARRAYS_KEY].keys()) == set(arrays.keys())
+    assert is_packed(reply.content[ARRAYS_KEY])  # a packed task gets a packed reply
+    weights = unpacked(reply.content[ARRAYS_KEY], {k: arrays[k].numpy() for k in arrays}, "fp32")
+    assert list(weights.keys()) == list(arrays.keys())
+    assert not np.array_equal(weights["conv1.conv1.0.weight"].numpy(), arrays["conv1.conv1.0.weight"].numpy())
     metrics = dict(reply.content[METRICS_KEY])
     assert set(metrics) == {"num-examples", "train-loss", "train-samples", "train-seconds"}
     assert (metrics["num-examples"], metrics["train-samples"]) == (2, 4)

@@ -20,8 +20,9 @@ from fedseg.client.training import train_locally
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.fl.batchnorm import batchnorm_keys
 from fedseg.common.fl.offline import to_site
+from fedseg.common.fl.packing import pack_arrays, unpacked
 from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, task_config
-from fedseg.common.fl.weights import arrays_from_model
+from fedseg.common.fl.weights import arrays_from_model, decode_arrays, encode_arrays
 from fedseg.common.nn.model import build_model
 from tests.client.test_app_handlers import TASK as HANDLER_TASK
 from tests.client.test_app_handlers import TINY, _site
@@ -90,7 +91,10 @@ def test_two_rounds_train_from_the_sites_own_batchnorm_and_send_only_the_global_
 
     torch.manual_seed(1)
     round2 = arrays_from_model(build_model(TINY))  # another global model, its BatchNorm included
-    reply2, _ = train_locally(round2, TASK, cases, "cpu", seed=2, state=state)
+    half = TASK.model_copy(update={"packed": True, "transport": "fp16"})  # round 2 arrives packed, in fp16
+    packed2, _ = train_locally(pack_arrays(encode_arrays(round2, "fp16")), half, cases, "cpu", seed=2, state=state)
+    reply2 = decode_arrays(unpacked(packed2, {k: round2[k].numpy() for k in round2}, "fp16"), "fp16")
+    round2 = decode_arrays(encode_arrays(round2, "fp16"), "fp16")  # what the site received
     for key in bn:  # round 2 started from the site's own BatchNorm, not the new global one
         np.testing.assert_array_equal(starts[1][key].numpy(), kept[key])
         np.testing.assert_array_equal(reply2[key].numpy(), round2[key].numpy())
@@ -126,3 +130,7 @@ def test_cross_site_scoring_uses_the_sites_own_batchnorm(
     state[LOCAL_BN_KEY][var] = Array(np.full_like(received[var].numpy(), 7.0))
     client_app.evaluate(message, context)
     np.testing.assert_array_equal(scored[1][var].numpy(), np.full_like(received[var].numpy(), 7.0))
+    content[ARRAYS_KEY] = pack_arrays(received)  # the same model, packed
+    client_app.evaluate(to_site(content, 5, MessageType.EVALUATE), context)
+    for key, value in scored[1].items():
+        np.testing.assert_array_equal(scored[2][key].numpy(), value.numpy())

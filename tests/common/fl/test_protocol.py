@@ -28,6 +28,8 @@ def test_task_round_trips_with_round_and_mu() -> None:
     config = task_config(resumed)
     config["server-round"] = 2
     assert read_task(config) == (resumed, 12)
+    older = ConfigRecord({"fedseg-task": TASK.model_dump_json(exclude={"packed"})})  # a server before packing
+    assert read_task(older)[0].packed is False
 
 
 def test_missing_or_invalid_task_is_a_clear_error() -> None:

@@ -12,7 +12,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message
 
 from fedseg.common.engine.checkpoint import load_checkpoint
-from fedseg.common.fl.protocol import LocalResult, reply_content
+from fedseg.common.fl.packing import pack_arrays, unpacked
+from fedseg.common.fl.protocol import LocalResult, read_task, reply_content
+from fedseg.common.nn.model import build_model
 from fedseg.server.configfile import load_server_config
 from fedseg.server.control.runs import new_spec, resume_spec, save_config
 from fedseg.server.run.history import read_history
@@ -52,7 +54,9 @@ class ArithmeticGrid:
 
     def _reply(self, message: Message) -> Message:
         node = message.metadata.dst_node_id
-        received = message.content.array_records["arrays"]
+        task, _ = read_task(message.content.config_records["config"])
+        layout = build_model(task.model).state_dict()  # as our ClientApp does: unpack along its own model
+        received = unpacked(message.content.array_records["arrays"], layout, task.transport)
         out = {}
         for key in received:
             value = received[key].numpy()
@@ -62,6 +66,8 @@ class ArithmeticGrid:
                     value.reshape(-1)[0] = np.nan
             out[key] = value
         arrays = ArrayRecord({k: Array(v) for k, v in out.items()})
+        assert task.packed  # the server packs; so does the site
+        arrays = pack_arrays(arrays)
         result = LocalResult(cases=node - 10, loss=0.5, samples=4, seconds=1.0)
         reply = Message(reply_content(arrays, result, f"site-{node}"), reply_to=message)
         reply.metadata.__dict__["_src_node_id"] = node

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedseg.common.fl.offline import from_site, train_reply
+from fedseg.common.fl.packing import PACKED_KEY, pack_arrays
 from fedseg.common.fl.protocol import failure_content
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
@@ -99,6 +100,25 @@ def _float64() -> Weights:
     return {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in honest(4).items()}
 
 
+def packed(reply: Message, cut: int = 0) -> Message:
+    """``reply`` with its weights packed into one array (``cut``: that many bytes short)."""
+    buffer = pack_arrays(reply.content.array_records["arrays"])[PACKED_KEY].numpy()
+    reply.content["arrays"] = ArrayRecord({PACKED_KEY: Array(buffer[: buffer.size - cut].copy())})
+    return reply
+
+
+def _garbled(reply: Message) -> Message:
+    """``reply`` whose packed array's bytes are no .npy payload."""
+    garbage = Array(dtype="uint8", shape=(88,), stype="numpy.ndarray", data=b"\x00" * 88)
+    reply.content["arrays"] = ArrayRecord({PACKED_KEY: garbage})
+    return reply
+
+
+def _reordered() -> Weights:
+    w = honest(4)
+    return {k: w[k] for k in ("bn.running_mean", "conv.weight", "bn.running_var", "bn.num_batches_tracked")}
+
+
 Case = tuple[Callable[[], Message], bool, str]
 CASES: dict[str, Case] = {
     "nan-element": (lambda: message(4, _poke("conv.weight", np.nan)), False, "non-finite"),
@@ -118,6 +138,12 @@ CASES: dict[str, Case] = {
     "list-metric": (lambda: message(4, honest(4), {"train-loss": [0.1, 0.2]}), False, "train-loss must be a finite"),
     "nan-loss": (lambda: message(4, honest(4), {"train-loss": float("nan")}), False, "train-loss must be a finite"),
     "other-site-name": (lambda: message(4, honest(4), site="site-1"), False, "'site-1' belongs to node 1"),
+    # packed replies: digest + 6 + 3 + 3 float32 + one int64 = 32 + 56 = 88 bytes
+    "packed-nan-element": (lambda: packed(message(4, _poke("conv.weight", np.nan))), False, "non-finite"),
+    "packed-x100-weights": (lambda: packed(message(4, _scaled(100.0))), False, "x the round's median"),
+    "packed-short": (lambda: packed(message(4, honest(4)), cut=4), True, "are 84 bytes, the model needs 88"),
+    "packed-reordered": (lambda: packed(message(4, _reordered())), False, "laid out for another model"),
+    "packed-not-npy": (lambda: _garbled(packed(message(4, honest(4)))), False, "packed weights cannot be decoded"),
 }
 
 
@@ -146,6 +172,14 @@ def test_a_rogue_reply_is_dropped_and_the_honest_aggregate_stands(case: str, cap
     assert all(s.update_norm is not None and 0 < s.update_norm < 1 for s in stats.sites)
     logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "rejected the reply" in r.message]
     assert len(logged) == 1 and reason in logged[0]
+
+
+def test_packed_honest_replies_aggregate_exactly_like_per_tensor_ones() -> None:
+    _, mixed = run_round([packed(message(1, honest(1))), message(2, honest(2)), packed(message(3, honest(3)))])
+    _, alone = run_round([message(n, honest(n)) for n in (1, 2, 3)])
+    assert mixed is not None and alone is not None
+    for key in GLOBAL:
+        np.testing.assert_array_equal(mixed[key].numpy(), alone[key].numpy())
 
 
 def test_a_node_cannot_change_its_name_or_exceed_its_declared_cases() -> None:
