@@ -9,7 +9,8 @@ node authentication, the names registered with the sites' keys are locked: a nod
 a registered name never passes to another node.
 Everything else becomes a :class:`Rejected` with a one-line reason; nothing here raises.
 
-:func:`norm_outliers` then applies the update-norm bound over the round's accepted replies.
+:func:`norm_outliers` then applies the update-norm bound over the round's accepted replies, and
+:func:`direction_outliers` the direction check (:func:`update_cosines`) over the replies still in.
 """
 
 from __future__ import annotations
@@ -263,3 +264,45 @@ def norm_outliers(norms: Sequence[float], max_ratio: float, max_norm: float) -> 
         else:
             out.append(None)
     return out
+
+
+#: Fewer replies than this leave the direction check out: the median of two updates is their mean, and a reversed
+#: update drags it towards itself.
+MIN_DIRECTION_REPLIES = 3
+
+
+def update_cosines(updates: Sequence[Mapping[str, NDArray]], reference: Mapping[str, NDArray]) -> list[float]:
+    """The cosine of each update ``w_i − w_global`` with the coordinate-wise median of all of them.
+
+    Only the keys of ``reference`` count (the caller passes the gradient-like weights: no BatchNorm running
+    statistics or step counters). Computed in float64. NaN where the update or the median is zero (no direction);
+    all NaN with fewer than :data:`MIN_DIRECTION_REPLIES` updates.
+    """
+    if len(updates) < MIN_DIRECTION_REPLIES:
+        return [math.nan] * len(updates)
+    flat = [_flat_update(u, reference) for u in updates]
+    median = np.median(np.stack(flat), axis=0)
+    median_norm = float(np.linalg.norm(median))
+    out = []
+    for vector in flat:
+        norm = float(np.linalg.norm(vector))
+        out.append(math.nan if norm == 0 or median_norm == 0 else float(vector @ median) / (norm * median_norm))
+    return out
+
+
+def _flat_update(arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray]) -> NDArray:
+    parts = [arrays[k].astype(np.float64).ravel() - ref.astype(np.float64).ravel() for k, ref in reference.items()]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def direction_outliers(cosines: Sequence[float], min_cosine: float) -> list[str | None]:
+    """For each cosine (:func:`update_cosines`): why its update points away from the round's median, or None.
+
+    ``min_cosine = -1`` is off (no cosine is below −1); NaN (no direction, or too few replies) never rejects.
+    """
+    return [
+        f"update direction: cosine {c:.3f} with the round's median update is below min_update_cosine {min_cosine:g}"
+        if not math.isnan(c) and c < min_cosine
+        else None
+        for c in cosines
+    ]
