@@ -7,7 +7,8 @@ honestly first):
 
 * ``x100``: every floating-point weight multiplied by 100 (of the global model it received: it does not train);
 * ``nan``: one weight element set to NaN (likewise);
-* ``sign-flip``: it trains, then sends w_global − (w_trained − w_global), its update reversed;
+* ``sign-flip``: it trains, then sends w_global − (w_trained − w_global), its update reversed (the weights; its
+  BatchNorm running statistics as trained, so that no negative variance gives it away);
 * ``none``: it stays honest (measures the honest sites' update cosines over every round).
 
 The reference of each aggregator is the same federation in which site 3 simply **leaves** from round 2 on (same
@@ -51,6 +52,7 @@ from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import ModelConfig, build_model
 from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.config import ServerConfig, StrategyConfig
+from fedseg.server.run.bn import is_bn_statistic
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 
 Attack = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -68,7 +70,12 @@ def _nan(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[st
 
 
 def _flip(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: (2 * glob[k] - v).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
+    """The weights' update reversed; the BatchNorm running statistics stay as trained (flipped too, a variance
+    goes negative in most rounds and validation rejects the reply before any direction check)."""
+    return {
+        k: (2 * glob[k] - v).astype(v.dtype) if v.dtype.kind == "f" and not is_bn_statistic(k) else v
+        for k, v in trained.items()
+    }
 
 
 def _honest(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ class SiteRound(BaseModel):
     bytes_in: int = Field(default=0, description="payload bytes of the reply")
     update_norm: float | None = Field(default=None, description="‖w_site − w_global‖ of the accepted reply")
     update_cosine: float | None = Field(
-        default=None, description="cosine of the update with the round's median update (None: not checked)"
+        default=None, description="cosine with the round's other updates that half of them reach (None: not checked)"
     )
 
 

@@ -6,7 +6,7 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
 * it waits at most ``site_wait_timeout`` seconds for ``min_sites`` connected sites (Flower's own wait has no
   timeout) and then fails the run with a clear message;
 * it validates every reply (:mod:`fedseg.server.run.replies`), bounds its update norm and, with three or more
-  replies, rejects an update pointing away from the round's median update (``min_update_cosine``); a bad reply is
+  replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad reply is
   dropped with its reason recorded, never aborting the round;
 * it optionally clips each accepted update to ``clip_norm``;
 * it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
@@ -250,9 +250,9 @@ class RecordingStrategy(Strategy):
     def _directions(
         self, server_round: int, kept: list[tuple[Accepted, float]], rejected: list[Rejected]
     ) -> tuple[list[tuple[Accepted, float]], list[float]]:
-        """The direction check (``min_update_cosine``) over the replies within the norm bound: the cosine of each
-        update with their coordinate-wise median, over the weights the strategy aggregates. Appends to
-        ``rejected``; returns the replies kept and their cosines."""
+        """The direction check (``min_update_cosine``) over the replies within the norm bound: each update's
+        agreement with the others (:func:`~fedseg.server.run.replies.update_cosines`), over the weights the
+        strategy aggregates. Appends to ``rejected``; returns the replies kept and their cosines."""
         keys = self._weight_keys
         reference = {k: self._reference[k] for k in keys}
         cosines = update_cosines([{k: a.arrays[k] for k in keys} for a, _ in kept], reference)

@@ -62,29 +62,34 @@ def one_round(replies: dict[int, Weights], min_cosine: float = 0.0) -> tuple[Rec
     return strategy, strategy.aggregate_train(1, messages)[0]
 
 
-def test_cosines_with_the_coordinate_wise_median_by_hand() -> None:
+def test_cosines_reached_by_half_of_the_other_updates_by_hand() -> None:
     reference = {"a": np.array([0.5, 0.5], np.float32), "b": np.array([1.0], np.float32)}
-    # updates (2, 1, 0), (1, 2, 0), (-1, -1, 1): median (1, 1, 0)
-    updates = [
-        {"a": np.array([2.5, 1.5], np.float32), "b": np.array([1.0], np.float32)},
-        {"a": np.array([1.5, 2.5], np.float32), "b": np.array([1.0], np.float32)},
-        {"a": np.array([-0.5, -0.5], np.float32), "b": np.array([2.0], np.float32)},
-    ]
-    got = update_cosines(updates, reference)
-    np.testing.assert_allclose(got, [3 / math.sqrt(10), 3 / math.sqrt(10), -2 / math.sqrt(6)], atol=1e-12)
+
+    def update(x: float, y: float, z: float) -> Weights:
+        return {"a": reference["a"] + np.array([x, y], np.float32), "b": reference["b"] + np.float32(z)}
+
+    # (2, 1, 0) and (1, 2, 0): cosine 4/5 with each other, -3/sqrt(15) with (-1, -1, 1); three updates: the larger
+    three = [update(2, 1, 0), update(1, 2, 0), update(-1, -1, 1)]
+    got = update_cosines(three, reference)
+    np.testing.assert_allclose(got, [0.8, 0.8, -3 / math.sqrt(15)], atol=1e-7)
+    # with (1, 1, 1) (cosines 3/sqrt(15), 3/sqrt(15), -1/3): the second largest of three
+    got = update_cosines([*three, update(1, 1, 1)], reference)
+    np.testing.assert_allclose(got, [3 / math.sqrt(15)] * 2 + [-3 / math.sqrt(15), 3 / math.sqrt(15)], atol=1e-7)
     problems = direction_outliers(got, 0.0)
-    assert problems[:2] == [None, None]
-    assert problems[2] == "update direction: cosine -0.816 with the round's median update is below min_update_cosine 0"
-    assert all(p is not None for p in direction_outliers(got, 0.95))
-    assert direction_outliers(got, -1.0) == [None, None, None]  # -1 = off: no cosine is below -1
+    assert problems[:2] == [None, None] and problems[3] is None
+    assert problems[2] == (
+        "update direction: half of the other updates reach only cosine -0.775 with it, below min_update_cosine 0"
+    )
+    assert all(p is not None for p in direction_outliers(got, 0.8))
+    assert direction_outliers(got, -1.0) == [None] * 4  # -1 = off: no cosine is below -1
 
 
 def test_two_updates_or_a_zero_update_have_no_direction() -> None:
     reference = {"a": np.zeros(2, np.float32)}
     two = [{"a": np.array([1.0, 0.0], np.float32)}, {"a": np.array([-1.0, 0.0], np.float32)}]
     assert all(math.isnan(c) for c in update_cosines(two, reference))
-    zero = [*two, {"a": np.zeros(2, np.float32)}]  # median (0, 0): no direction
-    assert all(math.isnan(c) for c in update_cosines(zero, reference))
+    cosines = update_cosines([*two, {"a": np.zeros(2, np.float32)}], reference)  # cosine 0 with a zero update
+    assert cosines[:2] == [0.0, 0.0] and math.isnan(cosines[2])
     assert direction_outliers([math.nan], 0.5) == [None]
 
 
@@ -99,14 +104,20 @@ def test_a_flipped_reply_among_three_is_rejected_and_fedavg_of_the_honest_ones_s
     stats = strategy.stats[1]
     assert [s.site for s in stats.sites] == ["site-1", "site-2"]
     assert [r.site for r in stats.rejected] == ["site-3"]
-    assert stats.rejected[0].reason.startswith("update direction: cosine -")
+    assert stats.rejected[0].reason.startswith("update direction: half of the other updates reach only cosine -")
     assert "below min_update_cosine 0" in stats.rejected[0].reason
     # by hand over conv.weight only: the BatchNorm statistics move 30x more and would dominate if they counted
-    updates = np.stack([(w["conv.weight"] - GLOBAL["conv.weight"]).ravel() for w in (honest(1), honest(2))])
-    median = np.median(np.vstack([updates, -(honest(3)["conv.weight"] - GLOBAL["conv.weight"]).ravel()]), axis=0)
-    expected = updates @ median / (np.linalg.norm(updates, axis=1) * np.linalg.norm(median))
+    u1, u2, u3 = (
+        (w["conv.weight"] - GLOBAL["conv.weight"]).astype(np.float64).ravel()
+        for w in (honest(1), honest(2), flipped(3))
+    )
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    expected = [max(cos(u1, u2), cos(u1, u3)), max(cos(u2, u1), cos(u2, u3))]
     np.testing.assert_allclose([s.update_cosine for s in stats.sites], expected, atol=1e-6)
-    assert min(expected) > 0.9
+    assert min(expected) > 0.9 and max(cos(u3, u1), cos(u3, u2)) < -0.9
     assert aggregate is not None
     weight = np.array([CASES[1], CASES[2]], np.float64) / (CASES[1] + CASES[2])
     fedavg = weight[0] * honest(1)["conv.weight"].astype(np.float64) + weight[1] * honest(2)["conv.weight"]
