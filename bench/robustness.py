@@ -21,7 +21,7 @@ each also with the direction check off (``min_update_cosine = -1``); every one v
 round, the sites' update cosines and rejections, and the final Dice difference to the reference.
 
     nice -n 10 python bench/robustness.py --quick     # 3 rounds x 3 steps, 32^3 phantoms
-    nice -n 10 python bench/robustness.py             # 6 rounds x 10 steps, 48^3 phantoms, every row (~20 min)
+    nice -n 10 python bench/robustness.py             # 6 rounds x 10 steps, 48^3 phantoms, every row (743 s)
     nice -n 10 python bench/robustness.py --aggregators fedavg+validation --attacks x100,nan,sign-flip,none
 """
 
