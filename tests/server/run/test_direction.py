@@ -3,7 +3,9 @@ update is rejected, with three or more replies, over the weights only (not Batch
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from pydantic import ValidationError
 
 from fedseg.common.fl.offline import train_reply
 from fedseg.server.config import ServerConfig, StrategyConfig
-from fedseg.server.run.history import RoundRow, csv_record
+from fedseg.server.run.history import History, RoundRow, SiteRound, csv_record, read_history
 from fedseg.server.run.replies import direction_outliers, update_cosines
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 
@@ -142,3 +144,14 @@ def test_with_two_replies_or_the_check_off_a_flipped_reply_is_averaged_in(caplog
     assert stats.rejected == [] and len(stats.sites) == 3
     cosines = [s.update_cosine for s in stats.sites]
     assert all(c is not None for c in cosines) and cosines[2] is not None and cosines[2] < -0.9
+
+
+def test_cosines_go_into_history_json_and_older_histories_still_read(tmp_path: Path) -> None:
+    site = SiteRound(site="a", cases=2, loss=0.5, samples=8, seconds=1.0, update_norm=0.3, update_cosine=0.125)
+    History(tmp_path).append(RoundRow(round=1, seconds=1.0, sites=[site]))
+    assert read_history(tmp_path)[0].sites[0].update_cosine == 0.125
+    assert "update_cosine_a" in (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    older = json.loads((tmp_path / "history.json").read_text())
+    del older[0]["sites"][0]["update_cosine"]
+    (tmp_path / "history.json").write_text(json.dumps(older))
+    assert read_history(tmp_path)[0].sites[0].update_cosine is None
