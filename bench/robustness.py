@@ -1,22 +1,28 @@
 """Robustness benchmark: 3 phantom sites, one turns malicious from round 2; central Dice per round per aggregator.
 
 Rounds run in-process with the server's own guard and aggregation code (:class:`RecordingStrategy`: reply
-validation, update-norm bound, the Flower strategy) and the sites' own training function (``train_locally``), on a
-tiny network and small phantoms. Attacks by the third site from round 2 on (it trains honestly first):
+validation, update-norm bound, direction check, the Flower strategy) and the sites' own training function
+(``train_locally``), on a tiny network and small phantoms. Attacks by the third site from round 2 on (it trains
+honestly first):
 
 * ``x100``: every floating-point weight multiplied by 100 (of the global model it received: it does not train);
 * ``nan``: one weight element set to NaN (likewise);
-* ``sign-flip``: it trains, then sends w_global − (w_trained − w_global), its update reversed.
+* ``sign-flip``: it trains, then sends w_global − (w_trained − w_global), its update reversed (the weights; its
+  BatchNorm running statistics as trained, so that no negative variance gives it away);
+* ``none``: it stays honest (measures the honest sites' update cosines over every round).
 
-Trainings are cached by (global model, site, round): every federation shares round 1, and the federations of one
-aggregator share round 2, which keeps ``--quick`` to about 50 local trainings.
+The reference of each aggregator is the same federation in which site 3 simply **leaves** from round 2 on (same
+start, same round 1 with all three sites, then the two honest sites; same seeds): "final − ref" is what the attack
+costs beyond losing the site. Trainings are cached by (global model, site, round), so rows that end up with the
+same global models (an attacker rejected every round) cost no extra training.
 
-Aggregators: FedAvg with validation (the default server), coordinate-wise median, trimmed mean, Krum (f = 1); the
-reference is the honest 2-site FedAvg federation (the attacker left out). Prints Dice per round and the final
-Dice difference to the honest federation.
+Aggregators: FedAvg with validation (the default server), coordinate-wise median, trimmed mean, Krum (f = 1);
+each also with the direction check off (``min_update_cosine = -1``); every one validates replies. Prints Dice per
+round, the sites' update cosines and rejections, and the final Dice difference to the reference.
 
     nice -n 10 python bench/robustness.py --quick     # 3 rounds x 3 steps, 32^3 phantoms
-    nice -n 10 python bench/robustness.py             # 6 rounds x 10 steps, 48^3 phantoms
+    nice -n 10 python bench/robustness.py             # 6 rounds x 10 steps, 48^3 phantoms, every row (743 s)
+    nice -n 10 python bench/robustness.py --aggregators fedavg+validation --attacks x100,nan,sign-flip,none
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +52,7 @@ from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import ModelConfig, build_model
 from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.config import ServerConfig, StrategyConfig
+from fedseg.server.run.bn import is_bn_statistic
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 
 Attack = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -62,12 +70,32 @@ def _nan(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[st
 
 
 def _flip(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: (2 * glob[k] - v).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in trained.items()}
+    """The weights' update reversed; the BatchNorm running statistics stay as trained (flipped too, a variance
+    goes negative in most rounds and validation rejects the reply before any direction check)."""
+    return {
+        k: (2 * glob[k] - v).astype(v.dtype) if v.dtype.kind == "f" and not is_bn_statistic(k) else v
+        for k, v in trained.items()
+    }
 
 
-ATTACKS: dict[str, Attack] = {"x100": _x100, "nan": _nan, "sign-flip": _flip}
-TRAINS = {"x100": False, "nan": False, "sign-flip": True}
-AGGREGATORS = {"fedavg+validation": "fedavg", "median": "median", "krum": "krum", "trimmed-mean": "trimmed-mean"}
+def _honest(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return trained
+
+
+LEAVES = "leaves"
+ATTACKS: dict[str, Attack] = {"x100": _x100, "nan": _nan, "sign-flip": _flip, "none": _honest}
+TRAINS = {"x100": False, "nan": False, "sign-flip": True, "none": True}
+#: label -> (strategy name, min_update_cosine)
+AGGREGATORS: dict[str, tuple[str, float]] = {
+    "fedavg+validation": ("fedavg", 0.0),
+    "fedavg+validation (cosine off)": ("fedavg", -1.0),
+    "median": ("median", 0.0),
+    "median (cosine off)": ("median", -1.0),
+    "trimmed-mean": ("trimmed-mean", 0.0),
+    "trimmed-mean (cosine off)": ("trimmed-mean", -1.0),
+    "krum": ("krum", 0.0),
+    "krum (cosine off)": ("krum", -1.0),
+}
 
 
 def _message(node: int, arrays: dict[str, np.ndarray], result: LocalResult, site: str) -> Message:
@@ -104,21 +132,34 @@ class Sites:
         return self._cache[key]
 
 
-def federation(sites: Sites, name: str, attack: str | None, n_sites: int, rounds: int) -> list[float]:
-    """Dice after each round of one federation; the last site attacks from round 2 when ``attack`` is given."""
+@dataclass
+class Outcome:
+    """One federation: Dice after each round, and per round the accepted sites' cosines and the rejections."""
+
+    dice: list[float] = field(default_factory=list)
+    cosines: list[dict[str, float | None]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+def federation(sites: Sites, name: str, min_cosine: float, attack: str, rounds: int) -> Outcome:
+    """One federation of three sites; the last one attacks (or leaves: ``attack = LEAVES``) from round 2."""
+    n_sites = 3
     torch.manual_seed(0)
     model = build_model(sites.task.model)
-    cfg = ServerConfig(min_sites=n_sites, strategy=StrategyConfig(name=name))  # type: ignore[arg-type]
+    limits = StrategyConfig(name=name, min_update_cosine=min_cosine)  # type: ignore[arg-type]
+    cfg = ServerConfig(min_sites=n_sites, strategy=limits)
     inner: FedAvg = build_strategy(cfg)
     strategy = RecordingStrategy(inner, n_sites, 1, 1.0, limits=cfg.strategy)
     glob = arrays_from_model(model)
-    dice = []
+    out = Outcome()
     for rnd in range(1, rounds + 1):
         strategy.begin_round(glob)
         reference = {k: a.numpy() for k, a in glob.items()}
         replies = []
         for site in range(1, n_sites + 1):
-            if attack is not None and site == n_sites and rnd >= 2:
+            if site == n_sites and rnd >= 2:
+                if attack == LEAVES:
+                    continue
                 trained, result = sites.train(glob, site, rnd) if TRAINS[attack] else (reference, sites.declared)
                 trained = ATTACKS[attack](trained, reference)
             else:
@@ -127,16 +168,51 @@ def federation(sites: Sites, name: str, attack: str | None, n_sites: int, rounds
         new, _ = strategy.aggregate_train(rnd, replies)
         glob = new if new is not None else glob
         load_arrays(model, glob)
-        dice.append(validate(model, sites.val, sites.task.train.patch_size, "cpu")["dice_mean"])
-    return dice
+        out.dice.append(validate(model, sites.val, sites.task.train.patch_size, "cpu")["dice_mean"])
+        stats = strategy.stats[rnd]
+        out.cosines.append({s.site: s.update_cosine for s in stats.sites})
+        out.rejected.append({r.site: r.reason for r in stats.rejected})
+    return out
+
+
+def _report(label: str, attack: str, outcome: Outcome) -> None:
+    print(f"{label} / {attack}:", " ".join(f"{d:.4f}" for d in outcome.dice), flush=True)
+    for rnd, (cosines, rejected) in enumerate(zip(outcome.cosines, outcome.rejected, strict=True), start=1):
+        cells = [f"{site} {'-' if c is None else f'{c:.3f}'}" for site, c in cosines.items()]
+        cells += [f"{site} rejected: {reason}" for site, reason in rejected.items()]
+        print(f"    r{rnd}: " + "; ".join(cells), flush=True)
+
+
+def _honest_cosines(results: dict[tuple[str, str], Outcome]) -> list[float]:
+    """The honest sites' cosines (site 3's too when it stays honest), once per distinct federation."""
+    seen: dict[tuple[float, ...], list[float]] = {}
+    for (_, attack), outcome in results.items():
+        honest = [
+            c
+            for cosines in outcome.cosines
+            for site, c in cosines.items()
+            if c is not None and (site != "site-3" or attack in (LEAVES, "none"))
+        ]
+        seen.setdefault(tuple(outcome.dice), honest)
+    return [c for values in seen.values() for c in values]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds x 3 steps on 32^3 phantoms")
+    parser.add_argument("--rounds", type=int, help="rounds (default 6, --quick 3)")
+    parser.add_argument("--steps", type=int, help="local steps per round (default 10, --quick 3)")
+    parser.add_argument("--size", type=int, help="phantom edge in voxels (default 48, --quick 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (2 oversubscribed ones crawl)")
+    parser.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated, of: %(default)s")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, of: %(default)s")
     args = parser.parse_args()
     rounds, steps, size = (3, 3, 32) if args.quick else (6, 10, 48)
+    rounds, steps, size = args.rounds or rounds, args.steps or steps, args.size or size
+    labels, attacks = args.aggregators.split(","), args.attacks.split(",")
+    unknown = [x for x in labels if x not in AGGREGATORS] + [x for x in attacks if x not in ATTACKS]
+    if unknown:
+        parser.error(f"unknown aggregator or attack: {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     task = TrainTask(
         model=ModelConfig(feature_scale=16),
@@ -145,28 +221,31 @@ def main() -> None:
         deadline=3600.0,
     )
     start = time.perf_counter()
+    results: dict[tuple[str, str], Outcome] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         generate_phantoms(root, sites=3, cases_per_site=2, val_cases=1, size=(size, size, size))
         sites = Sites(root, 3, task)
-        results: dict[tuple[str, str], list[float]] = {
-            ("honest 2 sites", "-"): federation(sites, "fedavg", None, 2, rounds)
-        }
-        print("honest 2 sites:", " ".join(f"{d:.3f}" for d in results[("honest 2 sites", "-")]), flush=True)
-        for label, strategy_name in AGGREGATORS.items():
-            for attack_name in ATTACKS:
-                results[(label, attack_name)] = federation(sites, strategy_name, attack_name, 3, rounds)
-                print(
-                    f"{label} / {attack_name}:", " ".join(f"{d:.3f}" for d in results[(label, attack_name)]), flush=True
-                )
-    honest = results[("honest 2 sites", "-")][-1]
-    header = "| aggregator | attack | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " | final − honest |"
-    print(f"\n{rounds} rounds x {steps} steps, {size}^3 phantoms, feature_scale 16, central mean Dice per round\n")
+        for label in labels:
+            name, min_cosine = AGGREGATORS[label]
+            for attack in [LEAVES, *attacks]:
+                results[(label, attack)] = federation(sites, name, min_cosine, attack, rounds)
+                _report(label, attack, results[(label, attack)])
+    header = "| aggregator | site 3 from r2 | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " | final − ref |"
+    print(f"\n{rounds} rounds x {steps} steps, {size}^3 phantoms, feature_scale 16, central mean Dice per round")
+    print("ref: the same aggregator's federation in which site 3 leaves from round 2\n")
     print(header)
-    print("|" + " --- |" * (rounds + 3))
-    for (label, attack_name), dice in results.items():
-        cells = " | ".join(f"{d:.3f}" for d in dice)
-        print(f"| {label} | {attack_name} | {cells} | {dice[-1] - honest:+.3f} |")
+    print("|" + " --- |" * 2 + " ---: |" * (rounds + 1))
+    for (label, attack), outcome in results.items():
+        cells = " | ".join(f"{d:.3f}" for d in outcome.dice)
+        ref = results[(label, LEAVES)].dice[-1]
+        print(f"| {label} | {attack} | {cells} | {outcome.dice[-1] - ref:+.3f} |")
+    honest = _honest_cosines(results)
+    if honest:
+        print(
+            f"\nhonest sites' update cosines (checked rounds, distinct federations): min {min(honest):.3f}, median "
+            f"{float(np.median(honest)):.3f}, max {max(honest):.3f} over {len(honest)}"
+        )
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -14,6 +14,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     name = "fedprox"          # fedavg fedprox fedadam fedyogi median trimmed-mean krum multi-krum bulyan
     proximal_mu = 0.01
     max_update_ratio = 10     # reject updates longer than 10 x the round's median update norm (0 = off)
+    min_update_cosine = 0     # reject an update pointing away from most other updates (-1 = off)
     clip_norm = 0             # clip every accepted update to this L2 norm (0 = off)
     bn = "pooled"             # BatchNorm: pooled by the server, or "local" (FedBN: each site keeps its own)
 
@@ -77,11 +78,14 @@ class StrategyConfig(BaseModel):
     ``multi-krum`` (``num_malicious`` assumed attackers, ``krum_select`` kept) and ``bulyan``.
 
     Every reply is validated first (see :mod:`fedseg.server.run.replies`): ``max_update_ratio``,
-    ``max_update_norm``, ``max_examples`` bound what a single site can do; ``clip_norm`` clips each accepted
-    update. BatchNorm running statistics never go through the chosen strategy: with ``bn = "pooled"`` they are
-    averaged by case count with the law of total variance (:mod:`fedseg.server.run.bn`); with ``bn = "local"``
-    (FedBN, Li et al. 2021) every BatchNorm tensor (γ, β and the running statistics) stays at its site and the
-    global model keeps the BatchNorm tensors it started with.
+    ``max_update_norm``, ``max_examples`` bound what a single site can do; ``min_update_cosine`` rejects an
+    update unless at least half of the round's other updates have a cosine of at least this with it (a reversed
+    update, e.g. a sign-flip attacker's, has negative cosines with the honest ones; checked with three or more
+    replies only, over the weights the strategy aggregates, not BatchNorm running statistics; −1 = off);
+    ``clip_norm`` clips each accepted update. BatchNorm running statistics never go through the chosen strategy:
+    with ``bn = "pooled"`` they are averaged by case count with the law of total variance
+    (:mod:`fedseg.server.run.bn`); with ``bn = "local"`` (FedBN, Li et al. 2021) every BatchNorm tensor (γ, β and
+    the running statistics) stays at its site and the global model keeps the BatchNorm tensors it started with.
     """
 
     model_config = _FROZEN
@@ -101,6 +105,9 @@ class StrategyConfig(BaseModel):
         default=10.0, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
     )
     max_update_norm: float = Field(default=0.0, ge=0, description="absolute bound on ‖w_site − w_global‖; 0 = off")
+    min_update_cosine: float = Field(
+        default=0.0, ge=-1, lt=1, description="reject an update below this cosine with half the others; -1 = off"
+    )
     clip_norm: float = Field(default=0.0, ge=0, description="clip each accepted update to this norm; 0 = off")
     max_examples: int = Field(default=100_000, ge=1, description="cap on a reply's num-examples (training cases)")
     bn: BatchNormMode = Field(

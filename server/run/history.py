@@ -34,6 +34,9 @@ class SiteRound(BaseModel):
     seconds: float = Field(description="local training wall time")
     bytes_in: int = Field(default=0, description="payload bytes of the reply")
     update_norm: float | None = Field(default=None, description="‖w_site − w_global‖ of the accepted reply")
+    update_cosine: float | None = Field(
+        default=None, description="cosine with the round's other updates that half of them reach (None: not checked)"
+    )
 
 
 class Rejection(BaseModel):
@@ -109,6 +112,8 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
         record[f"train_seconds_{site.site}"] = round(site.seconds, 3)
         if site.update_norm is not None:
             record[f"update_norm_{site.site}"] = round(site.update_norm, 6)
+        if site.update_cosine is not None:
+            record[f"update_cosine_{site.site}"] = round(site.update_cosine, 6)
     for rejection in row.rejected:
         record[f"rejected_{rejection.site}"] = rejection.reason
     return record

@@ -5,15 +5,16 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
 
 * it waits at most ``site_wait_timeout`` seconds for ``min_sites`` connected sites (Flower's own wait has no
   timeout) and then fails the run with a clear message;
-* it validates every reply (:mod:`fedseg.server.run.replies`) and bounds its update norm; a bad reply is dropped
-  with its reason recorded, never aborting the round;
+* it validates every reply (:mod:`fedseg.server.run.replies`), bounds its update norm and, with three or more
+  replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad reply is
+  dropped with its reason recorded, never aborting the round;
 * it optionally clips each accepted update to ``clip_norm``;
 * it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
   :mod:`fedseg.server.run.bn` (under ``bn = "local"`` every BatchNorm tensor, γ and β too, keeps the global value:
   the sites keep their own), integer buffers keep the global value, and every array keeps the model's dtype;
 * it keeps the previous global model when fewer than ``min_replies`` sites answered usably or when the aggregate
   is not finite;
-* it records, per round, each site's name, cases, loss, samples, seconds, update norm and payload bytes;
+* it records, per round, each site's name, cases, loss, samples, seconds, update norm and cosine and payload bytes;
 * it decodes half-precision transport before validation (:mod:`fedseg.server.run.transport`), averages the output
   head class-aware under FedAvg/FedProx (:mod:`fedseg.server.run.headavg`) and sends cross-site validation
   messages when due (:mod:`fedseg.server.run.crosssite`).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,12 +49,15 @@ from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
 from fedseg.server.run.replies import (
+    MIN_DIRECTION_REPLIES,
     Accepted,
     Rejected,
     SiteRegistry,
     check_reply,
+    direction_outliers,
     norm_outliers,
     site_of,
+    update_cosines,
     update_norm,
 )
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
@@ -78,8 +83,8 @@ class RoundStats:
     cross_site: Matrix = field(default_factory=dict)
 
 
-def site_round(reply: Accepted, norm: float) -> SiteRound:
-    """The per-site numbers of an accepted reply."""
+def site_round(reply: Accepted, norm: float, cosine: float = math.nan) -> SiteRound:
+    """The per-site numbers of an accepted reply (a NaN cosine, not checked, is recorded as None)."""
     return SiteRound(
         site=reply.site,
         cases=reply.cases,
@@ -88,6 +93,7 @@ def site_round(reply: Accepted, norm: float) -> SiteRound:
         seconds=reply.seconds,
         bytes_in=reply.bytes_in,
         update_norm=norm,
+        update_cosine=None if math.isnan(cosine) else cosine,
     )
 
 
@@ -210,8 +216,9 @@ class RecordingStrategy(Strategy):
 
     def screen(
         self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[list[Accepted], list[Rejected], list[float]]:
-        """Validate every reply, then apply the update-norm bound; returns (accepted, rejected, accepted norms)."""
+    ) -> tuple[list[Accepted], list[Rejected], list[float], list[float]]:
+        """Validate every reply, then apply the update-norm bound and the direction check; returns (accepted,
+        rejected, accepted norms, accepted cosines: NaN where not checked)."""
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
         replies = list(replies)
@@ -235,17 +242,39 @@ class RecordingStrategy(Strategy):
         problems = norm_outliers(norms, self.limits.max_update_ratio, self.limits.max_update_norm)
         kept = [(a, n) for a, n, p in zip(accepted, norms, problems, strict=True) if p is None]
         rejected += [Rejected(a.node, a.site, p) for a, p in zip(accepted, problems, strict=True) if p is not None]
+        kept, cosines = self._directions(server_round, kept, rejected)
         for r in rejected:
             log.warning("round %d: rejected the reply of %s (node %d): %s", server_round, r.site, r.node, r.reason)
-        return [a for a, _ in kept], rejected, [n for _, n in kept]
+        return [a for a, _ in kept], rejected, [n for _, n in kept], cosines
+
+    def _directions(
+        self, server_round: int, kept: list[tuple[Accepted, float]], rejected: list[Rejected]
+    ) -> tuple[list[tuple[Accepted, float]], list[float]]:
+        """The direction check (``min_update_cosine``) over the replies within the norm bound: each update's
+        agreement with the others (:func:`~fedseg.server.run.replies.update_cosines`), over the weights the
+        strategy aggregates. Appends to ``rejected``; returns the replies kept and their cosines."""
+        keys = self._weight_keys
+        reference = {k: self._reference[k] for k in keys}
+        cosines = update_cosines([{k: a.arrays[k] for k in keys} for a, _ in kept], reference)
+        if len(kept) < MIN_DIRECTION_REPLIES and self.limits.min_update_cosine > -1:
+            log.info(
+                "round %d: direction check skipped: %d replies within the norm bound (needs %d)",
+                server_round,
+                len(kept),
+                MIN_DIRECTION_REPLIES,
+            )
+        problems = direction_outliers(cosines, self.limits.min_update_cosine)
+        rejected += [Rejected(a.node, a.site, p) for (a, _), p in zip(kept, problems, strict=True) if p is not None]
+        chosen = [(k, c) for k, c, p in zip(kept, cosines, problems, strict=True) if p is None]
+        return [k for k, _ in chosen], [c for _, c in chosen]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies, record per-site numbers, enforce ``min_replies``, then aggregate."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        accepted, rejected, norms = self.screen(server_round, replies)
-        stats.sites = [site_round(a, n) for a, n in zip(accepted, norms, strict=True)]
+        accepted, rejected, norms, cosines = self.screen(server_round, replies)
+        stats.sites = [site_round(a, n, c) for a, n, c in zip(accepted, norms, cosines, strict=True)]
         stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in rejected]
         stats.bytes_in = sum(s.bytes_in for s in stats.sites)
         stats.failures = max(stats.sampled - len(accepted), 0)
