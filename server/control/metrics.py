@@ -37,6 +37,7 @@ SERVER_METRICS = (
     "fedseg_server_site_loss",
     "fedseg_server_site_train_seconds",
     "fedseg_server_update_norm",
+    "fedseg_server_update_cosine",
     "fedseg_server_dice",
     "fedseg_server_best_dice",
     "fedseg_server_best_round",
@@ -87,6 +88,12 @@ class ServerMetrics:
             "fedseg_server_site_train_seconds", "Local training seconds a site reported", ["site"], registry=r
         )
         self.norm = Gauge("fedseg_server_update_norm", "L2 norm of a site's update", ["site"], registry=r)
+        self.cosine = Gauge(
+            "fedseg_server_update_cosine",
+            "Direction agreement of a site's update (the direction check)",
+            ["site"],
+            registry=r,
+        )
         self.dice = Gauge("fedseg_server_dice", "Central validation Dice of the latest round", ["organ"], registry=r)
         self.best = Gauge("fedseg_server_best_dice", "Best mean central Dice so far", registry=r)
         self.best_round = Gauge("fedseg_server_best_round", "Round of the best mean central Dice", registry=r)
@@ -167,6 +174,8 @@ class ServerMetrics:
             self.train_seconds.labels(name).set(site["seconds"])
             if site.get("update_norm") is not None:
                 self.norm.labels(name).set(site["update_norm"])
+            if site.get("update_cosine") is not None:
+                self.cosine.labels(name).set(site["update_cosine"])
         dice: dict[str, Any] = e.get("dice", {})
         for key, value in dice.items():
             if value is not None:

@@ -341,8 +341,8 @@ class RecordingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Cross-site validation messages when due (see :mod:`fedseg.server.run.crosssite`), else none."""
-        if self.cross_site is not None:
-            return self.cross_site.messages(server_round, arrays, config, grid)
+        if self.cross_site is not None:  # the weights travel like the train task's (precision, packing)
+            return encode_messages(self.cross_site.messages(server_round, arrays, config, grid), config)[0]
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -24,6 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
+from fedseg.common.fl.packing import is_packed
 from fedseg.common.fl.protocol import ARRAYS_KEY
 from fedseg.common.runtime.events import EventWriter
 from fedseg.server.run.history import RoundRow
@@ -45,7 +46,7 @@ def payload_bytes(message: Message) -> int:
 
 
 def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
-    """``ok``, ``error`` (the site failed) or ``invalid`` (no weights with the global model's keys).
+    """``ok``, ``error`` (the site failed) or ``invalid`` (no weights: neither packed nor with the global model's keys).
 
     The full validation (shapes, finiteness, metrics, update norms) happens in the strategy; its rejections
     reach the metrics through the round's history row.
@@ -53,7 +54,7 @@ def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
     if reply.has_error():
         return "error"
     arrays = reply.content.array_records.get(ARRAYS_KEY)
-    return "ok" if arrays is not None and set(arrays.keys()) == expected_keys else "invalid"
+    return "ok" if arrays is not None and (is_packed(arrays) or set(arrays.keys()) == expected_keys) else "invalid"
 
 
 class ServerTelemetry:
@@ -85,7 +86,7 @@ class ServerTelemetry:
         """Report a finished round from its history row (Dice per organ, best, per-site numbers)."""
         data = row.model_dump(mode="json")
         sites = [
-            {k: v for k, v in site.items() if k in ("site", "cases", "loss", "seconds", "update_norm")}
+            {k: v for k, v in site.items() if k in ("site", "cases", "loss", "seconds", "update_norm", "update_cosine")}
             for site in data.get("sites", [])
         ]
         extra = {k: v for k, v in data.items() if k in ("rejected", "rejections")}

@@ -17,7 +17,7 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec
 from fedseg.common.runtime.appexec import TokenFileExecutor
 from fedseg.common.runtime.forkserver import ForkServer, ForkServerError, exited, watch
 
-ENTRY = '''
+ENTRY = """
 import json, os, sys, time
 IMPORTED_IN = os.getpid()
 
@@ -33,7 +33,7 @@ def record_argv():
     with open(os.environ["FS_OUT"] + ".tmp", "w") as f:
         json.dump(sys.argv, f)
     os.replace(os.environ["FS_OUT"] + ".tmp", os.environ["FS_OUT"])
-'''
+"""
 
 
 @pytest.fixture

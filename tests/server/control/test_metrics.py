@@ -25,7 +25,7 @@ def _events() -> list[dict[str, object]]:
         {"t": 126.0, "kind": "phase", "round": 1, "phase": "validating"},
         {"t": 130.0, "kind": "round", "round": 1, "seconds": 28.0, "best": True, "used": 1,
          "dice": {"dice_liver": 0.5, "dice_pancreas": None, "dice_mean": 0.25},
-         "sites": [{"site": "a", "cases": 4, "loss": 0.75, "seconds": 3.5, "update_norm": 2.0}],
+         "sites": [{"site": "a", "cases": 4, "loss": 0.75, "seconds": 3.5, "update_norm": 2.0, "update_cosine": 0.25}],
          "rejected": {"norm_outlier": 1, "Patient 12 weird": 2}},
         {"t": 130.0, "kind": "phase", "round": 2, "phase": "waiting"},
         {"t": 131.0, "kind": "round", "round": 2, "seconds": 1.0, "best": False, "used": 0,
@@ -58,6 +58,7 @@ def test_events_become_metric_values() -> None:
     assert value("fedseg_server_received_bytes_total", site="a") == 10
     assert value("fedseg_server_site_loss", site="a") == 0.75
     assert value("fedseg_server_update_norm", site="a") == 2.0
+    assert value("fedseg_server_update_cosine", site="a") == 0.25
     assert value("fedseg_server_dice", organ="liver") == 0.5
     assert value("fedseg_server_dice", organ="pancreas") is None  # not validated: no sample rather than NaN
     assert value("fedseg_server_dice", organ="mean") == 0.1  # the latest round

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.engine.config import TrainConfig
 from fedseg.common.fl.offline import from_site
-from fedseg.common.fl.protocol import evaluate_content
+from fedseg.common.fl.packing import is_packed, unpacked
+from fedseg.common.fl.protocol import TrainTask, evaluate_content, task_config
+from fedseg.common.nn.model import ModelConfig
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.crosssite import CrossSite, matrix_of
 from fedseg.server.run.history import History, RoundRow, read_history
@@ -54,3 +58,16 @@ def test_strategy_records_the_matrix_and_the_history_keeps_it(tmp_path: Path) ->
     history = History(tmp_path)
     history.append(RoundRow(round=1, seconds=1.0, cross_site=matrix))
     assert read_history(tmp_path)[0].cross_site == matrix
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_cross_site_weights_travel_packed_like_the_train_task() -> None:
+    weights = {"w": np.arange(3, dtype=np.float32), "n": np.array(7, np.int64)}
+    task = TrainTask(model=ModelConfig(), train=TrainConfig(), preprocess=PreprocessConfig(), deadline=9.0, packed=True)
+    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, 1.0, cross_site=CrossSite(1, 2))
+    arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+    messages = list(strategy.configure_evaluate(1, arrays, task_config(task), FakeGrid([4, 9])))  # type: ignore[arg-type]
+    sent = messages[0].content.array_records["arrays"]
+    assert len(messages) == 2 and is_packed(sent) and list(sent.keys()) == ["fedseg-packed"]
+    back = unpacked(sent, weights, "fp32")
+    assert {k: back[k].numpy().tolist() for k in back} == {"w": [0.0, 1.0, 2.0], "n": 7}
