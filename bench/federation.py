@@ -25,9 +25,12 @@
     OMP_NUM_THREADS=1 nice -n 10 python bench/federation.py --anatomy --sites 2 --cases 2 --size 32 --local-steps 5
 
     The weights travel packed into one array per message (:mod:`fedseg.common.fl.packing`); ``--no-pack`` sends
-    every tensor as its own array (the server's ``FEDSEG_PACK=0``), ``--compare`` runs both, per-tensor first, and
-    prints them side by side: push + forward seconds, round wall, bytes per site per round and Flower objects per
-    message.
+    every tensor as its own array (the server's ``FEDSEG_PACK=0``). Each site forks its ClientApp processes warm
+    (:mod:`fedseg.common.runtime.forkserver`); ``--cold-start`` starts each from scratch (``fed-client join
+    --cold-start``). ``--compare`` runs the three steps one after the other, per-tensor + cold (before both
+    changes), packed + cold, packed + warm, and prints them side by side: push + forward and start-up seconds, round
+    wall and overhead, bytes per site per round and Flower objects per message. ``--feature-scale`` sets the
+    network width (4 = the paper's model).
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--anatomy", action="store_true", help="only the round anatomy (c)")
     parser.add_argument("--no-pack", action="store_true", help="(c): send every tensor as its own array")
-    parser.add_argument("--compare", action="store_true", help="(c): per-tensor, then packed, side by side")
+    parser.add_argument("--cold-start", action="store_true", help="(c): sites start each ClientApp from scratch")
+    parser.add_argument("--compare", action="store_true", help="(c): per-tensor+cold, packed+cold, packed+warm")
     return parser.parse_args()
 
 
@@ -95,7 +99,9 @@ def train_settings(args: argparse.Namespace, steps: int) -> dict[str, Any]:
     return {"steps": steps, "batch_size": 2, "patch_size": [32, 48, 48], "lr": args.lr, "amp": False}
 
 
-def federate(args: argparse.Namespace, name: str, settings: dict[str, Any]) -> tuple[list[RoundRow], RunStatus]:
+def federate(
+    args: argparse.Namespace, name: str, settings: dict[str, Any], join_options: tuple[str, ...] = ()
+) -> tuple[list[RoundRow], RunStatus]:
     """Run one loopback federation over the phantom sites; return its history rows and Flower's final status."""
     out = args.out / name
     if out.exists():
@@ -111,6 +117,7 @@ def federate(args: argparse.Namespace, name: str, settings: dict[str, Any]) -> t
         sites = []
         for i in range(1, args.sites + 1):
             argv = join_argv(f"site-{i}", args.out / "data" / f"site-{i}", cfg.address, out / "sites" / f"site-{i}")
+            argv += join_options
             sites.append(sup.start(f"site-{i}", argv, env=env, log_path=out / "logs" / f"site-{i}.log"))
         _, status = run_to_end(server, spec, rows.append, watch=sites)
     return rows, status
@@ -168,12 +175,16 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool) -> dict[str, float]:
+def _label(packed: bool, warm: bool) -> str:
+    return f"{'packed' if packed else 'per-tensor'} {'warm' if warm else 'cold'}"
+
+
+def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool, warm: bool) -> dict[str, float]:
     """One anatomy federation: print its table, return its summary (means over the trained rounds)."""
-    name = "anatomy" if packed else "anatomy-per-tensor"
+    name = "anatomy-" + _label(packed, warm).replace(" ", "-")
     started = time.perf_counter()
     with server_packing(packed):
-        rows, _ = federate(args, name, settings)
+        rows, _ = federate(args, name, settings, () if warm else ("--cold-start",))
     wall = time.perf_counter() - started
     out = args.out / name
     server = EventTail(out / "run" / EVENTS_FILE).read()
@@ -182,7 +193,9 @@ def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool
     }
     rounds = round_anatomy(server, sites)
     form = "packed (one array per message)" if packed else "per-tensor (one array per tensor)"
-    print(f"\n(c) round anatomy, weights {form}: {args.sites} sites, loopback, feature_scale 16, "
+    start = "forked warm" if warm else "started from scratch"
+    print(f"\n(c) round anatomy, weights {form}, ClientApps {start}: {args.sites} sites, loopback, "
+          f"feature_scale {args.feature_scale}, "
           f"{args.local_steps} steps of {settings['train']['patch_size'][0]}^3 per round; seconds along the slowest "
           f"site's path (whole run {wall:.0f} s)")  # fmt: skip
     for line in anatomy_table(rounds):
@@ -191,6 +204,7 @@ def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool
     moved = [sum(r.phases()[k] or 0.0 for k in ("push", "forward")) for r in rounds]
     return {
         "push+forward": _mean(moved),
+        "start-up": _mean([r.phases()["start-up"] or 0.0 for r in rounds]),
         "wall": _mean([r.wall for r in rounds]),
         "overhead": _mean([r.overhead for r in rounds]),
         "down": _mean([r.bytes_out / len(r.sites) for r in trained]),
@@ -203,7 +217,7 @@ def anatomy(args: argparse.Namespace) -> None:
     side = min(args.size, 32)
     settings = {
         "rounds": 2,
-        "model": {"feature_scale": 16},
+        "model": {"feature_scale": args.feature_scale},
         "train": {"steps": args.local_steps, "batch_size": 2, "patch_size": [side] * 3, "lr": 1e-3, "amp": False},
         "validation": {
             "data": str(args.out / "data" / "validation"),
@@ -211,13 +225,14 @@ def anatomy(args: argparse.Namespace) -> None:
             "patch_size": [side] * 3,
         },
     }
-    forms = [False, True] if args.compare else [not args.no_pack]
-    results = {packed: anatomy_run(args, settings, packed) for packed in forms}
-    objects = dict(zip((False, True), flower_objects(16), strict=True))
+    forms = [(False, False), (True, False), (True, True)] if args.compare else [(not args.no_pack, not args.cold_start)]
+    results = {form: anatomy_run(args, settings, *form) for form in forms}
+    objects = dict(zip((False, True), flower_objects(args.feature_scale), strict=True))
     print("\n(c) summary, means over the rounds (push + forward: slowest site; bytes: weights payload per site)")
     columns = (
-        "weights",
+        "weights, start",
         "objects/msg",
+        "start-up s",
         "push+forward s",
         "wall s",
         "overhead s",
@@ -225,12 +240,13 @@ def anatomy(args: argparse.Namespace) -> None:
         "up MB/site",
         "run s",
     )
-    widths = (10, 11, 14, 7, 10, 12, 10, 6)
+    widths = (17, 11, 10, 14, 7, 10, 12, 10, 6)
     print(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
-    for packed, r in results.items():
+    for (packed, warm), r in results.items():
         cells = (
-            "packed" if packed else "per-tensor",
+            _label(packed, warm),
             objects[packed],
+            f"{r['start-up']:.2f}",
             f"{r['push+forward']:.2f}",
             f"{r['wall']:.2f}",
             f"{r['overhead']:.2f}",
