@@ -127,6 +127,10 @@ class ValidationConfig(BaseModel):
     patch_size: tuple[int, int, int] | None = Field(default=None, description="sliding window; default train's")
     device: DeviceName = "cpu"
     max_cases: int | None = Field(default=None, ge=1)
+    overlap: bool = Field(
+        default=True,
+        description="score round r while the sites train round r+1 (its row and checkpoint are still round r's)",
+    )
 
 
 class TLSConfig(BaseModel):

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from fedseg.server.config import RunSpec
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.crosssite import CrossSite
 from fedseg.server.run.history import History, RoundRow, clean_dice
+from fedseg.server.run.overlap import Background
 from fedseg.server.run.state import StrategyState, load_state, save_state
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 from fedseg.server.run.telemetry import EVENTS_FILE, ServerTelemetry, TelemetryGrid
@@ -63,6 +65,19 @@ def train_task(spec: RunSpec) -> TrainTask:
     )
 
 
+@dataclass(frozen=True)
+class FinishedRound:
+    """What the end of a round fixes at once (its wall time, its statistics, the strategy's state, the weights);
+    scoring, checkpoint and history can then happen later (:mod:`fedseg.server.run.overlap`)."""
+
+    server_round: int
+    global_round: int
+    arrays: ArrayRecord
+    seconds: float
+    stats: RoundStats
+    state: StrategyState | None
+
+
 class RoundEvaluator:
     """Flower's ``evaluate_fn``: after each round, validate, checkpoint and append a history row.
 
@@ -74,6 +89,8 @@ class RoundEvaluator:
         history: the run's history files.
         stats: per-round statistics recorded by the strategy (read, not modified).
         state: the strategy's state after a global round, saved (atomically, per round) before ``last.pt``.
+        background: where scoring, checkpoint and history go so that the next round need not wait (None: done
+            before Flower's loop goes on).
     """
 
     def __init__(
@@ -85,6 +102,7 @@ class RoundEvaluator:
         history: History,
         stats: dict[int, RoundStats],
         state: Callable[[int], StrategyState] | None = None,
+        background: Background | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -93,18 +111,45 @@ class RoundEvaluator:
         self.history = history
         self.stats = stats
         self.state = state
+        self.background = background
         self.class_names = class_names_for(spec.config.model.n_classes)
         self.hash = config_hash(model=spec.config.model, preprocess=spec.config.preprocess)
         self.since = time.monotonic()
         self.on_row: Callable[[RoundRow], None] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Score, save and record the global model after ``server_round`` (0 = before training)."""
+        """Score, save and record the global model after ``server_round`` (0 = before training).
+
+        With a background worker this returns at once (no metrics for Flower's own log): the round's row is
+        written when its scoring is done, in round order.
+        """
         if server_round == 0 and self.spec.first_round > 1:
             self.since = time.monotonic()
             return None  # a resumed run's starting model was scored by the run that produced it
+        finished = self.finish(server_round, arrays)
+        if self.background is None:
+            return self.record(finished)
+        self.background.submit(lambda: self.record(finished))
+        return None
+
+    def finish(self, server_round: int, arrays: ArrayRecord) -> FinishedRound:
+        """Fix what belongs to the round now: its wall time, statistics, the strategy state and the weights."""
         global_round = self.spec.first_round - 1 + server_round
-        load_arrays(self.model, arrays)
+        now = time.monotonic()
+        finished = FinishedRound(
+            server_round=server_round,
+            global_round=global_round,
+            arrays=arrays,
+            seconds=now - self.since,
+            stats=self.stats.get(server_round, RoundStats()),
+            state=self.state(global_round) if self.state is not None else None,
+        )
+        self.since = now
+        return finished
+
+    def record(self, done: FinishedRound) -> MetricRecord | None:
+        """Central Dice of the round's model, then its strategy state, checkpoint and history row."""
+        load_arrays(self.model, done.arrays)
         dice = self.validator(self.model) if self.validator is not None else {}
         metrics = {k: v for k, v in dice.items() if not math.isnan(v)}
         meta = CheckpointMeta(
@@ -116,16 +161,15 @@ class RoundEvaluator:
             seed=self.spec.config.seed,
             metrics=metrics,
             score=metrics.get(MEAN_KEY),
-            round=global_round,
+            round=done.global_round,
         )
-        if self.state is not None:
-            save_state(self.checkpoints.folder, self.state(global_round))
+        if done.state is not None:
+            save_state(self.checkpoints.folder, done.state)
         best = self.checkpoints.save(self.model, meta)
-        stats = self.stats.get(server_round, RoundStats())
-        now = time.monotonic()
+        stats = done.stats
         row = RoundRow(
-            round=global_round,
-            seconds=now - self.since,
+            round=done.global_round,
+            seconds=done.seconds,
             sites=stats.sites,
             failures=stats.failures,
             rejected=stats.rejected,
@@ -138,8 +182,7 @@ class RoundEvaluator:
         self.history.append(row)
         if self.on_row is not None:
             self.on_row(row)
-        self.since = now
-        log.info("round %d done in %.1f s: %s", global_round, row.seconds, _dice_text(dice))
+        log.info("round %d done in %.1f s: %s", done.global_round, row.seconds, _dice_text(dice))
         record: dict[str, int | float | list[int] | list[float]] = dict(metrics)
         return MetricRecord(record) if record else None
 
@@ -181,7 +224,8 @@ def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None
         strategy.registry.lock(registered)
         log.info("site names locked to their keys: %s", ", ".join(f"{n}={s}" for n, s in sorted(registered.items())))
     keeper = CheckpointKeeper(out / CHECKPOINT_DIR)
-    evaluator = RoundEvaluator(spec, model, validator, keeper, history, strategy.stats, strategy.state)
+    background = Background() if cfg.validation.overlap else None
+    evaluator = RoundEvaluator(spec, model, validator, keeper, history, strategy.stats, strategy.state, background)
     telemetry = ServerTelemetry(EventWriter(out / EVENTS_FILE), spec.first_round, cfg.rounds)
     evaluator.on_row = telemetry.round_done
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
@@ -197,7 +241,12 @@ def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None
             evaluate_config=task_config(train_task(spec)),
             evaluate_fn=telemetry.timed(evaluator),
         )
+        if background is not None:
+            background.drain()  # the last rounds' scores, checkpoints and rows
     except BaseException:
         telemetry.run_state("failed")
         raise
+    finally:
+        if background is not None:
+            background.close()
     telemetry.run_state("completed")
