@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-optimizer", action="store_true", help="recipe: site Adam state across rounds")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="recipe: FedProx mu")
     parser.add_argument("--bn", choices=("pooled", "local"), default="pooled", help="recipe: local = FedBN")
+    parser.add_argument("--ce-weight", type=float, default=1.0, help="loss: Dice + this x cross-entropy (0: Dice only)")
     parser.add_argument("--baseline-schedule", choices=("constant", "poly"), default=None,
                         help="centralised/alone lr schedule (default: the recipe's)")  # fmt: skip
     parser.add_argument("--settings", default=",".join(SETTINGS))
@@ -79,8 +80,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
     print(f"seed {seed}: {args.sites} sites x {args.cases} cases, {args.val_cases} validation cases "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     train_cfg = TrainConfig(
-        patch_size=patch, batch_size=2, lr=args.lr, ce_weight=1.0, foreground_prob=0.67, augment=False, seed=seed,
-        lr_schedule=args.baseline_schedule or args.schedule,
+        patch_size=patch, batch_size=2, lr=args.lr, ce_weight=args.ce_weight, foreground_prob=0.67, augment=False,
+        seed=seed, lr_schedule=args.baseline_schedule or args.schedule,
     )  # fmt: skip
     recipe = Recipe(args.local_steps, args.schedule, args.keep_optimizer, args.prox_mu, args.bn)
     wanted = args.settings.split(",")
