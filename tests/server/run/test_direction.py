@@ -18,17 +18,11 @@ from fedseg.server.run import replies
 from fedseg.server.run.history import History, RoundRow, SiteRound, csv_record, read_history
 from fedseg.server.run.replies import direction_outliers, update_cosines
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
+from tests.server.run.test_rogue_replies import GLOBAL, HONEST_CASES, Weights
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
-Weights = dict[str, np.ndarray]
-GLOBAL: Weights = {
-    "conv.weight": np.ones((2, 3), np.float32),
-    "bn.running_mean": np.zeros(3, np.float32),
-    "bn.running_var": np.ones(3, np.float32),
-    "bn.num_batches_tracked": np.array(4, np.int64),
-}
-CASES = {1: 2, 2: 3, 3: 5}
+CASES = HONEST_CASES
 DIRECTION = 0.01 * np.array([[1.0, 2.0, -1.0], [0.5, 1.0, -2.0]])
 
 
