@@ -17,6 +17,11 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec
 from fedseg.common.runtime.appexec import TokenFileExecutor
 from fedseg.common.runtime.forkserver import ForkServer, ForkServerError, exited, watch
 
+THREADED = """
+import threading, time
+threading.Thread(target=time.sleep, args=(600,), daemon=True).start()  # a thread left running at import
+"""
+
 ENTRY = """
 import json, os, sys, time
 IMPORTED_IN = os.getpid()
@@ -152,3 +157,14 @@ def test_the_executor_starts_apps_the_normal_way_when_the_fork_server_fails(
     finally:
         executor.close()
     assert process.wait(timeout=60) is not None and executor.running == {}  # close() stopped the cold process
+
+
+def test_a_server_with_a_thread_refuses_to_fork(entry_module: str, tmp_path: Path) -> None:
+    (tmp_path / "fs_threaded.py").write_text(THREADED)
+    server = ForkServer([entry_module, "fs_threaded"], f"{entry_module}:main")
+    try:
+        with pytest.raises(ForkServerError, match="2 threads in the fork server; refusing to fork"):
+            server.spawn(["prog", str(tmp_path / "never.json"), "0", "0"])
+        assert not (tmp_path / "never.json").exists()
+    finally:
+        server.close()
