@@ -31,7 +31,7 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 from fedseg.client.trust import refusal
 from fedseg.common.runtime.appexec import TokenFileExecutor
 from fedseg.common.runtime.events import EventWriter
-from fedseg.common.runtime.forkserver import ForkServer
+from fedseg.common.runtime.forkserver import ForkServer, pidfd_supported
 
 log = logging.getLogger("fedseg.client.gate")
 
@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name
     tokens = args.tokens if args.tokens is not None else Path(tempfile.mkdtemp(prefix="fedseg-tokens-"))
     preload = [*args.preload, CLIENTAPP_ENTRY.partition(":")[0]] if args.preload else []
+    if preload and not pidfd_supported():
+        log.warning("no pidfd support on this system (Linux 5.3+): ClientApps start from scratch")
+        preload = []
     warm = ForkServer(preload, CLIENTAPP_ENTRY) if preload else None  # imports while the SuperNode connects
 
     def executor(*_args: Any, **_kwargs: Any) -> TokenFileExecutor:

@@ -117,6 +117,15 @@ class ForkServer:
             self.process.stdout.close()
 
 
+def pidfd_supported() -> bool:
+    """Whether this system can watch a process through a pidfd (Linux 5.3+), which :func:`watch` needs."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def watch(pid: int) -> int | None:
     """A pidfd for ``pid`` (readable once it has exited), or None when it has already gone."""
     try:

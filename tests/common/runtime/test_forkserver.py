@@ -15,7 +15,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec
 
 from fedseg.common.runtime.appexec import TokenFileExecutor
-from fedseg.common.runtime.forkserver import ForkServer, ForkServerError, exited, watch
+from fedseg.common.runtime.forkserver import ForkServer, ForkServerError, exited, pidfd_supported, watch
 
 THREADED = """
 import threading, time
@@ -168,3 +168,13 @@ def test_a_server_with_a_thread_refuses_to_fork(entry_module: str, tmp_path: Pat
         assert not (tmp_path / "never.json").exists()
     finally:
         server.close()
+
+
+def test_pidfd_support_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pidfd_supported()  # Linux 5.3+ here, as on CI
+
+    def missing(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", missing)
+    assert not pidfd_supported()
