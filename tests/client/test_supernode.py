@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from fedseg.client import supernode as join_module
 from fedseg.client.cli.main import app
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels
-from fedseg.client.supernode import JoinOptions, check_and_prepare, next_backoff, run_supernode, supernode_argv
+from fedseg.client.supernode import (
+    JoinOptions,
+    check_and_prepare,
+    gate_argv,
+    next_backoff,
+    run_supernode,
+    supernode_argv,
+)
 from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.errors import DataError
 
@@ -165,3 +172,10 @@ def test_restarts_leave_no_zombies(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=2), sleep=pause)
     assert len(pauses) == 2
     assert _zombie_children() == []
+
+
+def test_the_gate_preloads_the_clientapp_and_dynamo_unless_cold() -> None:
+    warm = gate_argv(JoinOptions(server="127.0.0.1:9092", port=5000))
+    preloaded = [warm[i + 1] for i, arg in enumerate(warm) if arg == "--preload"]
+    assert preloaded == ["fedseg.client.app", "torch._dynamo"]
+    assert "--preload" not in gate_argv(JoinOptions(server="127.0.0.1:9092", port=5000, warm=False))
