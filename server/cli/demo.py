@@ -13,7 +13,7 @@ from fedseg.common.cli.shell import SIZE_HELP, guarded, parse_triple
 from fedseg.common.console import console
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import ServerConfig
-from fedseg.server.control.baselines import comparison_lines, site_alone
+from fedseg.server.control.baselines import comparison_lines, site_alone, steps_per_site
 from fedseg.server.control.demo import DemoOptions, run_demo, write_final_attention
 from fedseg.server.control.report import write_report
 
@@ -65,7 +65,7 @@ def demo_command(
 
 def _print_baselines(opts: DemoOptions, cfg: ServerConfig, federated: Mapping[str, float | None]) -> None:
     """Each site alone for the steps it trained in the federation, beside the final global model."""
-    steps = opts.rounds * cfg.train.total_steps
+    steps = steps_per_site(cfg)
     datasets = {name: (opts.data_dir / name, opts.data_dir / name / "labels.toml") for name in opts.site_names}
     with console.status("") as status:
         alone = site_alone(

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 ORGANS = GLOBAL_CLASSES[1:]
 
 
+def steps_per_site(cfg: ServerConfig) -> int:
+    """Training steps each site spent in the whole federation of ``cfg``: rounds × steps per round (after every
+    override, so ``fed-server demo rounds=18 train.steps=10`` gives 180)."""
+    return cfg.rounds * cfg.train.total_steps
+
+
 def site_alone(
     cfg: ServerConfig,
     datasets: Mapping[str, tuple[Path, Path | None]],

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedseg.server.control.baselines import comparison_lines, site_alone
+from fedseg.common.engine.config import TrainConfig
+from fedseg.server.config import ServerConfig
+from fedseg.server.control.baselines import comparison_lines, site_alone, steps_per_site
 from fedseg.server.control.demo import DemoOptions, demo_config, ensure_phantoms
 
 ORGANS = ("pancreas", "spleen", "kidney", "liver")
@@ -52,3 +54,9 @@ def test_site_alone_trains_each_site_and_scores_it_on_the_central_set(tmp_path: 
         assert set(dice) == {*(f"dice_{o}" for o in ORGANS), "dice_mean"}
         assert all(0.0 <= v <= 1.0 for v in dice.values() if not math.isnan(v))
     assert site_alone(cfg, datasets, 2, tmp_path / "cache") == first  # same initial weights and seed each time
+
+
+def test_each_site_alone_gets_the_steps_of_the_run_after_overrides() -> None:
+    # `fed-server demo rounds=18 train.steps=10` (its --rounds default is 6): the config's rounds count, 18 x 10
+    assert steps_per_site(ServerConfig(rounds=18, train=TrainConfig(steps=10))) == 180
+    assert steps_per_site(ServerConfig(rounds=2, train=TrainConfig(steps=None, epochs=3, steps_per_epoch=5))) == 30
