@@ -39,7 +39,7 @@ log = logging.getLogger("fedseg.client.gate")
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 #: Our default: a ClientApp starts within 0.2 s of its message reaching the SuperNode.
 POLL_SECONDS = "0.2"
-#: What each ClientApp process runs (Flower's ``flwr-clientapp`` main), and what the fork server imports for it.
+#: What each ClientApp process runs (Flower's ``flwr-clientapp`` main; the fork server imports its module too).
 CLIENTAPP_ENTRY = "flwr.supernode.cli:flwr_clientapp"
 
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("this Flower version has no SuperExec plugin hook; fedseg needs flwr 1.42")
     superexec.AutoExecPlugin = GatedPlugin  # Flower's loop instantiates this name
     tokens = args.tokens if args.tokens is not None else Path(tempfile.mkdtemp(prefix="fedseg-tokens-"))
-    preload = [*args.preload, CLIENTAPP_ENTRY.partition(":")[0]] if args.preload else []
+    preload = list(args.preload)
     if preload and not pidfd_supported():
         log.warning("no pidfd support on this system (Linux 5.3+): ClientApps start from scratch")
         preload = []

@@ -49,7 +49,7 @@ class ForkServer:
     """The parent's handle on a fork server process.
 
     Args:
-        preload: modules the server imports once (e.g. ``fedseg.client.app``).
+        preload: modules the server imports once (e.g. ``fedseg.client.app``), besides the entry's own module.
         entry: ``module:function`` each child runs with the requested ``sys.argv``; its return value (or
             ``SystemExit`` code) is the child's exit status.
         ready_timeout: seconds :meth:`spawn` waits for the imports to finish on first use.
@@ -184,7 +184,7 @@ def serve(preload: Sequence[str], entry: str) -> None:
     out = os.fdopen(os.dup(1), "w")  # replies; fd 1 itself now points at stderr, so stray prints cannot corrupt them
     os.dup2(2, 1)
     try:
-        for module in preload:
+        for module in (*preload, entry.partition(":")[0]):  # the entry's own module too
             importlib.import_module(module)
     except Exception as err:  # any import failure is reported; the parent falls back
         _reply(out, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
