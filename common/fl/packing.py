@@ -9,18 +9,20 @@ holds exactly the bytes the per-tensor record would.
 
 The receiver does not need the sender's key names or shapes: it knows its own model. :func:`wire_layout` turns
 the receiver's reference state dict and the transport into ``[(key, shape, wire dtype)]``, and
-:func:`unpack_arrays` cuts the buffer along it. The digest covers the sender's keys, order, shapes and dtypes, so a
-buffer laid out for another model (renamed, reordered or another precision) is refused with a clear error, never
-misread; a buffer of the wrong length is refused naming both sizes.
+:func:`unpack_arrays` cuts the buffer along it (:func:`unpack_views` without copying it). The digest covers the
+sender's keys, order, shapes and dtypes, so a buffer laid out for another model (renamed, reordered or another
+precision) is refused with a clear error, never misread; a buffer of the wrong length is refused naming both sizes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
+import numpy.lib.format as npformat
 import torch
 from flwr.app import Array, ArrayRecord
 from torch import Tensor
@@ -88,15 +90,31 @@ def pack_arrays(arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(OrderedDict([(PACKED_KEY, Array(np.concatenate(parts)))]))
 
 
-def unpack_arrays(arrays: ArrayRecord, layout: Layout) -> ArrayRecord:
-    """The per-tensor record a packed ``arrays`` holds, cut along ``layout`` (the receiver's :func:`wire_layout`).
+def array_view(array: Array) -> np.ndarray:
+    """A Flower ``Array`` as a read-only numpy view of its own bytes (``Array.numpy()`` copies them): a reply's
+    weights can be checked and cut into tensors without a second copy of the model in memory."""
+    if array.stype != "numpy.ndarray":
+        raise IncompatibleModelError(f"expected a numpy array, got serialisation {array.stype!r}")
+    stream = io.BytesIO(array.data)
+    version = npformat.read_magic(stream)
+    header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+    shape, fortran, dtype = header(stream)
+    if fortran or dtype.hasobject:
+        raise IncompatibleModelError("packed weights must be a C-ordered array of plain numbers")
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+
+
+def unpack_views(arrays: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
+    """The tensors a packed ``arrays`` holds, cut along ``layout`` (the receiver's :func:`wire_layout`), as
+    read-only views of the record's own bytes, in ``layout``'s order and wire dtypes.
 
     Raises:
         IncompatibleModelError: not a packed record, a buffer of another length, or laid out for another model.
     """
     if not is_packed(arrays):
         raise IncompatibleModelError(f"expected packed weights under {PACKED_KEY!r}, got {len(arrays)} entries")
-    buffer = arrays[PACKED_KEY].numpy()
+    buffer = array_view(arrays[PACKED_KEY])
     if buffer.dtype != np.uint8 or buffer.ndim != 1:
         raise IncompatibleModelError(f"packed weights must be a flat uint8 array, got {buffer.dtype} {buffer.shape}")
     expected = _size(layout)
@@ -110,14 +128,26 @@ def unpack_arrays(arrays: ArrayRecord, layout: Layout) -> ArrayRecord:
             "packed weights were laid out for another model (tensor names, order, shapes or precision differ); "
             "check that server and site use the same model settings and fedseg version"
         )
-    state: OrderedDict[str, Array] = OrderedDict()
+    views: dict[str, np.ndarray] = {}
     offset = DIGEST_BYTES
     for key, shape, dtype in layout:
         count = int(np.prod(shape, dtype=np.int64))
-        flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
-        state[key] = Array(flat.astype(dtype.newbyteorder("="), copy=False).reshape(shape))
+        views[key] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
         offset += count * dtype.itemsize
-    return ArrayRecord(state)
+    return views
+
+
+def unpack_arrays(arrays: ArrayRecord, layout: Layout) -> ArrayRecord:
+    """The per-tensor record a packed ``arrays`` holds, cut along ``layout`` (:func:`unpack_views`, in native
+    byte order).
+
+    Raises:
+        IncompatibleModelError: not a packed record, a buffer of another length, or laid out for another model.
+    """
+    views = unpack_views(arrays, layout)
+    return ArrayRecord(
+        OrderedDict((k, Array(v.astype(v.dtype.newbyteorder("="), copy=False))) for k, v in views.items())
+    )
 
 
 def unpacked(

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor, nn
@@ -56,6 +57,13 @@ def _as_float(value: Tensor) -> Tensor:
     if value.dtype == torch.int16:
         return value.view(torch.bfloat16).float()
     return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+
+
+def decode_values(values: Mapping[str, np.ndarray], transport: Transport) -> dict[str, np.ndarray]:
+    """:func:`decode_arrays` for numpy arrays (read-only views of a packed reply too)."""
+    if transport == "fp32":
+        return dict(values)
+    return {key: _as_float(torch.from_numpy(np.array(value))).numpy() for key, value in values.items()}
 
 
 def decode_arrays(arrays: ArrayRecord, transport: Transport) -> ArrayRecord:

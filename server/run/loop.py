@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CACHE_DIR = "cache"
+SPILL_DIR = "spill"  # a round's replies while it is screened (fedseg.server.run.spill)
+
+
+def fresh_folder(path: Path) -> Path:
+    """``path`` emptied (what a stopped run left there is of no use) and created."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def initial_model(spec: RunSpec) -> nn.Module:
@@ -214,6 +223,7 @@ def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None
         limits=cfg.strategy,
         round_offset=spec.first_round - 1,
         cross_site=CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None,
+        spill_dir=fresh_folder(out / CACHE_DIR / SPILL_DIR),
     )
     if spec.initial_checkpoint is not None:
         try:

@@ -21,9 +21,19 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedseg.common.fl.protocol import ARRAYS_KEY, FAILURE_KEY, METRIC_KEYS, METRICS_KEY, SITE_KEY, WEIGHT_KEY
+from fedseg.common.fl.protocol import (
+    ARRAYS_KEY,
+    FAILURE_KEY,
+    METRIC_KEYS,
+    METRICS_KEY,
+    SITE_KEY,
+    WEIGHT_KEY,
+    record_keys,
+    record_of,
+)
+from fedseg.server.run.spill import Spill
 
 NDArray = np.ndarray
 _INT_METRICS = (WEIGHT_KEY, "train-samples")
@@ -135,7 +145,7 @@ def site_of(reply: Message) -> str:
     return str(name) if name else f"node-{reply.metadata.src_node_id}"
 
 
-def _metrics_problem(metrics: Mapping[str, object], max_examples: int, declared: int | None) -> str | None:
+def _metrics_problem(metrics: Mapping[str, object], max_examples: int) -> str | None:
     keys = set(metrics)
     if keys != set(METRIC_KEYS):
         extra, missing = sorted(keys - set(METRIC_KEYS)), sorted(set(METRIC_KEYS) - keys)
@@ -154,21 +164,22 @@ def _metrics_problem(metrics: Mapping[str, object], max_examples: int, declared:
         return f"{WEIGHT_KEY} must be positive, got {cases}"
     if cases > max_examples:
         return f"{WEIGHT_KEY} {cases} exceeds max_examples {max_examples}"
-    if declared is not None and cases > declared:
-        return f"{WEIGHT_KEY} {cases} exceeds the {declared} cases this site declared first"
     return None
 
 
-def _arrays_problem(reply: Message, reference: Mapping[str, NDArray]) -> tuple[str | None, dict[str, NDArray]]:
-    record = reply.content.array_records[ARRAYS_KEY]
-    keys = set(record.keys())
+def _arrays_problem(
+    reply: Message, reference: Mapping[str, NDArray], given: Mapping[str, NDArray] | None
+) -> tuple[str | None, dict[str, NDArray]]:
+    record = record_of(reply.content, ARRAYS_KEY, ArrayRecord)
+    assert record is not None  # check_content checked it
+    keys = set(record.keys()) if given is None else set(given)
     if keys != set(reference):
         extra, missing = sorted(keys - set(reference))[:3], sorted(set(reference) - keys)[:3]
         return f"weight keys differ from the global model (extra {extra}, missing {missing})", {}
     arrays: dict[str, NDArray] = {}
     for key, ref in reference.items():
         try:
-            value = record[key].numpy()
+            value = record[key].numpy() if given is None else given[key]
         except Exception as err:  # a corrupt payload is the sender's problem, never the round's
             return f"weight {key!r} cannot be decoded ({type(err).__name__})", {}
         if value.shape != ref.shape:
@@ -183,17 +194,14 @@ def _arrays_problem(reply: Message, reference: Mapping[str, NDArray]) -> tuple[s
     return None, arrays
 
 
-def check_reply(
-    reply: Message,
-    reference: Mapping[str, NDArray],
-    registry: SiteRegistry,
-    max_examples: int,
-    present: Collection[int] = (),
+def check_content(
+    reply: Message, reference: Mapping[str, NDArray], max_examples: int, weights: Mapping[str, NDArray] | None = None
 ) -> Accepted | Rejected:
-    """Validate one train reply against the round's global weights ``reference`` (see the module docstring).
+    """The checks of one train reply that need nothing but the reply and the round's global weights
+    ``reference``: records, metrics, ``num-examples`` within ``max_examples``, and every weight (see the module
+    docstring). The site's identity and its declared cases are :func:`check_identity`'s.
 
-    ``present``: the nodes that replied this round (a name held by one of them cannot be claimed by another).
-    An accepted reply pins its node's name and case count in ``registry`` (first time only).
+    ``weights``: the reply's weights already decoded (a packed reply's views); None: read from its record.
     """
     node = reply.metadata.src_node_id
     site = site_of(reply)
@@ -203,35 +211,61 @@ def check_reply(
     site_record = content.config_records.get(SITE_KEY)
     if site_record is not None and FAILURE_KEY in site_record:
         return Rejected(node, site, f"site failure: {site_record[FAILURE_KEY]!s}")
-    if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
+    if record_keys(content, ArrayRecord) != {ARRAYS_KEY} or record_keys(content, MetricRecord) != {METRICS_KEY}:
         return Rejected(node, site, f"expected one '{ARRAYS_KEY}' ArrayRecord and one '{METRICS_KEY}' MetricRecord")
-    problem = registry.identity_problem(node, site, present)
-    metrics = content.metric_records[METRICS_KEY]
-    if problem is None:
-        declared = registry.cases.get(node)
-        if declared is None:  # a rejoined site inherits the cap its name declared
-            owner = next((n for n, name in registry.names.items() if name == site), None)
-            declared = registry.cases.get(owner) if owner is not None else None
-        problem = _metrics_problem(dict(metrics), max_examples, declared)
+    metrics = content[METRICS_KEY]
+    problem = _metrics_problem(dict(metrics), max_examples)
     arrays: dict[str, NDArray] = {}
     if problem is None:
-        problem, arrays = _arrays_problem(reply, reference)
+        problem, arrays = _arrays_problem(reply, reference, weights)
     if problem is not None:
         return Rejected(node, site, problem)
     numbers = {k: _number(metrics[k]) for k in METRIC_KEYS}  # types checked above
-    cases = int(numbers[WEIGHT_KEY])
-    registry.pin(node, site, cases)
     return Accepted(
         node=node,
         site=site,
         arrays=arrays,
-        cases=cases,
+        cases=int(numbers[WEIGHT_KEY]),
         loss=numbers["train-loss"],
         samples=int(numbers["train-samples"]),
         seconds=numbers["train-seconds"],
-        bytes_in=content.array_records[ARRAYS_KEY].count_bytes(),
+        bytes_in=content[ARRAYS_KEY].count_bytes(),
         message=reply,
     )
+
+
+def check_identity(reply: Accepted, registry: SiteRegistry, present: Collection[int] = ()) -> str | None:
+    """Why an otherwise valid reply may not count (its site name, or more cases than its site declared first),
+    or None; then its node's name and case count are pinned in ``registry`` (first time only).
+
+    ``present``: the nodes that replied this round (a name held by one of them cannot be claimed by another).
+    """
+    problem = registry.identity_problem(reply.node, reply.site, present)
+    if problem is not None:
+        return problem
+    declared = registry.cases.get(reply.node)
+    if declared is None:  # a rejoined site inherits the cap its name declared
+        owner = next((n for n, name in registry.names.items() if name == reply.site), None)
+        declared = registry.cases.get(owner) if owner is not None else None
+    if declared is not None and reply.cases > declared:
+        return f"{WEIGHT_KEY} {reply.cases} exceeds the {declared} cases this site declared first"
+    registry.pin(reply.node, reply.site, reply.cases)
+    return None
+
+
+def check_reply(
+    reply: Message,
+    reference: Mapping[str, NDArray],
+    registry: SiteRegistry,
+    max_examples: int,
+    present: Collection[int] = (),
+) -> Accepted | Rejected:
+    """Validate one train reply: :func:`check_content`, then :func:`check_identity`."""
+    checked = check_content(reply, reference, max_examples)
+    if isinstance(checked, Rejected):
+        return checked
+    problem = check_identity(checked, registry, present)
+    return checked if problem is None else Rejected(checked.node, checked.site, problem)
 
 
 def _number(value: object) -> float:
@@ -284,13 +318,19 @@ def update_cosines(updates: Sequence[Mapping[str, NDArray]], reference: Mapping[
     cosine of 0.25-0.39 with it against 0.47-0.68 for honest ones.)
 
     Only the keys of ``reference`` count (the caller passes the gradient-like weights: no BatchNorm running
-    statistics or step counters). Computed in float64. A zero update has no direction: NaN, and cosine 0 with the
-    others. All NaN with fewer than :data:`MIN_DIRECTION_REPLIES` updates.
+    statistics or step counters). Computed in float64 from the float32 weights, slice by slice
+    (:class:`~fedseg.server.run.spill.Spill`). A zero update has no direction: NaN, and cosine 0 with the others.
+    All NaN with fewer than :data:`MIN_DIRECTION_REPLIES` updates.
     """
-    n = len(updates)
-    if n < MIN_DIRECTION_REPLIES:
-        return [math.nan] * n
-    gram = _gram(updates, reference)
+    if len(updates) < MIN_DIRECTION_REPLIES:
+        return [math.nan] * len(updates)
+    with Spill(reference, list(reference)) as spill:
+        return cosines_from_gram(spill.gram([spill.add(u) for u in updates]))
+
+
+def cosines_from_gram(gram: NDArray) -> list[float]:
+    """:func:`update_cosines` from the updates' matrix of dot products (n × n, n ≥ :data:`MIN_DIRECTION_REPLIES`)."""
+    n = len(gram)
     norms = np.sqrt(np.diag(gram))
     rank = math.ceil((n - 1) / 2)
     out = []
@@ -301,24 +341,6 @@ def update_cosines(updates: Sequence[Mapping[str, NDArray]], reference: Mapping[
         others = [gram[i, j] / (norms[i] * norms[j]) if norms[j] > 0 else 0.0 for j in range(n) if j != i]
         out.append(float(sorted(others, reverse=True)[rank - 1]))
     return out
-
-
-#: Elements per slice in :func:`_gram`: n slices of this many float64 values are in memory at once, never n models.
-_GRAM_SLICE = 1 << 17
-
-
-def _gram(updates: Sequence[Mapping[str, NDArray]], reference: Mapping[str, NDArray]) -> NDArray:
-    """The n × n matrix of dot products of the updates ``w_i − w_global`` over ``reference``'s keys, in float64,
-    accumulated slice by slice (memory stays a few MB per reply, also for 100 sites and the paper-size model)."""
-    n = len(updates)
-    gram = np.zeros((n, n))
-    for key, ref in reference.items():
-        base = ref.astype(np.float64).ravel()
-        for start in range(0, base.size, _GRAM_SLICE):
-            stop = start + _GRAM_SLICE
-            block = np.stack([u[key].ravel()[start:stop].astype(np.float64) - base[start:stop] for u in updates])
-            gram += block @ block.T
-    return gram
 
 
 def direction_outliers(cosines: Sequence[float], min_cosine: float) -> list[str | None]:

@@ -5,9 +5,11 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
 
 * it waits at most ``site_wait_timeout`` seconds for ``min_sites`` connected sites (Flower's own wait has no
   timeout) and then fails the run with a clear message;
-* it validates every reply (:mod:`fedseg.server.run.replies`), bounds its update norm and, with three or more
-  replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad reply is
-  dropped with its reason recorded, never aborting the round;
+* it screens every reply as it arrives (:mod:`fedseg.server.run.screen`): validates it
+  (:mod:`fedseg.server.run.replies`), writes its weights to disk (:mod:`fedseg.server.run.spill`) and lets the
+  message go, so the server's memory does not grow with the number of sites; it bounds its update norm and, with
+  three or more replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad
+  reply is dropped with its reason recorded, never aborting the round;
 * it optionally clips each accepted update to ``clip_norm``;
 * it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
   :mod:`fedseg.server.run.bn` (under ``bn = "local"`` every BatchNorm tensor, γ and β too, keeps the global value:
@@ -26,12 +28,12 @@ hook's logic lives in its own module.)
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,27 +43,18 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.batchnorm import batchnorm_keys
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport, policy_note
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
-from fedseg.server.run.replies import (
-    MIN_DIRECTION_REPLIES,
-    Accepted,
-    Rejected,
-    SiteRegistry,
-    check_reply,
-    direction_outliers,
-    norm_outliers,
-    site_of,
-    update_cosines,
-    update_norm,
-)
+from fedseg.server.run.replies import Accepted, SiteRegistry
+from fedseg.server.run.screen import Kept, RoundScreen
+from fedseg.server.run.spill import Spill
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
-from fedseg.server.run.transport import decode_reply, encode_messages
+from fedseg.server.run.transport import encode_messages
 
 __all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
 
@@ -97,18 +90,22 @@ def site_round(reply: Accepted, norm: float, cosine: float = math.nan) -> SiteRo
     )
 
 
-def clipped(
-    arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray], keys: list[str], clip: float
-) -> dict[str, NDArray]:
-    """``arrays[keys]`` with the update ``arrays − reference`` scaled down to L2 norm ``clip`` (0 = unchanged)."""
-    out = {k: arrays[k] for k in keys}
-    if clip <= 0:
-        return out
-    norm = update_norm(out, {k: reference[k] for k in keys})
-    if norm <= clip:
-        return out
-    scale = clip / norm
-    return {k: (reference[k] + (v - reference[k]) * scale).astype(reference[k].dtype) for k, v in out.items()}
+def clip_scale(norm: float, clip: float) -> float:
+    """The factor that scales an update of L2 norm ``norm`` down to ``clip`` (1: unchanged; ``clip`` 0 = off)."""
+    return clip / norm if 0 < clip < norm else 1.0
+
+
+MetricValues = Mapping[str, int | float | list[int] | list[float]]
+
+
+def reply_metrics(reply: Accepted) -> MetricValues:
+    """The four train metrics of an accepted reply, as our ClientApp sends them."""
+    return {
+        WEIGHT_KEY: reply.cases,
+        "train-loss": reply.loss,
+        "train-samples": reply.samples,
+        "train-seconds": reply.seconds,
+    }
 
 
 def wait_for_sites(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> int:
@@ -147,6 +144,8 @@ class RecordingStrategy(Strategy):
             ``clip_norm``).
         round_offset: added to Flower's round number (a resumed run): FedAdam's bias correction counts on.
         cross_site: when to run cross-site validation at the sites; None = never.
+        spill_dir: where a round's replies are spilled while it is screened (None: the system's temporary
+            directory; :mod:`fedseg.server.run.spill`).
     """
 
     def __init__(
@@ -159,8 +158,10 @@ class RecordingStrategy(Strategy):
         limits: StrategyConfig | None = None,
         round_offset: int = 0,
         cross_site: CrossSite | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.inner = inner
+        self.spill_dir = spill_dir
         self.min_sites = min_sites
         self.min_replies = min_replies
         self.site_wait_timeout = site_wait_timeout
@@ -170,7 +171,9 @@ class RecordingStrategy(Strategy):
         self.stats: dict[int, RoundStats] = {}
         self.registry = SiteRegistry()
         self._transport: Transport = "fp32"
-        self.class_aware_head = type(inner) in (FedAvg, FedProx)  # see fedseg.server.run.headavg
+        self.plain_mean = type(inner) in (FedAvg, FedProx)  # their aggregate is the case-weighted mean
+        self.class_aware_head = self.plain_mean  # see fedseg.server.run.headavg
+        self.streams = self.plain_mean or isinstance(inner, FedOpt)  # FedOpt starts from that mean (see _inputs)
         self.cross_site = cross_site
         self._reference: dict[str, NDArray] = {}
 
@@ -214,95 +217,55 @@ class RecordingStrategy(Strategy):
         if isinstance(self.inner, FedOpt):  # its pseudo-gradient covers only what it aggregates
             self.inner.current_arrays = {k: self._reference[k] for k in self._weight_keys}
 
-    def screen(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[list[Accepted], list[Rejected], list[float], list[float]]:
-        """Validate every reply, then apply the update-norm bound and the direction check; returns (accepted,
-        rejected, accepted norms, accepted cosines: NaN where not checked)."""
-        accepted: list[Accepted] = []
-        rejected: list[Rejected] = []
-        replies = list(replies)
-        present = {r.metadata.src_node_id for r in replies}
-        for reply in replies:
-            wire = reply.content.array_records.get(ARRAYS_KEY) if reply.has_content() else None
-            problem = decode_reply(reply, self._transport, self._reference)  # unpacked, float32, before any check
-            checked = (
-                Rejected(reply.metadata.src_node_id, site_of(reply), problem)
-                if problem is not None
-                else check_reply(reply, self._reference, self.registry, self.limits.max_examples, present)
-            )
-            if isinstance(checked, Accepted):
-                if note := policy_note(reply.content):
-                    log.warning("round %d: %s trained under its site policy: %s", server_round, checked.site, note)
-                wire_bytes = wire.count_bytes() if wire is not None else checked.bytes_in
-                accepted.append(dataclasses.replace(checked, bytes_in=wire_bytes))  # what travelled
-            else:
-                rejected.append(checked)
-        norms = [update_norm(a.arrays, self._reference) for a in accepted]
-        problems = norm_outliers(norms, self.limits.max_update_ratio, self.limits.max_update_norm)
-        kept = [(a, n) for a, n, p in zip(accepted, norms, problems, strict=True) if p is None]
-        rejected += [Rejected(a.node, a.site, p) for a, p in zip(accepted, problems, strict=True) if p is not None]
-        kept, cosines = self._directions(server_round, kept, rejected)
-        for r in rejected:
-            log.warning("round %d: rejected the reply of %s (node %d): %s", server_round, r.site, r.node, r.reason)
-        return [a for a, _ in kept], rejected, [n for _, n in kept], cosines
-
-    def _directions(
-        self, server_round: int, kept: list[tuple[Accepted, float]], rejected: list[Rejected]
-    ) -> tuple[list[tuple[Accepted, float]], list[float]]:
-        """The direction check (``min_update_cosine``) over the replies within the norm bound: each update's
-        agreement with the others (:func:`~fedseg.server.run.replies.update_cosines`), over the weights the
-        strategy aggregates. Appends to ``rejected``; returns the replies kept and their cosines."""
-        keys = self._weight_keys
-        reference = {k: self._reference[k] for k in keys}
-        cosines = update_cosines([{k: a.arrays[k] for k in keys} for a, _ in kept], reference)
-        if len(kept) < MIN_DIRECTION_REPLIES and self.limits.min_update_cosine > -1:
-            log.info(
-                "round %d: direction check skipped: %d replies within the norm bound (needs %d)",
-                server_round,
-                len(kept),
-                MIN_DIRECTION_REPLIES,
-            )
-        problems = direction_outliers(cosines, self.limits.min_update_cosine)
-        rejected += [Rejected(a.node, a.site, p) for (a, _), p in zip(kept, problems, strict=True) if p is not None]
-        chosen = [(k, c) for k, c, p in zip(kept, cosines, problems, strict=True) if p is None]
-        return [k for k, _ in chosen], [c for _, c in chosen]
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen the replies, record per-site numbers, enforce ``min_replies``, then aggregate."""
+        """Screen the replies as they arrive, record per-site numbers, enforce ``min_replies``, then aggregate."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        accepted, rejected, norms, cosines = self.screen(server_round, replies)
-        stats.sites = [site_round(a, n, c) for a, n, c in zip(accepted, norms, cosines, strict=True)]
-        stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in rejected]
-        stats.bytes_in = sum(s.bytes_in for s in stats.sites)
-        stats.failures = max(stats.sampled - len(accepted), 0)
-        if self.on_round is not None:
-            self.on_round(server_round, stats)
-        if len(accepted) < self.min_replies:
-            log.warning(
-                "round %d: %d usable replies (< min_replies=%d); keeping the previous global model",
-                server_round,
-                len(accepted),
-                self.min_replies,
-            )
-            return None, None
-        return self.combine(server_round, accepted)
+        with Spill(self._reference, self._weight_keys, self.spill_dir) as spill:
+            screen = RoundScreen(self._reference, self._weight_keys, self._transport, self.limits, self.registry, spill)
+            for reply in replies:
+                screen.intake(reply)
+            screened = screen.finish(server_round)
+            kept = screened.kept
+            stats.sites = [site_round(k.reply, k.norm, k.cosine) for k in kept]
+            stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
+            stats.bytes_in = sum(s.bytes_in for s in stats.sites)
+            stats.failures = max(stats.sampled - len(kept), 0)
+            if self.on_round is not None:
+                self.on_round(server_round, stats)
+            if len(kept) < self.min_replies:
+                log.warning(
+                    "round %d: %d usable replies (< min_replies=%d); keeping the previous global model",
+                    server_round,
+                    len(kept),
+                    self.min_replies,
+                )
+                return None, None
+            return self.combine(server_round, kept, spill)
 
-    def combine(self, server_round: int, accepted: list[Accepted]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def combine(
+        self, server_round: int, kept: list[Kept], spill: Spill
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics (under ``bn = "local"``
         the global BatchNorm unchanged), in the model's dtypes."""
         ref = self._reference
         keys = self._weight_keys
-        messages = [self._sanitised(a, keys) for a in accepted]
-        arrays, metrics = self.inner.aggregate_train(self.round_offset + server_round, messages)
-        if arrays is None:
-            return None, metrics
+        if self.plain_mean:  # FedAvg/FedProx aggregate to the case-weighted mean itself
+            mean = self._mean(kept, spill)
+            arrays = {k: mean.pop(k) for k in keys}
+            metrics: MetricRecord | None = self._metrics(kept)
+        else:
+            record, metrics = self.inner.aggregate_train(self.round_offset + server_round, self._inputs(kept, spill))
+            if record is None:
+                return None, metrics
+            arrays = {k: record[k].numpy() for k in keys}
+            del record
+        accepted = [k.reply for k in kept]
         merged = dict(ref)
         if self.limits.bn == "pooled":
             merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
-        merged.update({k: arrays[k].numpy().astype(ref[k].dtype) for k in keys})
+        merged.update({k: arrays.pop(k).astype(ref[k].dtype, copy=False) for k in keys})
         if self.class_aware_head:
             merged.update(headavg.head_of_accepted(merged, ref, [(a.arrays, a.cases, a.message) for a in accepted]))
         bad = [k for k, v in merged.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
@@ -313,29 +276,42 @@ class RecordingStrategy(Strategy):
                 ", ".join(bad[:3]),
             )
             return None, None
-        return ArrayRecord({k: Array(np.array(merged[k], order="C")) for k in ref}), metrics
+        return ArrayRecord({k: Array(np.array(merged.pop(k), order="C")) for k in ref}), metrics
 
-    def _sanitised(self, reply: Accepted, keys: list[str]) -> Message:
-        """The reply as the inner strategy sees it: the (clipped) weights of ``keys`` and the four metrics.
+    def _mean(self, kept: list[Kept], spill: Spill) -> dict[str, NDArray]:
+        """The replies' case-weighted mean of the (clipped) weights, slice by slice from the spill: what Flower's
+        weighted average gives, without every reply in memory at once."""
+        scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
+        return spill.weighted_mean([k.row for k in kept], [k.reply.cases for k in kept], scales)
 
-        A copy of the received message (same metadata) with new content: creating a fresh message would need a
-        Flower task identity, which only the ServerApp process has.
-        """
-        weights = clipped(reply.arrays, self._reference, keys, self.limits.clip_norm)
-        metrics: dict[str, int | float | list[int] | list[float]] = {
-            WEIGHT_KEY: reply.cases,
-            "train-loss": reply.loss,
-            "train-samples": reply.samples,
-            "train-seconds": reply.seconds,
-        }
-        message = copy.copy(reply.message)
-        message.content = RecordDict(
+    def _metrics(self, kept: list[Kept]) -> MetricRecord:
+        """The replies' metrics aggregated by the inner strategy's own function (case-weighted means)."""
+        records = [RecordDict({METRICS_KEY: MetricRecord(dict(reply_metrics(k.reply)))}) for k in kept]
+        return self.inner.train_metrics_aggr_fn(records, self.inner.weighted_by_key)
+
+    def _inputs(self, kept: list[Kept], spill: Spill) -> list[Message]:
+        """What the inner strategy aggregates: a FedOpt strategy (FedAdam, FedYogi) the streamed mean as one reply
+        (it starts from that mean), a robust rule every reply's (clipped) weights."""
+        if self.streams:
+            metrics = {WEIGHT_KEY: sum(k.reply.cases for k in kept), **self._metrics(kept)}
+            return [self._as_reply(kept[0].reply.message, self._mean(kept, spill), metrics)]
+        scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
+        return [
+            self._as_reply(k.reply.message, spill.load(k.row, scale), reply_metrics(k.reply))
+            for k, scale in zip(kept, scales, strict=True)
+        ]
+
+    def _as_reply(self, message: Message, weights: dict[str, NDArray], metrics: MetricValues) -> Message:
+        """A copy of a received message (same metadata) with ``weights`` and ``metrics`` as its content: creating a
+        fresh message would need a Flower task identity, which only the ServerApp process has."""
+        out = copy.copy(message)
+        out.content = RecordDict(
             {
-                ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                METRICS_KEY: MetricRecord(metrics),
+                ARRAYS_KEY: ArrayRecord({k: Array(weights.pop(k)) for k in list(weights)}),
+                METRICS_KEY: MetricRecord(dict(metrics)),
             }
         )
-        return message
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -6,7 +6,8 @@ produce them without touching Flower's round loop:
 
 * :class:`TelemetryGrid` wraps Flower's ``Grid``: it reports connected sites while the strategy waits for
   ``min_sites``, and replaces ``send_and_receive`` by the same push-then-pull loop so that every reply is
-  reported the moment it arrives (site, outcome, bytes, seconds);
+  reported the moment it arrives (site, outcome, bytes, seconds); the replies are pulled one at a time and handed
+  on lazily, so the strategy screens each and lets it go before the next is pulled;
 * :meth:`ServerTelemetry.timed` wraps the ``evaluate_fn`` to mark the aggregating/validating phases and to
   report each round's Dice and per-site numbers from its history row.
 
@@ -17,7 +18,7 @@ A round goes ``waiting`` (for sites, sampling) -> ``training`` (sites train) -> 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
 from fedseg.common.fl.packing import is_packed
-from fedseg.common.fl.protocol import ARRAYS_KEY
+from fedseg.common.fl.protocol import ARRAYS_KEY, record_of
 from fedseg.common.runtime.events import EventWriter
 from fedseg.server.run.history import RoundRow
 from fedseg.server.run.replies import site_of
@@ -34,6 +35,9 @@ from fedseg.server.run.replies import site_of
 EVENTS_FILE = Path(".fedseg") / "events.jsonl"
 #: Seconds between pulls for replies (Flower's own loop waits 3 s); an idle pull costs the SuperLink ~1 ms.
 PULL_EVERY = 0.2
+#: Replies asked for per pull: Flower's grid makes every message it pulls at once, so a few at a time keep one round
+#: in the ServerApp's memory flat however many sites have replied (the strategy screens each and lets it go).
+PULL_BATCH = 1
 
 PHASES = ("waiting", "training", "aggregating", "validating")
 
@@ -42,7 +46,7 @@ def payload_bytes(message: Message) -> int:
     """Bytes of the arrays a message carries (0 for an error or arrays-free message)."""
     if not message.has_content():
         return 0
-    return sum(record.count_bytes() for record in message.content.array_records.values())
+    return sum(record.count_bytes() for record in message.content.values() if isinstance(record, ArrayRecord))
 
 
 def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
@@ -53,7 +57,7 @@ def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
     """
     if reply.has_error():
         return "error"
-    arrays = reply.content.array_records.get(ARRAYS_KEY)
+    arrays = record_of(reply.content, ARRAYS_KEY, ArrayRecord)
     return "ok" if arrays is not None and (is_packed(arrays) or set(arrays.keys()) == expected_keys) else "invalid"
 
 
@@ -170,7 +174,8 @@ class TelemetryGrid(Grid):
 
     # Replies as they arrive -------------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push ``messages``, then pull replies until all arrived or ``timeout`` passed, reporting each reply."""
+        """Push ``messages`` now; the replies come as they are pulled (until all arrived or ``timeout`` passed),
+        each reported when it arrives. Lazy: a reply is pulled when the strategy asks for the next one."""
         outgoing = list(messages)
         if not outgoing:
             return []
@@ -183,24 +188,39 @@ class TelemetryGrid(Grid):
         ids = list(self.inner.push_messages(outgoing))
         # message id -> (destination node, bytes sent); an error reply made by the SuperLink has no site as source
         sent = {i: (m.metadata.dst_node_id, payload_bytes(m)) for i, m in zip(ids, outgoing, strict=False)}
-        pending = set(ids)
+        return self._replies(round_ if training else None, ids, sent, keys, timeout)
+
+    def _replies(
+        self,
+        round_: int | None,
+        ids: list[str],
+        sent: dict[str, tuple[int, int]],
+        keys: set[str],
+        timeout: float | None,
+    ) -> Iterator[Message]:
+        """Pull ``ids`` :data:`PULL_BATCH` at a time every :data:`PULL_EVERY` seconds, yielding each reply (a train
+        round, ``round_`` not None, is reported as it goes)."""
+        pending = list(ids)
         start = self.clock()
         end = None if timeout is None else start + timeout
-        replies: list[Message] = []
         while pending:
-            arrived = list(self.inner.pull_messages(pending))
-            for reply in arrived:
-                pending.discard(reply.metadata.reply_to_message_id)
-                if training:
-                    self._report_reply(round_, reply, sent, keys, self.clock() - start)
-            replies.extend(arrived)
+            answered: set[str] = set()
+            for first in range(0, len(pending), PULL_BATCH):
+                arrived = list(self.inner.pull_messages(pending[first : first + PULL_BATCH]))
+                while arrived:
+                    reply = arrived.pop(0)
+                    answered.add(reply.metadata.reply_to_message_id)
+                    if round_ is not None:
+                        self._report_reply(round_, reply, sent, keys, self.clock() - start)
+                    yield reply
+                    del reply
+            pending = [i for i in pending if i not in answered]
             if not pending or (end is not None and self.clock() >= end):
                 break
             self.sleep(PULL_EVERY)
-        if training:
-            self._report_missing(round_, sent, replies)
+        if round_ is not None:
+            self._report_missing(round_, sent, pending)
             self.telemetry.enter("aggregating", round_)
-        return replies
 
     def _report_reply(
         self, round_: int, reply: Message, sent: dict[str, tuple[int, int]], keys: set[str], seconds: float
@@ -219,14 +239,13 @@ class TelemetryGrid(Grid):
             seconds=seconds,
         )
 
-    def _report_missing(self, round_: int, sent: dict[str, tuple[int, int]], replies: list[Message]) -> None:
-        answered = {r.metadata.reply_to_message_id for r in replies}
-        for message_id, (node, size) in sent.items():
-            if message_id not in answered:
-                site = self._names.get(node, f"node-{node}")
-                self.telemetry.events.emit("missing", round=round_, site=site, bytes_out=size)
+    def _report_missing(self, round_: int, sent: dict[str, tuple[int, int]], pending: list[str]) -> None:
+        for message_id in pending:
+            node, size = sent[message_id]
+            site = self._names.get(node, f"node-{node}")
+            self.telemetry.events.emit("missing", round=round_, site=site, bytes_out=size)
 
 
 def _array_keys(message: Message) -> set[str]:
-    record = message.content.array_records.get(ARRAYS_KEY) if message.has_content() else None
+    record = record_of(message.content, ARRAYS_KEY, ArrayRecord) if message.has_content() else None
     return set(record.keys()) if isinstance(record, ArrayRecord) else set()

@@ -14,12 +14,12 @@ import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedseg.common.errors import ConfigError, IncompatibleModelError
-from fedseg.common.fl.packing import pack_arrays, unpacked
-from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, read_task
-from fedseg.common.fl.weights import decode_arrays, encode_arrays
+from fedseg.common.fl.packing import is_packed, pack_arrays, unpack_views, unpacked, wire_layout
+from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, read_task, record_of
+from fedseg.common.fl.weights import decode_arrays, decode_values, encode_arrays
 
 #: Set to ``0`` to send every tensor as its own array (the per-tensor form, for before/after measurements).
 PACK_ENV = "FEDSEG_PACK"
@@ -51,16 +51,42 @@ def encode_messages(messages: Iterable[Message], config: ConfigRecord) -> tuple[
     return out, task.transport
 
 
+def decoded_weights(
+    reply: Message, transport: Transport, reference: Mapping[str, np.ndarray]
+) -> tuple[str | None, dict[str, np.ndarray] | None]:
+    """A packed train reply's weights, per tensor in float32 (fp32 transport: read-only views of the message's own
+    bytes, no copy); returns (why that failed, None) or (None, the weights).
+
+    ``reference`` is the round's global model: the reply is cut along its layout in ``transport``. A reply that
+    is not packed (or has no weights) gives (None, None) after its per-tensor weights were decoded in place
+    (:func:`decode_reply`): validation reads them from the message.
+    """
+    record = record_of(reply.content, ARRAYS_KEY, ArrayRecord) if reply.has_content() else None
+    if record is None or not is_packed(record):
+        return decode_reply(reply, transport, reference), None
+    try:
+        views = unpack_views(record, wire_layout(reference, transport))
+    except IncompatibleModelError as err:
+        return str(err), None
+    except Exception as err:  # a corrupt payload is the sender's problem, never the round's
+        return f"its packed weights cannot be decoded ({type(err).__name__})", None
+    try:
+        return None, decode_values(views, transport)
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"its weights are not in the {transport} transport encoding ({err})", None
+
+
 def decode_reply(reply: Message, transport: Transport, reference: Mapping[str, np.ndarray]) -> str | None:
     """Put a train reply's weights back in per-tensor float32 in place; returns why that failed, or None.
 
     ``reference`` is the round's global model: a packed reply is cut along its layout in ``transport``.
     A reply without weights is left as it is (validation rejects it with its own reason).
     """
-    if not reply.has_content() or ARRAYS_KEY not in reply.content.array_records:
+    record = record_of(reply.content, ARRAYS_KEY, ArrayRecord) if reply.has_content() else None
+    if record is None:
         return None
     try:
-        arrays = unpacked(reply.content.array_records[ARRAYS_KEY], reference, transport)
+        arrays = unpacked(record, reference, transport)
     except IncompatibleModelError as err:
         return str(err)
     except Exception as err:  # a corrupt payload is the sender's problem, never the round's

@@ -15,9 +15,11 @@ from fedseg.common.errors import IncompatibleModelError
 from fedseg.common.fl.packing import (
     DIGEST_BYTES,
     PACKED_KEY,
+    array_view,
     is_packed,
     pack_arrays,
     unpack_arrays,
+    unpack_views,
     unpacked,
     wire_layout,
 )
@@ -122,3 +124,17 @@ def test_a_packed_record_is_three_flower_objects_however_many_tensors() -> None:
     record = _record(state)
     assert len(get_all_nested_objects(record)) == 1 + 10 + 10  # record, 10 arrays, one chunk each
     assert len(get_all_nested_objects(pack_arrays(record))) == 3
+
+
+def test_array_view_reads_a_flower_array_without_copying_it() -> None:
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    array = Array(values)
+    view = array_view(array)
+    np.testing.assert_array_equal(view, values)
+    assert view.dtype == values.dtype and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(array.data, np.uint8))
+    packed = pack_arrays(ArrayRecord({k: Array(v) for k, v in REFERENCE.items()}))
+    views = unpack_views(packed, wire_layout(REFERENCE, "fp32"))
+    for key, value in REFERENCE.items():
+        np.testing.assert_array_equal(views[key], value)
+        assert np.shares_memory(views[key], np.frombuffer(packed[PACKED_KEY].data, np.uint8))

@@ -10,18 +10,31 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from fedseg.common.runtime.events import EventTail, EventWriter
-from fedseg.server.run.telemetry import PULL_EVERY, ServerTelemetry, TelemetryGrid
+from fedseg.server.run.telemetry import PULL_BATCH, PULL_EVERY, ServerTelemetry, TelemetryGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-class ScriptedGrid:
-    """Answers pulls from a script: pull number -> replies that arrive then (by destination node)."""
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    def __init__(self, script: dict[int, list[Callable[[str], Message]]], nodes: list[int]) -> None:
-        self.script = script
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ScriptedGrid:
+    """Answers pulls from a script: (arrival time on ``clock``, node, reply maker); a reply is returned once it has
+    arrived and its message id is asked for."""
+
+    def __init__(self, script: list[tuple[float, int, Callable[[str], Message]]], nodes: list[int], clock: FakeClock):
+        self.script = list(script)
         self.nodes = nodes
-        self.pulls = 0
+        self.clock = clock
+        self.asked: list[int] = []  # ids asked for per pull
         self.ids: dict[int, str] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -35,19 +48,11 @@ class ScriptedGrid:
         return out
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        self.pulls += 1
-        return [make(self.ids) for make in self.script.get(self.pulls, [])]  # type: ignore[arg-type]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
+        wanted = set(message_ids)
+        self.asked.append(len(wanted))
+        due = [s for s in self.script if s[0] <= self.clock.now and self.ids[s[1]] in wanted]
+        self.script = [s for s in self.script if s not in due]
+        return [make(self.ids) for _, _, make in due]  # type: ignore[arg-type]
 
 
 def test_replies_are_reported_one_by_one_and_silent_sites_at_the_timeout(
@@ -63,10 +68,12 @@ def test_replies_are_reported_one_by_one_and_silent_sites_at_the_timeout(
 
         return make
 
-    # pull 2: site-a answers; pull 4: an error made by the SuperLink (its source is not the site) for node 2
-    inner = ScriptedGrid({2: [answer(1, site="site-a")], 4: [answer(2)]}, nodes=[1, 2, 3])
-    path = tmp_path / "events.jsonl"
+    # site-a answers after one pull interval; after three, an error made by the SuperLink (its source is not the
+    # site) for node 2
     clock = FakeClock()
+    script = [(0.9 * PULL_EVERY, 1, answer(1, site="site-a")), (2.9 * PULL_EVERY, 2, answer(2))]
+    inner = ScriptedGrid(script, nodes=[1, 2, 3], clock=clock)
+    path = tmp_path / "events.jsonl"
     telemetry = ServerTelemetry(EventWriter(path, clock=clock), first_round=1)
     grid = TelemetryGrid(inner, telemetry, min_sites=3, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
     assert grid.get_node_ids() == [1, 2, 3]
@@ -92,6 +99,7 @@ def test_replies_are_reported_one_by_one_and_silent_sites_at_the_timeout(
     assert events[0] == {"t": 0.0, "kind": "sites", "connected": 3, "needed": 3}
     assert [e["phase"] for e in events if e["kind"] == "phase"] == ["training", "aggregating"]
     assert clock.now == pytest.approx(10.0, abs=PULL_EVERY)  # pulled every PULL_EVERY seconds until the timeout
+    assert max(inner.asked) == PULL_BATCH  # a few replies at a time: memory stays flat with many sites
 
 
 def test_no_wait_for_a_round_after_the_last(tmp_path: Path) -> None:

@@ -1,0 +1,169 @@
+"""One round's train replies, screened as they arrive, without holding them.
+
+:meth:`RoundScreen.intake` takes each reply the moment it is pulled: it puts the weights back in per-tensor
+float32 (:func:`~fedseg.server.run.transport.decoded_weights`: for a packed reply, views of its own bytes), checks
+the content (:func:`~fedseg.server.run.replies.check_content`), measures the update norm, writes the weights the
+strategy aggregates to the round's :class:`~fedseg.server.run.spill.Spill` and keeps only what is small: the
+metrics, the BatchNorm running statistics and the output head's rows (for pooling and class-aware head averaging). The
+message's weights are dropped, so a round holds about one reply in memory whatever the number of sites.
+
+:meth:`RoundScreen.finish` then does what needs every reply: the identity checks (a name may not be claimed by
+another node that replied this round), the update-norm bound (relative to the round's median) and the direction
+check (the cosines from the spilled updates' Gram matrix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, policy_note, record_of
+from fedseg.common.runtime.memory import release_freed_memory
+from fedseg.server.config import StrategyConfig
+from fedseg.server.run.bn import is_bn_statistic
+from fedseg.server.run.headavg import head_keys
+from fedseg.server.run.replies import (
+    MIN_DIRECTION_REPLIES,
+    Accepted,
+    Rejected,
+    SiteRegistry,
+    check_content,
+    check_identity,
+    cosines_from_gram,
+    direction_outliers,
+    norm_outliers,
+    site_of,
+    update_norm,
+)
+from fedseg.server.run.spill import Spill
+from fedseg.server.run.transport import decoded_weights
+
+log = logging.getLogger(__name__)
+
+NDArray = np.ndarray
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A reply that passed every check: its small arrays and metrics, its spill row and its update norms (over every
+    floating-point array, and over the aggregated weights only: the one clipping bounds)."""
+
+    reply: Accepted
+    row: int
+    norm: float
+    weight_norm: float
+    cosine: float = math.nan
+
+
+@dataclass
+class Screened:
+    """What a round's screening leaves: the replies kept (in arrival order) and the ones rejected."""
+
+    kept: list[Kept] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+class RoundScreen:
+    """Screens one round's replies (module docstring) into ``spill``.
+
+    Args:
+        reference: the round's global weights.
+        weight_keys: the entries the strategy aggregates (spilled).
+        transport: the precision the weights travel in.
+        limits: ``max_examples``, the norm bounds and ``min_update_cosine``.
+        registry: the run's site names and declared cases.
+        spill: where the aggregated weights of each valid reply go.
+    """
+
+    def __init__(
+        self,
+        reference: Mapping[str, NDArray],
+        weight_keys: Sequence[str],
+        transport: Transport,
+        limits: StrategyConfig,
+        registry: SiteRegistry,
+        spill: Spill,
+    ) -> None:
+        self.reference = reference
+        self.weight_keys = list(weight_keys)
+        self.transport = transport
+        self.limits = limits
+        self.registry = registry
+        self.spill = spill
+        self.small_keys = {k for k in reference if is_bn_statistic(k)} | set(head_keys(set(reference)))
+        self.present: set[int] = set()
+        self.valid: list[Kept] = []
+        self.rejected: list[Rejected] = []
+
+    def intake(self, reply: Message) -> None:
+        """Check one reply's content, spill its weights and keep only its small parts."""
+        self.present.add(reply.metadata.src_node_id)
+        wire = record_of(reply.content, ARRAYS_KEY, ArrayRecord) if reply.has_content() else None
+        wire_bytes = wire.count_bytes() if wire is not None else 0
+        del wire
+        problem, weights = decoded_weights(reply, self.transport, self.reference)  # float32, before any check
+        checked = (
+            Rejected(reply.metadata.src_node_id, site_of(reply), problem)
+            if problem is not None
+            else check_content(reply, self.reference, self.limits.max_examples, weights)
+        )
+        del weights
+        if isinstance(checked, Rejected):
+            self.rejected.append(checked)
+            return
+        arrays = checked.arrays
+        norm = update_norm(arrays, self.reference)
+        weights_only = {k: self.reference[k] for k in self.weight_keys}
+        weight_norm = update_norm({k: arrays[k] for k in self.weight_keys}, weights_only)
+        row = self.spill.add(arrays)
+        small = {k: np.array(arrays[k]) for k in self.small_keys}  # copies: views would keep the whole reply
+        reply.content[ARRAYS_KEY] = ArrayRecord()  # the weights now live in the spill only
+        kept = dataclasses.replace(checked, arrays=small, bytes_in=wire_bytes or checked.bytes_in)
+        self.valid.append(Kept(kept, row, norm, weight_norm))
+        del checked, arrays
+        release_freed_memory()  # the reply's buffers: else the heap keeps them and grows with every site
+
+    def finish(self, server_round: int) -> Screened:
+        """The identity checks, the norm bound and the direction check over the round's valid replies."""
+        out = Screened(rejected=list(self.rejected))
+        named: list[Kept] = []
+        for kept in self.valid:
+            problem = check_identity(kept.reply, self.registry, self.present)
+            if problem is not None:
+                out.rejected.append(Rejected(kept.reply.node, kept.reply.site, problem))
+                continue
+            if note := policy_note(kept.reply.message.content):
+                log.warning("round %d: %s trained under its site policy: %s", server_round, kept.reply.site, note)
+            named.append(kept)
+        problems = norm_outliers([k.norm for k in named], self.limits.max_update_ratio, self.limits.max_update_norm)
+        bounded = [k for k, p in zip(named, problems, strict=True) if p is None]
+        out.rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(named, problems, strict=True) if p]
+        out.kept = self._directions(server_round, bounded, out.rejected)
+        for r in out.rejected:
+            log.warning("round %d: rejected the reply of %s (node %d): %s", server_round, r.site, r.node, r.reason)
+        return out
+
+    def _directions(self, server_round: int, bounded: list[Kept], rejected: list[Rejected]) -> list[Kept]:
+        """The direction check (``min_update_cosine``) over the replies within the norm bound; appends to
+        ``rejected`` and returns the replies kept, with their cosines."""
+        if len(bounded) < MIN_DIRECTION_REPLIES:
+            if self.limits.min_update_cosine > -1:
+                log.info(
+                    "round %d: direction check skipped: %d replies within the norm bound (needs %d)",
+                    server_round,
+                    len(bounded),
+                    MIN_DIRECTION_REPLIES,
+                )
+            return bounded
+        cosines = cosines_from_gram(self.spill.gram([k.row for k in bounded]))
+        problems = direction_outliers(cosines, self.limits.min_update_cosine)
+        rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(bounded, problems, strict=True) if p]
+        return [
+            dataclasses.replace(k, cosine=c) for k, c, p in zip(bounded, cosines, problems, strict=True) if p is None
+        ]
