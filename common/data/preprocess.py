@@ -19,7 +19,13 @@ Pipeline of :func:`preprocess_case` (all resampling by SimpleITK, in physical sp
    for fat, organs and contrast vessels; bone and air saturate), then z-score to N(0, 1) as in the paper. With
    ``normalization="volume"`` (default, the paper's per-volume z-score) the mean and standard deviation are taken
    over the whole prepared volume; with ``"body"`` over voxels above ``body_threshold_hu`` (-500 HU) only, which
-   makes the statistics independent of the field of view.
+   makes the statistics independent of the field of view; with ``"site"`` over the body voxels of all of a
+   site's cases pooled (one mean and sd per site, like nnU-Net's dataset statistics but per site, so a site's
+   scanner calibration is removed while differences between its patients remain). :func:`preprocess_case` alone
+   sees one volume, so under ``"site"`` it z-scores with that volume's body statistics and records them in
+   :attr:`PreparedCase.intensity`; :func:`site_normalised` then pools the records of a site's cases and maps every
+   case onto the pooled statistics (:func:`~fedseg.common.data.sitecache.prepare_site` does this for each dataset
+   folder, so every folder is one site).
 
 :func:`restore_to_source` maps a label or probability map on the prepared grid back onto the source grid with
 one physical-space resampling (nearest for labels, linear for probabilities); the result has exactly the source
@@ -30,6 +36,8 @@ dataset folder with a disk cache.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,7 +62,12 @@ class PreprocessConfig(BaseModel):
     target_spacing: tuple[float, float, float] = Field(default=(2.0, 2.0, 2.0), description="(z, y, x) mm")
     orientation: str = Field(default="LPS", description="ITK DICOMOrient code of the prepared axes (x, y, z)")
     hu_window: tuple[float, float] = Field(default=(-200.0, 300.0), description="clip range in HU before z-score")
-    normalization: Literal["volume", "body"] = "volume"
+    normalization: Literal["volume", "body", "site"] = Field(
+        default="volume",
+        description="z-score statistics of the clipped HU: 'volume' (each volume's own), 'body' (each volume's "
+        "voxels above body_threshold_hu) or 'site' (body voxels of all of a site's cases pooled, computed where "
+        "the site prepares its data and never sent; a single volume predicted alone uses its own body statistics)",
+    )
     body_threshold_hu: float = -500.0
     interpolation: Literal["linear", "bspline"] = "linear"
     antialias: bool = True
@@ -123,6 +136,34 @@ class SourceGeometry:
     prepared: Grid
 
 
+@dataclass(frozen=True)
+class IntensityStats:
+    """Mean and standard deviation (HU, population sd) of clipped intensities over ``voxels`` voxels."""
+
+    mean: float
+    std: float
+    voxels: int
+
+    @property
+    def scale(self) -> float:
+        """The divisor of the z-score (``std``, kept away from 0 so a constant image maps to zeros)."""
+        return max(self.std, 1e-6)
+
+    @classmethod
+    def pooled(cls, parts: Sequence[IntensityStats]) -> IntensityStats:
+        """The statistics of the union of the parts' voxels (law of total variance, weights = voxel counts).
+
+        Raises:
+            ValueError: no part, or no voxel at all.
+        """
+        total = sum(p.voxels for p in parts)
+        if total == 0:
+            raise ValueError("cannot pool intensity statistics over no voxels")
+        mean = sum(p.voxels * p.mean for p in parts) / total
+        var = sum(p.voxels * (p.std**2 + (p.mean - mean) ** 2) for p in parts) / total
+        return cls(mean=mean, std=math.sqrt(var), voxels=total)
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedCase:
     """One case ready for training or inference.
@@ -133,6 +174,7 @@ class PreparedCase:
         label: global class indices, uint8 ``(Z, Y, X)``, or None for unlabelled cases.
         annotated: one flag per global class (background first): is the class annotated for this case.
         source: source and prepared grids, for :func:`restore_to_source`.
+        intensity: the statistics ``image`` was z-scored with (None in caches written before they were kept).
     """
 
     case_id: str
@@ -140,6 +182,7 @@ class PreparedCase:
     label: np.ndarray | None
     annotated: tuple[bool, ...]
     source: SourceGeometry
+    intensity: IntensityStats | None = None
 
 
 def preprocess_case(
@@ -181,12 +224,14 @@ def preprocess_case(
             raise DataError(f"case {case_id}: {err}") from None
         oriented_label = sitk.DICOMOrient(grid.image(global_label), cfg.orientation)
         prepared_label = sitk.GetArrayFromImage(_resample(oriented_label, target, sitk.sitkNearestNeighbor))
+    stats = region_statistics(hu, cfg)
     return PreparedCase(
         case_id=case_id,
-        image=normalise(hu, cfg),
+        image=normalise(hu, cfg, stats),
         label=prepared_label,
         annotated=manifest.annotated_mask(),
         source=SourceGeometry(grid=grid, prepared=target),
+        intensity=stats,
     )
 
 
@@ -203,19 +248,56 @@ def target_grid(grid: Grid, spacing: tuple[float, float, float]) -> Grid:
     return Grid((z, y, x), (float(spacing[0]), float(spacing[1]), float(spacing[2])), (ox, oy, oz), grid.direction)
 
 
-def normalise(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Clip HU to ``cfg.hu_window`` and z-score (over the volume or the body, per ``cfg.normalization``).
+def region_statistics(hu: np.ndarray, cfg: PreprocessConfig) -> IntensityStats:
+    """Statistics of the clipped ``hu`` over the region ``cfg.normalization`` z-scores with.
+
+    The whole volume for ``"volume"``; the voxels above ``cfg.body_threshold_hu`` for ``"body"`` and ``"site"``
+    (the whole volume when fewer than 2 are).
+    """
+    clipped = np.clip(hu, *cfg.hu_window).astype(np.float32)
+    region = clipped[hu > cfg.body_threshold_hu] if cfg.normalization != "volume" else clipped
+    if region.size < 2:
+        region = clipped
+    return IntensityStats(float(region.mean(dtype=np.float64)), float(region.std(dtype=np.float64)), region.size)
+
+
+def normalise(hu: np.ndarray, cfg: PreprocessConfig, stats: IntensityStats | None = None) -> np.ndarray:
+    """Clip HU to ``cfg.hu_window`` and z-score with ``stats`` (default: :func:`region_statistics` of ``hu``).
 
     Returns:
         float32 array of ``hu``'s shape; all zeros for a constant image.
     """
+    stats = stats if stats is not None else region_statistics(hu, cfg)
     clipped = np.clip(hu, *cfg.hu_window).astype(np.float32)
-    region = clipped[hu > cfg.body_threshold_hu] if cfg.normalization == "body" else clipped
-    if region.size < 2:
-        region = clipped
-    mean, std = float(region.mean()), float(region.std())
-    result: np.ndarray = (clipped - np.float32(mean)) / np.float32(max(std, 1e-6))
+    result: np.ndarray = (clipped - np.float32(stats.mean)) / np.float32(stats.scale)
     return result
+
+
+def site_normalised(cases: Sequence[PreparedCase], cfg: PreprocessConfig) -> list[PreparedCase]:
+    """Under ``normalization="site"``, ``cases`` z-scored with their pooled statistics; otherwise ``cases``.
+
+    Every case must carry the statistics it was z-scored with (:func:`preprocess_case` records them); the image
+    is mapped affinely from those onto the pooled ones, which equals z-scoring the clipped HU with the pooled
+    mean and sd.
+
+    Raises:
+        ValueError: a case without recorded statistics.
+    """
+    if cfg.normalization != "site" or not cases:
+        return list(cases)
+    own = [c.intensity for c in cases]
+    missing = [c.case_id for c, stats in zip(cases, own, strict=True) if stats is None]
+    if missing:
+        raise ValueError(f"cases {missing} carry no intensity statistics to pool; prepare them again")
+    parts = [stats for stats in own if stats is not None]
+    pooled = IntensityStats.pooled(parts)
+    out = []
+    for case, stats in zip(cases, parts, strict=True):
+        gain = np.float32(stats.scale / pooled.scale)
+        shift = np.float32((stats.mean - pooled.mean) / pooled.scale)
+        image = (case.image * gain + shift).astype(np.float32)
+        out.append(PreparedCase(case.case_id, image, case.label, case.annotated, case.source, pooled))
+    return out
 
 
 def restore_to_source(array: np.ndarray, case: PreparedCase, is_label: bool) -> Volume:
