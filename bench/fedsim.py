@@ -58,7 +58,7 @@ def make_case(
     """Render phantom ``case`` as site ``site`` scans it (0 = the neutral scanner), keeping the ``annotated`` organs.
 
     ``preprocess`` defaults to :class:`PreprocessConfig`'s defaults; under ``normalization="site"`` pass a site's
-    cases through :func:`~fedseg.common.data.preprocess.site_normalised` as the site cache does.
+    cases through :func:`~fedseg.common.data.sitecache.site_normalised` as the site cache does.
 
     ``seed`` draws both the anatomy and the site's acquisition (spacing, field of view, HU calibration, noise,
     blur, orientation), so another seed means other patients at other hospitals.

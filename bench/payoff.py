@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from fedsim import ORGAN_NAMES, Curve, Recipe, federate, make_case, organ_dice, train_single
 
-from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig, site_normalised
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sitecache import site_normalised
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.nn.model import ModelConfig, build_model
 

@@ -23,9 +23,10 @@ Pipeline of :func:`preprocess_case` (all resampling by SimpleITK, in physical sp
    site's cases pooled (one mean and sd per site, like nnU-Net's dataset statistics but per site, so a site's
    scanner calibration is removed while differences between its patients remain). :func:`preprocess_case` alone
    sees one volume, so under ``"site"`` it z-scores with that volume's body statistics and records them in
-   :attr:`PreparedCase.intensity`; :func:`site_normalised` then pools the records of a site's cases and maps every
-   case onto the pooled statistics (:func:`~fedseg.common.data.sitecache.prepare_site` does this for each dataset
-   folder, so every folder is one site).
+   :attr:`PreparedCase.intensity`; :func:`~fedseg.common.data.sitecache.site_normalised` then pools the records
+   of a site's cases and maps every case onto the pooled statistics
+   (:func:`~fedseg.common.data.sitecache.prepare_site` does this for each dataset folder, so every folder is one
+   site).
 
 :func:`restore_to_source` maps a label or probability map on the prepared grid back onto the source grid with
 one physical-space resampling (nearest for labels, linear for probabilities); the result has exactly the source
@@ -36,8 +37,6 @@ dataset folder with a disk cache.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import LabelManifest
 from fedseg.common.errors import DataError
@@ -134,34 +134,6 @@ class SourceGeometry:
 
     grid: Grid
     prepared: Grid
-
-
-@dataclass(frozen=True)
-class IntensityStats:
-    """Mean and standard deviation (HU, population sd) of clipped intensities over ``voxels`` voxels."""
-
-    mean: float
-    std: float
-    voxels: int
-
-    @property
-    def scale(self) -> float:
-        """The divisor of the z-score (``std``, kept away from 0 so a constant image maps to zeros)."""
-        return max(self.std, 1e-6)
-
-    @classmethod
-    def pooled(cls, parts: Sequence[IntensityStats]) -> IntensityStats:
-        """The statistics of the union of the parts' voxels (law of total variance, weights = voxel counts).
-
-        Raises:
-            ValueError: no part, or no voxel at all.
-        """
-        total = sum(p.voxels for p in parts)
-        if total == 0:
-            raise ValueError("cannot pool intensity statistics over no voxels")
-        mean = sum(p.voxels * p.mean for p in parts) / total
-        var = sum(p.voxels * (p.std**2 + (p.mean - mean) ** 2) for p in parts) / total
-        return cls(mean=mean, std=math.sqrt(var), voxels=total)
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,33 +243,6 @@ def normalise(hu: np.ndarray, cfg: PreprocessConfig, stats: IntensityStats | Non
     clipped = np.clip(hu, *cfg.hu_window).astype(np.float32)
     result: np.ndarray = (clipped - np.float32(stats.mean)) / np.float32(stats.scale)
     return result
-
-
-def site_normalised(cases: Sequence[PreparedCase], cfg: PreprocessConfig) -> list[PreparedCase]:
-    """Under ``normalization="site"``, ``cases`` z-scored with their pooled statistics; otherwise ``cases``.
-
-    Every case must carry the statistics it was z-scored with (:func:`preprocess_case` records them); the image
-    is mapped affinely from those onto the pooled ones, which equals z-scoring the clipped HU with the pooled
-    mean and sd.
-
-    Raises:
-        ValueError: a case without recorded statistics.
-    """
-    if cfg.normalization != "site" or not cases:
-        return list(cases)
-    own = [c.intensity for c in cases]
-    missing = [c.case_id for c, stats in zip(cases, own, strict=True) if stats is None]
-    if missing:
-        raise ValueError(f"cases {missing} carry no intensity statistics to pool; prepare them again")
-    parts = [stats for stats in own if stats is not None]
-    pooled = IntensityStats.pooled(parts)
-    out = []
-    for case, stats in zip(cases, parts, strict=True):
-        gain = np.float32(stats.scale / pooled.scale)
-        shift = np.float32((stats.mean - pooled.mean) / pooled.scale)
-        image = (case.image * gain + shift).astype(np.float32)
-        out.append(PreparedCase(case.case_id, image, case.label, case.annotated, case.source, pooled))
-    return out
 
 
 def restore_to_source(array: np.ndarray, case: PreparedCase, is_label: bool) -> Volume:

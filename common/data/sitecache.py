@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,11 @@ import numpy as np
 from rich.progress import Progress
 
 from fedseg.common.console import console
+from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import read_volume
 from fedseg.common.data.layouts import CaseFiles, discover_cases
 from fedseg.common.data.manifest import LabelManifest
-from fedseg.common.data.preprocess import (
-    Grid,
-    IntensityStats,
-    PreparedCase,
-    PreprocessConfig,
-    SourceGeometry,
-    preprocess_case,
-    site_normalised,
-)
+from fedseg.common.data.preprocess import Grid, PreparedCase, PreprocessConfig, SourceGeometry, preprocess_case
 from fedseg.common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -55,7 +49,7 @@ def prepare_site(
 
     Under ``cfg.normalization == "site"`` the folder is one site: each entry keeps its case z-scored with its own
     body statistics and those statistics (voxel count, mean, sd), and the returned cases are z-scored with the
-    statistics pooled over every case of the folder (:func:`~fedseg.common.data.preprocess.site_normalised`),
+    statistics pooled over every case of the folder (:func:`site_normalised`),
     labelled or not. Nothing but this function's caller sees them.
 
     Args:
@@ -97,6 +91,33 @@ def prepare_site(
             root, stats.mean, stats.std, stats.voxels, len(prepared),
         )  # fmt: skip
     return prepared
+
+
+def site_normalised(cases: Sequence[PreparedCase], cfg: PreprocessConfig) -> list[PreparedCase]:
+    """Under ``normalization="site"``, ``cases`` z-scored with their pooled statistics; otherwise ``cases``.
+
+    Every case must carry the statistics it was z-scored with (``preprocess_case`` records them); the image is
+    mapped affinely from those onto the pooled ones, which equals z-scoring the clipped HU with the pooled mean
+    and sd.
+
+    Raises:
+        ValueError: a case without recorded statistics.
+    """
+    if cfg.normalization != "site" or not cases:
+        return list(cases)
+    own = [c.intensity for c in cases]
+    missing = [c.case_id for c, stats in zip(cases, own, strict=True) if stats is None]
+    if missing:
+        raise ValueError(f"cases {missing} carry no intensity statistics to pool; prepare them again")
+    parts = [stats for stats in own if stats is not None]
+    pooled = IntensityStats.pooled(parts)
+    out = []
+    for case, stats in zip(cases, parts, strict=True):
+        gain = np.float32(stats.scale / pooled.scale)
+        shift = np.float32((stats.mean - pooled.mean) / pooled.scale)
+        image = (case.image * gain + shift).astype(np.float32)
+        out.append(PreparedCase(case.case_id, image, case.label, case.annotated, case.source, pooled))
+    return out
 
 
 def case_fingerprint(files: CaseFiles, manifest: LabelManifest, cfg: PreprocessConfig) -> str:

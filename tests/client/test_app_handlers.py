@@ -15,7 +15,8 @@ from fedseg.client import training as client_training
 from fedseg.client.app import train
 from fedseg.client.site import SiteConfig, load_training_cases, site_from_node_config, write_node_config
 from fedseg.client.training import DeadlineExceeded, deadline, train_locally
-from fedseg.common.data.preprocess import IntensityStats, PreparedCase, PreprocessConfig
+from fedseg.common.data.intensity import IntensityStats
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.fl.offline import to_site

@@ -10,18 +10,11 @@ import pytest
 
 from fedseg.common.cli.train import load_cases
 from fedseg.common.data import sitecache
+from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import Volume, write_volume
 from fedseg.common.data.manifest import LabelManifest
-from fedseg.common.data.preprocess import (
-    IntensityStats,
-    PreparedCase,
-    PreprocessConfig,
-    normalise,
-    preprocess_case,
-    region_statistics,
-    site_normalised,
-)
-from fedseg.common.data.sitecache import prepare_site
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig, normalise, preprocess_case, region_statistics
+from fedseg.common.data.sitecache import prepare_site, site_normalised
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash
 from fedseg.common.engine.inference import predict_volume
 from fedseg.common.nn.model import ModelConfig, build_model
