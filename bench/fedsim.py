@@ -51,8 +51,14 @@ Curve = list[tuple[int, dict[str, float]]]
 Aggregate = Callable[[Sequence[State], Sequence[Sequence[PreparedCase]], State], State]
 
 
-def make_case(size: int, site: int, case: int, seed: int, annotated: Sequence[str] = ORGAN_NAMES) -> PreparedCase:
+def make_case(
+    size: int, site: int, case: int, seed: int, annotated: Sequence[str] = ORGAN_NAMES,
+    preprocess: PreprocessConfig | None = None,
+) -> PreparedCase:  # fmt: skip
     """Render phantom ``case`` as site ``site`` scans it (0 = the neutral scanner), keeping the ``annotated`` organs.
+
+    ``preprocess`` defaults to :class:`PreprocessConfig`'s defaults; under ``normalization="site"`` pass a site's
+    cases through :func:`~fedseg.common.data.sitecache.site_normalised` as the site cache does.
 
     ``seed`` draws both the anatomy and the site's acquisition (spacing, field of view, HU calibration, noise,
     blur, orientation), so another seed means other patients at other hospitals.
@@ -67,7 +73,7 @@ def make_case(size: int, site: int, case: int, seed: int, annotated: Sequence[st
     manifest = LabelManifest(
         labels={GLOBAL_CLASSES.index(n): n for n in ORGAN_NAMES}, annotated=[n for n in ORGAN_NAMES if n in annotated]
     )
-    return preprocess_case(image, label, manifest, PreprocessConfig(), case_id=f"s{site}_{case}")
+    return preprocess_case(image, label, manifest, preprocess or PreprocessConfig(), case_id=f"s{site}_{case}")
 
 
 def organ_dice(model: nn.Module, val: Sequence[PreparedCase], patch: tuple[int, int, int]) -> dict[str, float]:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from fedsim import ORGAN_NAMES, Curve, Recipe, federate, make_case, organ_dice, train_single
 
-from fedseg.common.data.preprocess import PreparedCase
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
+from fedseg.common.data.sitecache import site_normalised
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.nn.model import ModelConfig, build_model
 
@@ -57,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-optimizer", action="store_true", help="recipe: site Adam state across rounds")
     parser.add_argument("--prox-mu", type=float, default=0.0, help="recipe: FedProx mu")
     parser.add_argument("--bn", choices=("pooled", "local"), default="pooled", help="recipe: local = FedBN")
+    parser.add_argument("--normalization", choices=("volume", "body", "site"), default="volume",
+                        help="z-score statistics: per volume, per body, or pooled per site")  # fmt: skip
     parser.add_argument("--ce-weight", type=float, default=1.0, help="loss: Dice + this x cross-entropy (0: Dice only)")
     parser.add_argument("--baseline-schedule", choices=("constant", "poly"), default=None,
                         help="centralised/alone lr schedule (default: the recipe's)")  # fmt: skip
@@ -74,8 +77,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
     """Every requested setting at one seed; returns setting (or ``alone:site-k``) -> Dice per organ."""
     t0 = time.perf_counter()
     names = [f"site-{i}" for i in range(1, args.sites + 1)]
-    sites = {n: [make_case(args.size, i, c, seed) for c in range(args.cases)] for i, n in enumerate(names, start=1)}
-    val = [make_case(args.size, 0, c, seed) for c in range(args.val_cases)]
+    pre = PreprocessConfig(normalization=args.normalization)
+    sites = {
+        n: site_normalised([make_case(args.size, i, c, seed, preprocess=pre) for c in range(args.cases)], pre)
+        for i, n in enumerate(names, start=1)
+    }
+    val = site_normalised([make_case(args.size, 0, c, seed, preprocess=pre) for c in range(args.val_cases)], pre)
     patch = (args.size,) * 3
     print(f"seed {seed}: {args.sites} sites x {args.cases} cases, {args.val_cases} validation cases "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip

@@ -19,7 +19,14 @@ Pipeline of :func:`preprocess_case` (all resampling by SimpleITK, in physical sp
    for fat, organs and contrast vessels; bone and air saturate), then z-score to N(0, 1) as in the paper. With
    ``normalization="volume"`` (default, the paper's per-volume z-score) the mean and standard deviation are taken
    over the whole prepared volume; with ``"body"`` over voxels above ``body_threshold_hu`` (-500 HU) only, which
-   makes the statistics independent of the field of view.
+   makes the statistics independent of the field of view; with ``"site"`` over the body voxels of all of a
+   site's cases pooled (one mean and sd per site, like nnU-Net's dataset statistics but per site, so a site's
+   scanner calibration is removed while differences between its patients remain). :func:`preprocess_case` alone
+   sees one volume, so under ``"site"`` it z-scores with that volume's body statistics and records them in
+   :attr:`PreparedCase.intensity`; :func:`~fedseg.common.data.sitecache.site_normalised` then pools the records
+   of a site's cases and maps every case onto the pooled statistics
+   (:func:`~fedseg.common.data.sitecache.prepare_site` does this for each dataset folder, so every folder is one
+   site).
 
 :func:`restore_to_source` maps a label or probability map on the prepared grid back onto the source grid with
 one physical-space resampling (nearest for labels, linear for probabilities); the result has exactly the source
@@ -37,6 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import LabelManifest
 from fedseg.common.errors import DataError
@@ -54,7 +62,12 @@ class PreprocessConfig(BaseModel):
     target_spacing: tuple[float, float, float] = Field(default=(2.0, 2.0, 2.0), description="(z, y, x) mm")
     orientation: str = Field(default="LPS", description="ITK DICOMOrient code of the prepared axes (x, y, z)")
     hu_window: tuple[float, float] = Field(default=(-200.0, 300.0), description="clip range in HU before z-score")
-    normalization: Literal["volume", "body"] = "volume"
+    normalization: Literal["volume", "body", "site"] = Field(
+        default="volume",
+        description="z-score statistics of the clipped HU: 'volume' (each volume's own), 'body' (each volume's "
+        "voxels above body_threshold_hu) or 'site' (body voxels of all of a site's cases pooled, computed where "
+        "the site prepares its data and never sent; a single volume predicted alone uses its own body statistics)",
+    )
     body_threshold_hu: float = -500.0
     interpolation: Literal["linear", "bspline"] = "linear"
     antialias: bool = True
@@ -133,6 +146,7 @@ class PreparedCase:
         label: global class indices, uint8 ``(Z, Y, X)``, or None for unlabelled cases.
         annotated: one flag per global class (background first): is the class annotated for this case.
         source: source and prepared grids, for :func:`restore_to_source`.
+        intensity: the statistics ``image`` was z-scored with (None in caches written before they were kept).
     """
 
     case_id: str
@@ -140,6 +154,7 @@ class PreparedCase:
     label: np.ndarray | None
     annotated: tuple[bool, ...]
     source: SourceGeometry
+    intensity: IntensityStats | None = None
 
 
 def preprocess_case(
@@ -181,12 +196,14 @@ def preprocess_case(
             raise DataError(f"case {case_id}: {err}") from None
         oriented_label = sitk.DICOMOrient(grid.image(global_label), cfg.orientation)
         prepared_label = sitk.GetArrayFromImage(_resample(oriented_label, target, sitk.sitkNearestNeighbor))
+    stats = region_statistics(hu, cfg)
     return PreparedCase(
         case_id=case_id,
-        image=normalise(hu, cfg),
+        image=normalise(hu, cfg, stats),
         label=prepared_label,
         annotated=manifest.annotated_mask(),
         source=SourceGeometry(grid=grid, prepared=target),
+        intensity=stats,
     )
 
 
@@ -203,18 +220,28 @@ def target_grid(grid: Grid, spacing: tuple[float, float, float]) -> Grid:
     return Grid((z, y, x), (float(spacing[0]), float(spacing[1]), float(spacing[2])), (ox, oy, oz), grid.direction)
 
 
-def normalise(hu: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Clip HU to ``cfg.hu_window`` and z-score (over the volume or the body, per ``cfg.normalization``).
+def region_statistics(hu: np.ndarray, cfg: PreprocessConfig) -> IntensityStats:
+    """Statistics of the clipped ``hu`` over the region ``cfg.normalization`` z-scores with.
+
+    The whole volume for ``"volume"``; the voxels above ``cfg.body_threshold_hu`` for ``"body"`` and ``"site"``
+    (the whole volume when fewer than 2 are).
+    """
+    clipped = np.clip(hu, *cfg.hu_window).astype(np.float32)
+    region = clipped[hu > cfg.body_threshold_hu] if cfg.normalization != "volume" else clipped
+    if region.size < 2:
+        region = clipped
+    return IntensityStats(float(region.mean(dtype=np.float64)), float(region.std(dtype=np.float64)), region.size)
+
+
+def normalise(hu: np.ndarray, cfg: PreprocessConfig, stats: IntensityStats | None = None) -> np.ndarray:
+    """Clip HU to ``cfg.hu_window`` and z-score with ``stats`` (default: :func:`region_statistics` of ``hu``).
 
     Returns:
         float32 array of ``hu``'s shape; all zeros for a constant image.
     """
+    stats = stats if stats is not None else region_statistics(hu, cfg)
     clipped = np.clip(hu, *cfg.hu_window).astype(np.float32)
-    region = clipped[hu > cfg.body_threshold_hu] if cfg.normalization == "body" else clipped
-    if region.size < 2:
-        region = clipped
-    mean, std = float(region.mean()), float(region.std())
-    result: np.ndarray = (clipped - np.float32(mean)) / np.float32(max(std, 1e-6))
+    result: np.ndarray = (clipped - np.float32(stats.mean)) / np.float32(stats.scale)
     return result
 
 

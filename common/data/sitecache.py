@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from rich.progress import Progress
 
 from fedseg.common.console import console
+from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import read_volume
 from fedseg.common.data.layouts import CaseFiles, discover_cases
 from fedseg.common.data.manifest import LabelManifest
@@ -44,6 +46,11 @@ def prepare_site(
     ``cfg`` and :data:`CACHE_VERSION`, so editing a file or a setting re-preprocesses only what changed; a
     second run loads everything from the cache. Old entries are never deleted (delete the folder to reclaim
     space); unreadable entries are recomputed.
+
+    Under ``cfg.normalization == "site"`` the folder is one site: each entry keeps its case z-scored with its own
+    body statistics and those statistics (voxel count, mean, sd), and the returned cases are z-scored with the
+    statistics pooled over every case of the folder (:func:`site_normalised`),
+    labelled or not. Nothing but this function's caller sees them.
 
     Args:
         root: dataset folder in any layout :func:`~fedseg.common.data.layouts.discover_cases` accepts.
@@ -76,7 +83,41 @@ def prepare_site(
             prepared.append(case)
             progress.advance(task)
     log.info("prepared %d cases of %s (%d from cache)", len(prepared), root, hits)
+    prepared = site_normalised(prepared, cfg)
+    if cfg.normalization == "site" and prepared and prepared[0].intensity is not None:
+        stats = prepared[0].intensity
+        log.info(
+            "site intensity statistics of %s: mean %.1f HU, sd %.1f HU over %d body voxels of %d cases",
+            root, stats.mean, stats.std, stats.voxels, len(prepared),
+        )  # fmt: skip
     return prepared
+
+
+def site_normalised(cases: Sequence[PreparedCase], cfg: PreprocessConfig) -> list[PreparedCase]:
+    """Under ``normalization="site"``, ``cases`` z-scored with their pooled statistics; otherwise ``cases``.
+
+    Every case must carry the statistics it was z-scored with (``preprocess_case`` records them); the image is
+    mapped affinely from those onto the pooled ones, which equals z-scoring the clipped HU with the pooled mean
+    and sd.
+
+    Raises:
+        ValueError: a case without recorded statistics.
+    """
+    if cfg.normalization != "site" or not cases:
+        return list(cases)
+    own = [c.intensity for c in cases]
+    missing = [c.case_id for c, stats in zip(cases, own, strict=True) if stats is None]
+    if missing:
+        raise ValueError(f"cases {missing} carry no intensity statistics to pool; prepare them again")
+    parts = [stats for stats in own if stats is not None]
+    pooled = IntensityStats.pooled(parts)
+    out = []
+    for case, stats in zip(cases, parts, strict=True):
+        gain = np.float32(stats.scale / pooled.scale)
+        shift = np.float32((stats.mean - pooled.mean) / pooled.scale)
+        image = (case.image * gain + shift).astype(np.float32)
+        out.append(PreparedCase(case.case_id, image, case.label, case.annotated, case.source, pooled))
+    return out
 
 
 def case_fingerprint(files: CaseFiles, manifest: LabelManifest, cfg: PreprocessConfig) -> str:
@@ -108,10 +149,11 @@ def _prepare_files(files: CaseFiles, manifest: LabelManifest, cfg: PreprocessCon
 
 def _save_cached(case: PreparedCase, path: Path) -> None:
     """Write ``case`` atomically (temporary file, then rename) so an interrupted run leaves no broken entry."""
+    stats = asdict(case.intensity) if case.intensity is not None else None
     arrays: dict[str, Any] = {  # Any: np.savez's **kwds would otherwise clash with its allow_pickle flag
         "image": case.image,
         "annotated": np.asarray(case.annotated, bool),
-        "meta": np.asarray(json.dumps({"case_id": case.case_id, "source": asdict(case.source)})),
+        "meta": np.asarray(json.dumps({"case_id": case.case_id, "source": asdict(case.source), "intensity": stats})),
     }
     if case.label is not None:
         arrays["label"] = case.label
@@ -135,7 +177,8 @@ def _load_cached(path: Path) -> PreparedCase | None:
             label = data["label"] if "label" in data.files else None
             image, annotated = data["image"], tuple(bool(v) for v in data["annotated"])
         grids = {key: Grid(**{k: tuple(v) for k, v in value.items()}) for key, value in meta["source"].items()}
-        return PreparedCase(meta["case_id"], image, label, annotated, SourceGeometry(**grids))
+        stats = IntensityStats(**meta["intensity"]) if meta.get("intensity") is not None else None
+        return PreparedCase(meta["case_id"], image, label, annotated, SourceGeometry(**grids), stats)
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
         log.warning("cache entry %s is unreadable (%s); preprocessing the case again", path, err)
         return None

@@ -223,7 +223,12 @@ def predict_volume(
 
     Returns:
         The :class:`VolumePrediction` on ``volume``'s grid.
+
+    Under ``normalization = "site"`` one volume has no site to pool with: it is z-scored with its own body
+    statistics (one log line says so), which is what a site whose cases share one scanner calibration gives.
     """
+    if meta.preprocess.normalization == "site":
+        log.info("normalization 'site': one volume alone is z-scored with its own body statistics")
     case = preprocess_case(volume, None, default_manifest(), meta.preprocess)
     pred = sliding_window_predict(
         model, case.image, meta.patch_size, device, overlap=overlap, attention=attention, tta=tta

@@ -15,12 +15,22 @@ from fedseg.client import training as client_training
 from fedseg.client.app import train
 from fedseg.client.site import SiteConfig, load_training_cases, site_from_node_config, write_node_config
 from fedseg.client.training import DeadlineExceeded, deadline, train_locally
-from fedseg.common.data.preprocess import PreprocessConfig
+from fedseg.common.data.intensity import IntensityStats
+from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError, DataError
 from fedseg.common.fl.offline import to_site
 from fedseg.common.fl.packing import is_packed, pack_arrays, unpacked
-from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, TrainTask, task_config
+from fedseg.common.fl.protocol import (
+    ANNOTATED_KEY,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    POLICY_KEY,
+    SITE_KEY,
+    TrainTask,
+    task_config,
+)
 from fedseg.common.fl.weights import arrays_from_model
 from fedseg.common.nn.model import ModelConfig, build_model
 
@@ -104,16 +114,22 @@ def test_train_handler_replies_with_weights_metrics_and_site_name(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[TrainConfig] = []
+    stats: list[IntensityStats | None] = []
     real_train_model = client_training.train_model
 
-    def spy(model: torch.nn.Module, cases: object, cfg: TrainConfig, *args: object, **kwargs: object) -> object:
+    def spy(
+        model: torch.nn.Module, cases: list[PreparedCase], cfg: TrainConfig, *args: object, **kwargs: object
+    ) -> object:
         seen.append(cfg)
+        stats.extend(case.intensity for case in cases)
         return real_train_model(model, cases, cfg, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(client_training, "train_model", spy)
     site = _site(phantom_root, tmp_path)
     node_config = parse_config_args([str(write_node_config(site, tmp_path / "node.toml"))])
-    config = task_config(TASK.model_copy(update={"packed": True}))  # what our server sends
+    # what our server sends; per-site intensity statistics are pooled at the site and never leave it
+    site_stats = PreprocessConfig(normalization="site")
+    config = task_config(TASK.model_copy(update={"packed": True, "preprocess": site_stats}))
     config["server-round"] = 3
     config["proximal-mu"] = 0.1
     arrays = arrays_from_model(build_model(TINY))
@@ -132,4 +148,7 @@ def test_train_handler_replies_with_weights_metrics_and_site_name(
     assert seen[0].steps == TASK.train.steps
     assert reply.content[SITE_KEY]["name"] == "site-1"
     assert reply.metadata.dst_node_id == 0
+    assert len(stats) == 2 and stats[0] == stats[1] and stats[0] is not None  # both cases share the site's stats
+    assert set(reply.content) == {ARRAYS_KEY, METRICS_KEY, SITE_KEY}
+    assert set(reply.content[SITE_KEY]) <= {"name", ANNOTATED_KEY, POLICY_KEY}
     assert "site site-1 round 3: replying" in (tmp_path / "logs" / "clientapp.log").read_text()

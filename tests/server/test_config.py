@@ -61,6 +61,10 @@ def test_relative_validation_path_is_resolved_against_the_file(tmp_path: Path) -
             "validation.device: Value error, must be cpu, cuda, cuda:N or auto, got 'tpu'",
         ),
         ("[validation]\ndata = 'nowhere'\n", "server.toml: validation.data = "),
+        (
+            "[preprocess]\nnormalization = 'per-site'\n",
+            "server.toml: preprocess.normalization: Input should be 'volume', 'body' or 'site'",
+        ),
         ("[tls]\nca = 'ca.crt'\n", "tls.cert: Field required"),
         ("supernode_auth = true\n", "supernode_auth needs a [tls] table"),
     ],
