@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from fedseg.common.cli.train import load_cases
-from fedseg.common.data import sitecache
 from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.io import Volume, write_volume
 from fedseg.common.data.manifest import LabelManifest
@@ -20,6 +19,7 @@ from fedseg.common.engine.inference import predict_volume
 from fedseg.common.nn.model import ModelConfig, build_model
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.central import CentralValidator
+from tests.common.data.test_preprocess import _count_calls
 
 SITE = PreprocessConfig(normalization="site")
 MANIFEST = LabelManifest(labels={1: "pancreas"})
@@ -94,14 +94,7 @@ def test_site_cache_applies_the_pooled_statistics_to_every_case(
 def test_cache_built_under_another_normalization_is_not_reused(
     site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[str] = []
-    original = sitecache.preprocess_case
-
-    def counting(*args: object, **kwargs: object) -> PreparedCase:
-        calls.append(str(kwargs.get("case_id")))
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(sitecache, "preprocess_case", counting)
+    calls = _count_calls(monkeypatch)
     volume = prepare_site(site, MANIFEST, PreprocessConfig(), tmp_path / "cache")
     assert calls == ["a", "b", "c"]
     by_site = prepare_site(site, MANIFEST, SITE, tmp_path / "cache")
