@@ -14,7 +14,7 @@ from fedseg.common.console import console
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import ServerConfig
 from fedseg.server.control.baselines import comparison_lines, site_alone, steps_per_site
-from fedseg.server.control.demo import DemoOptions, run_demo, write_final_attention
+from fedseg.server.control.demo import DEMO_ROUNDS, DemoOptions, run_demo, write_final_attention
 from fedseg.server.control.report import write_report
 
 
@@ -24,7 +24,7 @@ def demo_command(
         list[str] | None, typer.Argument(help="Server-config overrides key=value, e.g. strategy.name=fedprox.")
     ] = None,
     sites: Annotated[int, typer.Option("--sites", min=1, max=8, help="Number of phantom sites.")] = 3,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 6,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = DEMO_ROUNDS,
     out: Annotated[Path, typer.Option("--out", help="Demo folder (data, site workdirs, run).")] = Path("fedseg-demo"),
     size: Annotated[
         str, typer.Option("--size", help=f"Phantom grid {SIZE_HELP} at 2 mm (multiples of 16).")

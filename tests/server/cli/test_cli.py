@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from fedseg.common.errors import ConfigError, DataError
+from fedseg.server.cli.demo import demo_command
 from fedseg.server.cli.main import app
+from fedseg.server.control.baselines import steps_per_site
 from fedseg.server.control.demo import DemoOptions, demo_config, ensure_phantoms, fresh_run_dir, join_argv
 from fedseg.server.control.runs import stage_app, write_run_config
 
@@ -72,6 +75,15 @@ def test_demo_config_uses_small_settings_all_sites_and_overrides(tmp_path: Path)
     assert cfg.train.steps == 7
     assert cfg.output_dir == tmp_path / "run"
     assert cfg.validation.data == tmp_path / "data" / "validation"
+
+
+def test_demo_defaults_are_18_rounds_of_10_steps_and_keep_180_steps_per_site(tmp_path: Path) -> None:
+    # issue 16: more, shorter rounds at the same 180 steps per site (6 x 30 before) is the demo's recipe
+    (tmp_path / "data" / "validation").mkdir(parents=True)
+    cfg = demo_config(DemoOptions(out=tmp_path), port=12345)
+    assert (cfg.rounds, cfg.train.steps) == (18, 10)
+    assert steps_per_site(cfg) == 180
+    assert inspect.signature(demo_command).parameters["rounds"].default == 18  # `fed-server demo` without --rounds
 
 
 def test_join_argv_runs_this_interpreter() -> None:

@@ -57,6 +57,7 @@ def test_site_alone_trains_each_site_and_scores_it_on_the_central_set(tmp_path: 
 
 
 def test_each_site_alone_gets_the_steps_of_the_run_after_overrides() -> None:
-    # `fed-server demo rounds=18 train.steps=10` (its --rounds default is 6): the config's rounds count, 18 x 10
-    assert steps_per_site(ServerConfig(rounds=18, train=TrainConfig(steps=10))) == 180
+    # `fed-server demo rounds=6 train.steps=30` (the demo's recipe before issue 16; --rounds defaults to 18): the
+    # config's rounds count, 6 x 30
+    assert steps_per_site(ServerConfig(rounds=6, train=TrainConfig(steps=30))) == 180
     assert steps_per_site(ServerConfig(rounds=2, train=TrainConfig(steps=None, epochs=3, steps_per_epoch=5))) == 30
