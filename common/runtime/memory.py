@@ -4,8 +4,8 @@ glibc's allocator keeps memory that a program frees for its own reuse; with allo
 model's weights) freed in a different order than they were made, the heap fragments and the resident size of a
 long-running process keeps growing although nothing is alive in it. ``malloc_trim`` returns those free pages.
 The ServerApp calls :func:`release_freed_memory` after each reply it has let go (see
-:mod:`fedseg.server.run.screen`): measured with ``bench/server_memory.py``, a round with 20 replies of the
-paper-size model peaked at 4.0 models above set-up without it and 2.4 with it.
+:mod:`fedseg.server.run.screen`): without it, its resident size crept up by about one model every few replies of
+the paper-size network although no reply was alive any more (``bench/server_memory.py``).
 """
 
 from __future__ import annotations
