@@ -92,6 +92,7 @@ class RoundScreen:
     ) -> None:
         self.reference = reference
         self.weight_keys = list(weight_keys)
+        self.weight_reference = {k: reference[k] for k in self.weight_keys}
         self.transport = transport
         self.limits = limits
         self.registry = registry
@@ -119,8 +120,7 @@ class RoundScreen:
             return
         arrays = checked.arrays
         norm = update_norm(arrays, self.reference)
-        weights_only = {k: self.reference[k] for k in self.weight_keys}
-        weight_norm = update_norm({k: arrays[k] for k in self.weight_keys}, weights_only)
+        weight_norm = update_norm({k: arrays[k] for k in self.weight_keys}, self.weight_reference)
         row = self.spill.add(arrays)
         small = {k: np.array(arrays[k]) for k in self.small_keys}  # copies: views would keep the whole reply
         reply.content[ARRAYS_KEY] = ArrayRecord()  # the weights now live in the spill only

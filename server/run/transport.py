@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedseg.common.errors import ConfigError, IncompatibleModelError
-from fedseg.common.fl.packing import is_packed, pack_arrays, unpack_views, unpacked, wire_layout
+from fedseg.common.fl.packing import is_packed, pack_arrays, unpack_views, wire_layout
 from fedseg.common.fl.protocol import ARRAYS_KEY, Transport, read_task, record_of
 from fedseg.common.fl.weights import decode_arrays, decode_values, encode_arrays
 
@@ -57,13 +57,19 @@ def decoded_weights(
     """A packed train reply's weights, per tensor in float32 (fp32 transport: read-only views of the message's own
     bytes, no copy); returns (why that failed, None) or (None, the weights).
 
-    ``reference`` is the round's global model: the reply is cut along its layout in ``transport``. A reply that
-    is not packed (or has no weights) gives (None, None) after its per-tensor weights were decoded in place
-    (:func:`decode_reply`): validation reads them from the message.
+    ``reference`` is the round's global model: the reply is cut along its layout in ``transport``. A per-tensor
+    reply gives (None, None) after its half-precision weights were put back in float32 in place: validation reads
+    them from the message (as it does a reply without weights, which it rejects with its own reason).
     """
     record = record_of(reply.content, ARRAYS_KEY, ArrayRecord) if reply.has_content() else None
-    if record is None or not is_packed(record):
-        return decode_reply(reply, transport, reference), None
+    if record is None or (not is_packed(record) and transport == "fp32"):
+        return None, None
+    try:
+        if not is_packed(record):
+            reply.content[ARRAYS_KEY] = decode_arrays(record, transport)
+            return None, None
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"its weights are not in the {transport} transport encoding ({err})", None
     try:
         views = unpack_views(record, wire_layout(reference, transport))
     except IncompatibleModelError as err:
@@ -74,28 +80,3 @@ def decoded_weights(
         return None, decode_values(views, transport)
     except (TypeError, ValueError, RuntimeError) as err:
         return f"its weights are not in the {transport} transport encoding ({err})", None
-
-
-def decode_reply(reply: Message, transport: Transport, reference: Mapping[str, np.ndarray]) -> str | None:
-    """Put a train reply's weights back in per-tensor float32 in place; returns why that failed, or None.
-
-    ``reference`` is the round's global model: a packed reply is cut along its layout in ``transport``.
-    A reply without weights is left as it is (validation rejects it with its own reason).
-    """
-    record = record_of(reply.content, ARRAYS_KEY, ArrayRecord) if reply.has_content() else None
-    if record is None:
-        return None
-    try:
-        arrays = unpacked(record, reference, transport)
-    except IncompatibleModelError as err:
-        return str(err)
-    except Exception as err:  # a corrupt payload is the sender's problem, never the round's
-        return f"its packed weights cannot be decoded ({type(err).__name__})"
-    if transport == "fp32":
-        reply.content[ARRAYS_KEY] = arrays
-        return None
-    try:
-        reply.content[ARRAYS_KEY] = decode_arrays(arrays, transport)
-    except (TypeError, ValueError, RuntimeError) as err:
-        return f"its weights are not in the {transport} transport encoding ({err})"
-    return None
