@@ -1,28 +1,37 @@
 """Partially labelled sites benchmark: naive vs exclusion vs marginal + class-aware head vs fully labelled.
 
 Three phantom sites with different scanners (see :mod:`fedseg.common.synthetic.phantoms`) annotate different
-organ sets: A pancreas only, B spleen + kidney, C liver + pancreas. The same federation (in process: every round
-each site trains the global model with the shared trainer, then the server averages by training cases) runs four
-ways, from the same initial weights and the same per-round seeds:
+organ sets: A pancreas only, B spleen + kidney, C liver + pancreas. The same federation (in process, ``fedsim.py``:
+every round each site trains the global model with the ClientApp's trainer, then fed-server's default average by
+training cases) runs four ways, from the same initial weights and the same per-round seeds:
 
     (a) naive       every site reads 0 as background (partial_loss = "naive"), plain FedAvg
     (b) exclusion   unannotated logits removed from the softmax (partial_loss = "exclusion"), plain FedAvg
     (c) marginal    marginal loss (the default) + class-aware head averaging (fedseg.server.run.headavg)
     (d) full        the same sites with every organ labelled, plain FedAvg
 
-Dice per organ of the global model on a fully labelled neutral validation set (sliding window). Goals:
+Dice per organ of the global model on fully labelled phantoms from a neutral scanner no site uses (sliding
+window), mean over ``--seeds`` (each seed: other patients, other scanners, another initialisation). Goals:
 (c) >= 0.95 x (d) per organ, and (c) >= (a) + 0.10 on every organ some site leaves unlabelled (here all four).
+``--archs attention-unet,unet`` runs every variant with both networks, for the pancreas side by side.
 
-    python bench/partial_labels.py --quick --json partial.json     # tiny: 32^3 phantoms, feature_scale 16
-    python bench/partial_labels.py --rounds 20 --local-steps 50 --size 48
+The defaults are the recipe of ``payoff.py`` (32^3 phantoms at 2 mm, 3 cases a site, Dice + CE, lr 2e-3,
+20 rounds x 10 local steps); ``--jobs`` runs that many variants at once, one torch thread each.
+
+    python bench/partial_labels.py --quick --json partial.json               # 2 seeds x 4 variants, a few minutes
+    python bench/partial_labels.py --seeds 0,1,2 --archs attention-unet,unet --jobs 2 --json partial.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,7 @@ SITES: dict[str, tuple[str, ...]] = {
     "C": ("liver", "pancreas"),
 }
 VARIANTS = ("naive", "exclusion", "marginal", "full")
+Scores = dict[str, float]
 
 
 def class_aware_average(
@@ -61,79 +71,137 @@ def class_aware_average(
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fixed.items()}
 
 
-def run_variant(
-    variant: str,
-    sites: Mapping[str, list[PreparedCase]],
-    val: list[PreparedCase],
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    rounds: int,
-) -> tuple[dict[str, float], float]:
-    """Run one variant from the same initial weights; return the final validation Dice per organ and the seconds."""
-    torch.manual_seed(0)
-    model = build_model(model_cfg)
-    cfg = train_cfg.model_copy(update={"partial_loss": "marginal" if variant == "full" else variant})
-    recipe = Recipe(local_steps=train_cfg.total_steps)
-    aggregate = class_aware_average if variant == "marginal" else None
-    model, _, seconds = federate(recipe, sites, model, cfg, rounds * recipe.local_steps, aggregate=aggregate)
-    return organ_dice(model, val, train_cfg.patch_size), seconds
+@dataclass(frozen=True)
+class Job:
+    """One federation: a variant of one network at one seed."""
+
+    variant: str
+    arch: str
+    seed: int
+    size: int
+    cases: int
+    val_cases: int
+    rounds: int
+    local_steps: int
+    lr: float
+    feature_scale: int
+    threads: int
+
+
+def run_job(job: Job) -> tuple[Job, Scores, float]:
+    """Federate ``job`` from the seed's initial weights; the final central Dice per organ and the seconds."""
+    torch.set_num_threads(job.threads)  # 1 per job on a shared 2-core box: oversubscribed threads crawl
+    annotated = {name: ORGAN_NAMES if job.variant == "full" else organs for name, organs in SITES.items()}
+    sites = {
+        name: [make_case(job.size, i, c, job.seed, annotated[name]) for c in range(job.cases)]
+        for i, name in enumerate(SITES, start=1)
+    }
+    val = [make_case(job.size, 0, c, job.seed) for c in range(job.val_cases)]
+    patch = (job.size,) * 3
+    train_cfg = TrainConfig(
+        steps=job.local_steps, patch_size=patch, batch_size=2, lr=job.lr, ce_weight=1.0, foreground_prob=0.67,
+        augment=False, seed=job.seed, partial_loss="marginal" if job.variant == "full" else job.variant,
+    )  # fmt: skip
+    torch.manual_seed(job.seed)  # the same initial weights for every variant of this seed and network
+    model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
+    aggregate = class_aware_average if job.variant == "marginal" else None
+    recipe = Recipe(local_steps=job.local_steps)
+    model, _, seconds = federate(recipe, sites, model, train_cfg, job.rounds * job.local_steps, aggregate=aggregate)
+    return job, organ_dice(model, val, patch), seconds
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _cell(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def print_tables(results: Mapping[tuple[str, str], list[Scores]], archs: Sequence[str], seeds: int) -> None:
+    """Mean ± sd per organ for every (network, variant); the goals for the first network; the pancreas by network."""
+    print(f"\n| network | variant ({seeds} seeds) | " + " | ".join(ORGAN_NAMES) + " | mean |")
+    print("|---|---|" + "---:|" * (len(ORGAN_NAMES) + 1))
+    for (arch, variant), runs in results.items():
+        cells = [_cell([r[o] for r in runs]) for o in ORGAN_NAMES]
+        means = [_mean([r[o] for o in ORGAN_NAMES]) for r in runs]
+        print(f"| {arch} | {variant} | " + " | ".join(cells) + f" | {_cell(means)} |")
+    main = archs[0]
+    organ_mean = {
+        v: {o: _mean([r[o] for r in runs]) for o in ORGAN_NAMES} for (a, v), runs in results.items() if a == main
+    }
+    if {"marginal", "full", "naive"} <= set(organ_mean):
+        m, f, n = organ_mean["marginal"], organ_mean["full"], organ_mean["naive"]
+        print(f"\ngoals ({main}, means over seeds):")
+        for organ in ORGAN_NAMES:
+            ratio = m[organ] / f[organ] if f[organ] else float("nan")
+            gain = m[organ] - n[organ]
+            verdict = "met" if ratio >= 0.95 and gain >= 0.10 else "NOT met"
+            print(f"  {organ:9s} marginal/full = {ratio:.3f} (>= 0.95), marginal - naive = {gain:+.3f} (>= +0.10): "
+                  f"{verdict}")  # fmt: skip
+    if len(archs) > 1:
+        print("\npancreas Dice by network (mean ± sd over seeds):")
+        for variant in VARIANTS:
+            cells = [_cell([r["pancreas"] for r in results[(a, variant)]]) for a in archs if (a, variant) in results]
+            if len(cells) == len(archs):
+                print(f"  {variant:10s} " + "  ".join(f"{a}: {c}" for a, c in zip(archs, cells, strict=True)))
+
+
+def to_json(results: Mapping[tuple[str, str], list[Scores]], main: str) -> dict[str, Scores]:
+    """``{variant: {organ: dice}}`` for the first network, ``{"unet:variant": ...}`` for the others (seed means)."""
+    out: dict[str, Scores] = {}
+    for (arch, variant), runs in results.items():
+        key = variant if arch == main else f"{arch}:{variant}"
+        out[key] = {o: _mean([r[o] for r in runs]) for o in ORGAN_NAMES}
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seeds 0,1, 10 rounds x 10 steps, 6 validation cases")
+    parser.add_argument("--size", type=int, default=32, help="phantom side at 2 mm (also the patch side)")
+    parser.add_argument("--cases", type=int, default=3, help="training cases per site")
+    parser.add_argument("--val-cases", type=int, default=12, help="neutral-scanner validation phantoms")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--archs", default="attention-unet", help="comma-separated: attention-unet, unet")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--feature-scale", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="1e-2 diverged: every Dice 0.000")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
+    parser.add_argument("--jobs", type=int, default=1, help="federations run at once (processes)")
+    parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} (means over seeds) here")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.rounds, args.val_cases = "0,1", 10, 6
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32^3 phantoms, 6 rounds x 20 steps, 2 cases a site")
-    parser.add_argument("--size", type=int, default=48)
-    parser.add_argument("--cases", type=int, default=3, help="training cases per site")
-    parser.add_argument("--val-cases", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=30)
-    parser.add_argument("--arch", choices=("attention-unet", "unet"), default="attention-unet")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-3, help="1e-2 diverged: every Dice 0.000 in --quick")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} here")
-    args = parser.parse_args()
-    if args.quick:
-        args.size, args.cases, args.rounds, args.local_steps = 32, 2, 6, 20
-    torch.set_num_threads(args.threads)  # 1 on a shared 2-core box: 2 oversubscribed threads were 13x slower
-    patch = (32, 32, 32) if args.size <= 32 else (48, 48, 48)
-    model_cfg = ModelConfig(arch=args.arch, feature_scale=16)
-    train_cfg = TrainConfig(
-        steps=args.local_steps, patch_size=patch, batch_size=2, lr=args.lr, ce_weight=1.0, foreground_prob=0.67,
-        augment=False, seed=args.seed,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    partial = {
-        name: [make_case(args.size, i + 1, c, args.seed, organs) for c in range(args.cases)]
-        for i, (name, organs) in enumerate(SITES.items())
-    }
-    full = {
-        name: [make_case(args.size, i + 1, c, args.seed) for c in range(args.cases)] for i, name in enumerate(SITES)
-    }
-    val = [make_case(args.size, 0, c, args.seed) for c in range(args.val_cases)]
-    print(f"phantoms ready in {time.perf_counter() - t0:.0f} s; sites {SITES}")
-    results: dict[str, dict[str, float]] = {}
-    for variant in args.variants.split(","):
-        sites = full if variant == "full" else partial
-        dice, seconds = run_variant(variant, sites, val, model_cfg, train_cfg, args.rounds)
-        results[variant] = dice
-        scores = " ".join(f"{o}={d:.3f}" for o, d in dice.items())
-        print(f"{variant:10s} {scores}  ({seconds:.0f} s)", flush=True)
-    print()
-    print(f"| variant | {' | '.join(ORGAN_NAMES)} | mean |")
-    print("|---|" + "---|" * (len(ORGAN_NAMES) + 1))
-    for variant, dice in results.items():
-        values = [dice[o] for o in ORGAN_NAMES]
-        print(f"| {variant} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {np.nanmean(values):.3f} |")
-    if {"marginal", "full", "naive"} <= set(results):
-        for organ in ORGAN_NAMES:
-            m, f, n = results["marginal"][organ], results["full"][organ], results["naive"][organ]
-            print(f"{organ}: marginal/full = {m / f if f else float('nan'):.2f} (goal >= 0.95), "
-                  f"marginal - naive = {m - n:+.3f} (goal >= +0.10)")  # fmt: skip
-    print(f"total {time.perf_counter() - t0:.0f} s")
+    args = parse_args()
+    archs = args.archs.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [
+        Job(v, a, s, args.size, args.cases, args.val_cases, args.rounds, args.local_steps, args.lr,
+            args.feature_scale, args.threads)
+        for a in archs for v in args.variants.split(",") for s in seeds
+    ]  # fmt: skip
+    print(f"sites {SITES}; {len(jobs)} federations of {args.rounds} rounds x {args.local_steps} steps, "
+          f"{args.jobs} at a time", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    results: dict[tuple[str, str], list[Scores]] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for job, dice, seconds in pool.map(run_job, jobs):
+            results.setdefault((job.arch, job.variant), []).append(dice)
+            scores = " ".join(f"{o}={d:.3f}" for o, d in dice.items())
+            print(f"  {job.arch} {job.variant:9s} seed {job.seed}: {scores}  ({seconds:.0f} s)", flush=True)
+    print_tables(results, archs, len(seeds))
+    print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(to_json(results, archs[0]), indent=2) + "\n")
 
 
 if __name__ == "__main__":

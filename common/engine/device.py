@@ -98,8 +98,20 @@ def autocast_for(
     :func:`cpu_has_native_bf16`; ``native`` replaces that probe in tests). ``bench/cpu_bf16.py`` times a
     training step both ways.
     """
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and use_cpu_bf16(cpu_bf16, native):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if autocast_active(device, enabled, cpu_bf16, native):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def autocast_active(
+    device: torch.device,
+    enabled: bool = True,
+    cpu_bf16: CpuBf16 = False,
+    native: Callable[[], bool] = cpu_has_native_bf16,
+) -> bool:
+    """Whether :func:`autocast_for` with these arguments runs bf16 (CUDA when enabled; the CPU as ``cpu_bf16``)."""
+    if not enabled:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and use_cpu_bf16(cpu_bf16, native)

@@ -16,7 +16,7 @@ from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import default_manifest
 from fedseg.common.data.preprocess import PreparedCase, preprocess_case, restore_to_source
 from fedseg.common.engine.checkpoint import CheckpointMeta
-from fedseg.common.engine.device import CpuBf16, autocast_for
+from fedseg.common.engine.device import CpuBf16, autocast_active, autocast_for
 from fedseg.common.nn.model import SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,27 @@ def _blend(
     sw_batch_size: int,
     amp: tuple[bool, CpuBf16],
 ) -> list[tuple[str, torch.Tensor]]:
-    """MONAI's Gaussian-weighted sliding window over ``x`` (1, 1, z, y, x): (name, blended (1, C, z, y, x))."""
+    """MONAI's Gaussian-weighted sliding window over ``x`` (1, 1, z, y, x): (name, blended (1, C, z, y, x)).
+
+    A bf16 result that is not finite is computed again in fp32 (see :mod:`fedseg.common.engine.step` for why).
+    """
+    blended = _sliding_window(model, x, patch, device, overlap, attention, sw_batch_size, amp)
+    if autocast_active(device, *amp) and not all(bool(torch.isfinite(v).all()) for _, v in blended):
+        log.warning("inference was not finite in bf16; computed again in fp32")
+        blended = _sliding_window(model, x, patch, device, overlap, attention, sw_batch_size, (False, False))
+    return blended
+
+
+def _sliding_window(
+    model: nn.Module,
+    x: torch.Tensor,
+    patch: tuple[int, int, int],
+    device: torch.device,
+    overlap: float,
+    attention: bool,
+    sw_batch_size: int,
+    amp: tuple[bool, CpuBf16],
+) -> list[tuple[str, torch.Tensor]]:
     with torch.inference_mode(), autocast_for(device, *amp):
         blended = sliding_window_inference(
             x,

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,8 @@ from fedseg.common.console import console
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.data.sampling import PatchSampler
 from fedseg.common.engine.config import TrainConfig, lr_factor
-from fedseg.common.engine.device import autocast_for, seed_everything
+from fedseg.common.engine.device import autocast_active, autocast_for, seed_everything
+from fedseg.common.engine.step import guarded_step
 from fedseg.common.engine.validation import validate
 from fedseg.common.nn.loss import DiceLoss
 
@@ -37,6 +39,8 @@ class TrainReport:
         samples: patches seen (steps × batch size).
         steps: steps taken (skipped ones included).
         skipped_steps: steps whose loss or gradients were not finite: no update was applied.
+        fp32_retries: steps not finite under bf16 autocast and computed again in fp32 (see
+            :mod:`fedseg.common.engine.step`); those that were finite then count as normal steps.
         time_limited: the loop stopped before the budget because ``time_limit`` seconds had passed.
         seconds: wall time of the loop, validation included.
         val_seconds: the part of ``seconds`` spent validating.
@@ -51,6 +55,7 @@ class TrainReport:
     seconds: float
     val_seconds: float = 0.0
     skipped_steps: int = 0
+    fp32_retries: int = 0
     time_limited: bool = False
     dice: dict[str, float] | None = None
     loss_history: list[float] = field(default_factory=list)
@@ -181,6 +186,11 @@ def train_model(
         exclusion_weight=cfg.exclusion_weight,
     )
     prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
+    low = autocast_active(device, cfg.amp, cfg.cpu_bf16)
+
+    def precision(configured: bool) -> AbstractContextManager[object]:
+        return autocast_for(device, cfg.amp, cfg.cpu_bf16) if configured else nullcontext()
+
     sampler = PatchSampler(
         cases, cfg.patch_size, cfg.batch_size, cfg.foreground_prob, cfg.augment, cfg.seed, cfg.affine_prob
     )
@@ -195,10 +205,14 @@ def train_model(
         for step, batch in enumerate(sampler, start=1):
             image, label, mask = _to_device(batch, device, cfg.channels_last)
             _set_lr(optimizer, cfg.lr * lr_factor(done + step - 1, horizon, cfg.lr_schedule, cfg.warmup_steps))
-            loss = _train_step(model, optimizer, loss_fn, prox, image, label, mask, cfg)
-            if not math.isfinite(loss):
+            result = guarded_step(model, optimizer, loss_fn, (image, label, mask), precision, low, prox)
+            loss = result.loss
+            report.fp32_retries += result.retried_fp32
+            if not result.applied:
                 report.skipped_steps += 1
                 log.warning("step %d: non-finite loss or gradients; update skipped", step)
+            elif result.retried_fp32:
+                log.info("step %d: not finite in bf16, computed in fp32", step)
             report.loss_history.append(loss)
             report.samples += image.shape[0]
             report.steps = step
@@ -228,36 +242,6 @@ def train_model(
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def _train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: DiceLoss,
-    prox: ProximalTerm | None,
-    image: Tensor,
-    label: Tensor,
-    mask: Tensor,
-    cfg: TrainConfig,
-) -> float:
-    """One forward/backward/update; returns the data loss (without the proximal term).
-
-    A step whose loss or any gradient is not finite applies no update and returns NaN (the caller counts it).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_for(image.device, cfg.amp, cfg.cpu_bf16):
-        logits = model(image)
-    loss = loss_fn(logits.float(), label, mask)
-    objective = loss + prox() if prox is not None else loss
-    if not bool(torch.isfinite(objective.detach())):
-        return float("nan")
-    objective.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-        optimizer.zero_grad(set_to_none=True)
-        return float("nan")
-    optimizer.step()
-    return float(loss.detach())
 
 
 def _format_dice(dice: Mapping[str, float]) -> str:

@@ -48,7 +48,7 @@ def test_sliding_window_voxelwise_model_matches_full_volume() -> None:
     rng = np.random.default_rng(1)
     image = rng.normal(size=(30, 50, 70)).astype(np.float32)
     net = VoxelwiseNet()
-    pred = sliding_window_predict(net, image, (32, 32, 32), "cpu", overlap=0.5)
+    pred = sliding_window_predict(net, image, (32, 32, 32), "cpu", overlap=0.5, cpu_bf16=False)
     with torch.no_grad():
         full = torch.softmax(net.head(torch.from_numpy(image)[None, None]), dim=1)[0].numpy()
     assert pred.probabilities.shape == (3, 30, 50, 70)
@@ -187,3 +187,19 @@ def test_gate_maps_average_sub_gates_and_inside_outside() -> None:
     inside, outside = inside_outside(maps["att2"], mask)
     assert inside == pytest.approx(1.0) and outside == pytest.approx(0.4)
     assert np.isnan(inside_outside(maps["att2"], np.zeros((2, 2, 2)))[0])
+
+
+class NanUnderBf16(VoxelwiseNet):
+    """Returns NaN whenever bf16 autocast is on (the flaky oneDNN kernels of some CPUs, every time)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out * float("nan") if torch.is_autocast_enabled("cpu") else out
+
+
+def test_a_bf16_prediction_that_is_not_finite_is_made_again_in_fp32() -> None:
+    image = np.random.default_rng(2).normal(size=(20, 20, 20)).astype(np.float32)
+    pred = sliding_window_predict(NanUnderBf16(), image, (16, 16, 16), "cpu", cpu_bf16=True)
+    exact = sliding_window_predict(VoxelwiseNet(), image, (16, 16, 16), "cpu", cpu_bf16=False)
+    assert np.isfinite(pred.probabilities).all()
+    np.testing.assert_array_equal(pred.probabilities, exact.probabilities)

@@ -1,4 +1,6 @@
-"""The trainer's finiteness guard: a step whose loss or gradients are not finite applies no update and is counted."""
+"""The trainer's finiteness guard: a step whose loss or gradients are not finite applies no update and is counted;
+under bf16 autocast it is first computed again in fp32, and a failed attempt leaves BatchNorm's statistics as they
+were."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def _case() -> PreparedCase:
     )
 
 
-def _cfg(steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, patch_size=(16, 16, 16), batch_size=2, lr=1e-2, augment=False)
+def _cfg(steps: int, cpu_bf16: bool = False) -> TrainConfig:
+    return TrainConfig(steps=steps, patch_size=(16, 16, 16), batch_size=2, lr=1e-2, augment=False, cpu_bf16=cpu_bf16)
 
 
 def _model() -> nn.Module:
@@ -70,3 +72,55 @@ def test_a_skipped_step_leaves_the_weights_untouched() -> None:
 def test_finite_training_skips_nothing() -> None:
     report = train_model(_model(), [_case()], _cfg(2), "cpu", progress=False)
     assert report.skipped_steps == 0 and all(np.isfinite(report.loss_history))
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def test_a_step_not_finite_in_bf16_is_computed_again_in_fp32() -> None:
+    model = _model()
+    before = _params(model)
+    seen: list[bool] = []
+
+    def nan_under_bf16(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        low = torch.is_autocast_enabled("cpu")
+        seen.append(low)
+        return output * float("nan") if low else output
+
+    model.register_forward_hook(nan_under_bf16)
+    report = train_model(model, [_case()], _cfg(3, cpu_bf16=True), "cpu", progress=False)
+    assert seen == [True, False] * 3  # every step: bf16 first, then fp32
+    assert report.skipped_steps == 0 and report.fp32_retries == 3
+    assert all(np.isfinite(report.loss_history))
+    after = _params(model)
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fp32_has_no_retry_and_a_step_failing_both_ways_is_skipped() -> None:
+    calls = {"fp32": 0}
+
+    def always_nan(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        calls["fp32"] += not torch.is_autocast_enabled("cpu")
+        return output * float("nan")
+
+    model = _model()
+    model.register_forward_hook(always_nan)
+    report = train_model(model, [_case()], _cfg(2, cpu_bf16=True), "cpu", progress=False)
+    assert report.skipped_steps == 2 and report.fp32_retries == 2 and calls["fp32"] == 2
+    fp32 = _model()
+    fp32.register_forward_hook(always_nan)
+    report = train_model(fp32, [_case()], _cfg(2), "cpu", progress=False)
+    assert report.skipped_steps == 2 and report.fp32_retries == 0
+
+
+def test_a_failed_step_leaves_batchnorm_statistics_as_they_were() -> None:
+    model = _model()
+    norm = next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    norm.register_forward_pre_hook(lambda module, inputs: (inputs[0] * float("nan"),))
+    before = _bn_buffers(model)
+    report = train_model(model, [_case()], _cfg(2), "cpu", progress=False)
+    assert report.skipped_steps == 2
+    after = _bn_buffers(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN running mean, no counted batches
