@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -150,11 +151,14 @@ def federate(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int = 0,
     aggregate: Aggregate | None = None,
+    tally: Counter[str] | None = None,
 ) -> tuple[nn.Module, Curve, float]:
     """Federate ``model`` (changed in place) over ``sites`` until every site has taken ``total_steps`` steps.
 
     Returns the global model, the curve ``(steps per site, Dice)`` evaluated every ``eval_every`` rounds (and at
     the end) when ``evaluate`` is given, and the wall seconds. ``aggregate`` defaults to :func:`server_average`.
+    ``tally`` counts the sites' ``steps``, ``skipped`` (non-finite) steps and ``fp32_retries`` (bf16 steps
+    computed again in fp32).
     """
     aggregate = aggregate or server_average
     start = time.perf_counter()
@@ -164,7 +168,7 @@ def federate(
     curve: Curve = []
     for server_round in range(1, rounds + 1):
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        states = [_local_round(site, reference, recipe, train_cfg, server_round, rounds, bn) for site in crew]
+        states = [_local_round(site, reference, recipe, train_cfg, (server_round, rounds), bn, tally) for site in crew]
         model.load_state_dict(aggregate(states, [s.cases for s in crew], reference))
         if evaluate is not None and ((eval_every and server_round % eval_every == 0) or server_round == rounds):
             curve.append((server_round * recipe.local_steps, evaluate(model)))
@@ -172,10 +176,12 @@ def federate(
 
 
 def _local_round(
-    site: _Site, reference: State, recipe: Recipe, train_cfg: TrainConfig, server_round: int, rounds: int,
-    bn: set[str],
+    site: _Site, reference: State, recipe: Recipe, train_cfg: TrainConfig, progress: tuple[int, int],
+    bn: set[str], tally: Counter[str] | None,
 ) -> State:  # fmt: skip
-    """One site's round: take the global weights (its own BatchNorm under FedBN), train, return its state."""
+    """One site's round ``progress`` = (round, rounds): take the global weights (its own BatchNorm under FedBN),
+    train, return its state."""
+    server_round, rounds = progress
     incoming = dict(reference)
     if recipe.bn == "local" and site.own_bn:
         incoming.update(site.own_bn)
@@ -192,7 +198,9 @@ def _local_round(
     if optimizer is None:
         optimizer = make_optimizer(site.model, cfg)
     schedule = ((server_round - 1) * recipe.local_steps, rounds * recipe.local_steps)
-    train_model(site.model, site.cases, cfg, "cpu", optimizer=optimizer, schedule=schedule, progress=False)
+    report = train_model(site.model, site.cases, cfg, "cpu", optimizer=optimizer, schedule=schedule, progress=False)
+    if tally is not None:
+        tally.update(steps=report.steps, skipped=report.skipped_steps, fp32_retries=report.fp32_retries)
     if recipe.keep_optimizer:
         site.optimizer = optimizer
     state = {k: v.detach().clone() for k, v in site.model.state_dict().items()}

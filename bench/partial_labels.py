@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,8 +89,9 @@ class Job:
     threads: int
 
 
-def run_job(job: Job) -> tuple[Job, Scores, float]:
-    """Federate ``job`` from the seed's initial weights; the final central Dice per organ and the seconds."""
+def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
+    """Federate ``job`` from the seed's initial weights; the final central Dice per organ, the seconds and the
+    sites' step tally (steps, skipped, fp32_retries)."""
     torch.set_num_threads(job.threads)  # 1 per job on a shared 2-core box: oversubscribed threads crawl
     annotated = {name: ORGAN_NAMES if job.variant == "full" else organs for name, organs in SITES.items()}
     sites = {
@@ -106,8 +108,10 @@ def run_job(job: Job) -> tuple[Job, Scores, float]:
     model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
     aggregate = class_aware_average if job.variant == "marginal" else None
     recipe = Recipe(local_steps=job.local_steps)
-    model, _, seconds = federate(recipe, sites, model, train_cfg, job.rounds * job.local_steps, aggregate=aggregate)
-    return job, organ_dice(model, val, patch), seconds
+    tally: Counter[str] = Counter()
+    steps = job.rounds * job.local_steps
+    model, _, seconds = federate(recipe, sites, model, train_cfg, steps, aggregate=aggregate, tally=tally)
+    return job, organ_dice(model, val, patch), seconds, tally
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -193,12 +197,17 @@ def main() -> None:
           f"{args.jobs} at a time", flush=True)  # fmt: skip
     start = time.perf_counter()
     results: dict[tuple[str, str], list[Scores]] = {}
+    total: Counter[str] = Counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        for job, dice, seconds in pool.map(run_job, jobs):
+        for job, dice, seconds, tally in pool.map(run_job, jobs):
             results.setdefault((job.arch, job.variant), []).append(dice)
+            total.update(tally)
             scores = " ".join(f"{o}={d:.3f}" for o, d in dice.items())
-            print(f"  {job.arch} {job.variant:9s} seed {job.seed}: {scores}  ({seconds:.0f} s)", flush=True)
+            print(f"  {job.arch} {job.variant:9s} seed {job.seed}: {scores}  ({seconds:.0f} s; "
+                  f"{tally['fp32_retries']} steps again in fp32, {tally['skipped']} skipped)", flush=True)  # fmt: skip
     print_tables(results, archs, len(seeds))
+    print(f"site steps {total['steps']}: {total['fp32_retries']} not finite in bf16 and computed again in fp32, "
+          f"{total['skipped']} skipped")  # fmt: skip
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(to_json(results, archs[0]), indent=2) + "\n")

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedseg.client.localbn import keep_own, own_start, shared_only
 from fedseg.common.data.preprocess import PreparedCase
-from fedseg.common.engine.train import train_model
+from fedseg.common.engine.train import TrainReport, train_model
 from fedseg.common.fl.packing import pack_arrays, unpacked
 from fedseg.common.fl.protocol import LocalResult, TrainTask
 from fedseg.common.fl.weights import arrays_from_model, encode_arrays, load_arrays
@@ -95,11 +95,12 @@ def train_locally(
             f"(max_skipped_steps {cfg.max_skipped_steps})"
         )
     log.info(
-        "trained %d steps on %d cases in %.1f s, mean loss %.4f",
+        "trained %d steps on %d cases in %.1f s, mean loss %.4f%s",
         report.steps,
         len(cases),
         report.seconds,
         report.mean_loss,
+        _unusual_steps(report),
     )
     annotated = tuple(any(c < len(k.annotated) and k.annotated[c] for k in cases) for c in range(task.model.n_classes))
     stopped: tuple[str, ...] = ()
@@ -120,3 +121,13 @@ def train_locally(
         keep_own(trained, own_bn)
         reply = shared_only(reply, arrays)
     return (pack_arrays(reply) if task.packed else reply), result
+
+
+def _unusual_steps(report: TrainReport) -> str:
+    """The log line's tail for steps retried in fp32 or skipped; empty when every step went normally."""
+    parts = []
+    if report.fp32_retries:
+        parts.append(f"{report.fp32_retries} computed again in fp32 (not finite in bf16)")
+    if report.skipped_steps:
+        parts.append(f"{report.skipped_steps} skipped (not finite)")
+    return "".join(f", {p}" for p in parts)

@@ -46,6 +46,21 @@ def test_train_locally_raises_only_past_max_skipped_steps(monkeypatch: pytest.Mo
         train_locally(arrays, TASK, [], "cpu", seed=0)
 
 
+def test_the_site_log_counts_steps_retried_in_fp32_and_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    arrays = arrays_from_model(build_model(TINY))
+
+    def fake(model: torch.nn.Module, cases: object, cfg: TrainConfig, *args: object, **kwargs: object) -> TrainReport:
+        return TrainReport(mean_loss=0.5, samples=8, steps=4, seconds=1.0, skipped_steps=1, fp32_retries=2)
+
+    monkeypatch.setattr(client_training, "train_model", fake)
+    with caplog.at_level("INFO", logger=client_training.__name__):
+        train_locally(arrays, TASK, [], "cpu", seed=0)
+    assert "trained 4 steps on 0 cases in 1.0 s, mean loss 0.5000, 2 computed again in fp32 (not finite in bf16), " \
+        "1 skipped (not finite)" in caplog.text  # fmt: skip
+
+
 def test_the_handler_replies_with_the_failure_reason(
     phantom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
