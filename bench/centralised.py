@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedsim import add_cpu_bf16_option, bf16_setting
 
 from fedseg.common.cli.logs import setup_logging
 from fedseg.common.cli.train import load_cases
@@ -69,12 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--affine-prob", type=float, default=1.0, help="share of patches with the paper's random affine (1 = paper)"
     )
-    parser.add_argument(
-        "--cpu-bf16",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="bf16 autocast on the CPU for training and inference (auto: on with AVX-512 BF16/AMX)",
-    )
+    add_cpu_bf16_option(parser)
     parser.add_argument("--batch-dice", action="store_true", help="Dice summed over the batch (nnU-Net)")
     parser.add_argument("--ce-weight", type=float, default=1.0, help="cross-entropy weight added to Dice")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -98,11 +94,6 @@ def prepare_data(args: argparse.Namespace) -> tuple[list[PreparedCase], list[Pre
     cache = args.out / "cache"
     train = load_cases([root / f"site-{i}" for i in (1, 2, 3)], PreprocessConfig(), cache, "--data")
     return train, load_cases([root / "validation"], PreprocessConfig(), cache, "--val")
-
-
-def bf16_setting(choice: str) -> CpuBf16:
-    """``--cpu-bf16`` auto/on/off as a ``cpu_bf16`` setting."""
-    return "auto" if choice == "auto" else choice == "on"
 
 
 def evaluate(

@@ -20,6 +20,7 @@ What a recipe may change (one thing at a time in the benchmark):
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import GLOBAL_CLASSES, LabelManifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig, preprocess_case
 from fedseg.common.engine.config import TrainConfig
+from fedseg.common.engine.device import CpuBf16
 from fedseg.common.engine.train import make_optimizer, train_model
 from fedseg.common.engine.validation import validate
 from fedseg.common.fl.protocol import round_seed
@@ -77,9 +79,11 @@ def make_case(
     return preprocess_case(image, label, manifest, preprocess or PreprocessConfig(), case_id=f"s{site}_{case}")
 
 
-def organ_dice(model: nn.Module, val: Sequence[PreparedCase], patch: tuple[int, int, int]) -> dict[str, float]:
-    """Mean Dice per organ of ``model`` on ``val`` (sliding window)."""
-    dice = validate(model, list(val), patch, "cpu")
+def organ_dice(
+    model: nn.Module, val: Sequence[PreparedCase], patch: tuple[int, int, int], cpu_bf16: CpuBf16 = "auto"
+) -> dict[str, float]:
+    """Mean Dice per organ of ``model`` on ``val`` (sliding window, bf16 autocast as ``cpu_bf16`` says)."""
+    dice = validate(model, list(val), patch, "cpu", cpu_bf16=cpu_bf16)
     return {organ: float(dice[f"dice_{organ}"]) for organ in ORGAN_NAMES}
 
 
@@ -121,6 +125,17 @@ def server_average(states: Sequence[State], site_cases: Sequence[Sequence[Prepar
     merged = {k: a.numpy() for k, a in aggregate_arrayrecords(records, "n").items()}
     merged.update(pooled_statistics(sites, cases, _numpy(reference)))
     return {k: torch.from_numpy(np.ascontiguousarray(merged[k])).to(reference[k].dtype) for k in reference}
+
+
+def add_cpu_bf16_option(parser: argparse.ArgumentParser) -> None:
+    """``--cpu-bf16 auto|on|off``: bf16 autocast on the CPU for training and evaluation (auto: where native)."""
+    help_text = "bf16 autocast on the CPU for training and inference (auto: on with AVX-512 BF16/AMX)"
+    parser.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto", help=help_text)
+
+
+def bf16_setting(choice: str) -> CpuBf16:
+    """``--cpu-bf16`` auto/on/off as a ``cpu_bf16`` setting."""
+    return "auto" if choice == "auto" else choice == "on"
 
 
 def bn_keys(model: nn.Module) -> set[str]:

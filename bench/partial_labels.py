@@ -37,7 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedsim import ORGAN_NAMES, Recipe, State, federate, make_case, organ_dice, server_average
+from fedsim import (
+    ORGAN_NAMES,
+    Recipe,
+    State,
+    add_cpu_bf16_option,
+    bf16_setting,
+    federate,
+    make_case,
+    organ_dice,
+    server_average,
+)
 
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.config import TrainConfig
@@ -87,6 +97,7 @@ class Job:
     lr: float
     feature_scale: int
     threads: int
+    cpu_bf16: str
 
 
 def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
@@ -103,6 +114,7 @@ def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
     train_cfg = TrainConfig(
         steps=job.local_steps, patch_size=patch, batch_size=2, lr=job.lr, ce_weight=1.0, foreground_prob=0.67,
         augment=False, seed=job.seed, partial_loss="marginal" if job.variant == "full" else job.variant,
+        cpu_bf16=bf16_setting(job.cpu_bf16),
     )  # fmt: skip
     torch.manual_seed(job.seed)  # the same initial weights for every variant of this seed and network
     model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
@@ -111,7 +123,7 @@ def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
     tally: Counter[str] = Counter()
     steps = job.rounds * job.local_steps
     model, _, seconds = federate(recipe, sites, model, train_cfg, steps, aggregate=aggregate, tally=tally)
-    return job, organ_dice(model, val, patch), seconds, tally
+    return job, organ_dice(model, val, patch, train_cfg.cpu_bf16), seconds, tally
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -177,6 +189,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="1e-2 diverged: every Dice 0.000")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
     parser.add_argument("--jobs", type=int, default=1, help="federations run at once (processes)")
+    add_cpu_bf16_option(parser)
     parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} (means over seeds) here")
     args = parser.parse_args()
     if args.quick:
@@ -190,7 +203,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
         Job(v, a, s, args.size, args.cases, args.val_cases, args.rounds, args.local_steps, args.lr,
-            args.feature_scale, args.threads)
+            args.feature_scale, args.threads, args.cpu_bf16)
         for a in archs for v in args.variants.split(",") for s in seeds
     ]  # fmt: skip
     print(f"sites {SITES}; {len(jobs)} federations of {args.rounds} rounds x {args.local_steps} steps, "

@@ -30,7 +30,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from fedsim import ORGAN_NAMES, Curve, Recipe, federate, make_case, organ_dice, train_single
+from fedsim import (
+    ORGAN_NAMES,
+    Curve,
+    Recipe,
+    add_cpu_bf16_option,
+    bf16_setting,
+    federate,
+    make_case,
+    organ_dice,
+    train_single,
+)
 
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import site_normalised
@@ -66,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--curve-points", type=int, default=5, help="centralised validation points")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_cpu_bf16_option(parser)
     parser.add_argument("--json", type=Path, help='write {"federated": {organ: dice}, ...} (means over seeds)')
     args = parser.parse_args()
     if args.quick:
@@ -88,14 +99,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     train_cfg = TrainConfig(
         patch_size=patch, batch_size=2, lr=args.lr, ce_weight=args.ce_weight, foreground_prob=0.67, augment=False,
-        seed=seed, lr_schedule=args.baseline_schedule or args.schedule,
+        seed=seed, lr_schedule=args.baseline_schedule or args.schedule, cpu_bf16=bf16_setting(args.cpu_bf16),
     )  # fmt: skip
     recipe = Recipe(args.local_steps, args.schedule, args.keep_optimizer, args.prox_mu, args.bn)
     wanted = args.settings.split(",")
     out: dict[str, Scores] = {}
 
     def evaluate(model: torch.nn.Module) -> Scores:
-        return organ_dice(model, val, patch)
+        return organ_dice(model, val, patch, train_cfg.cpu_bf16)
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(seed)  # the same initial weights for every setting of this seed

@@ -222,7 +222,7 @@ def train_model(
                 on_step(step, total, loss, speed)
             if val_cases and (step % val_steps == 0 or step == total):
                 val_start = time.perf_counter()
-                report.dice = validate(model, val_cases, cfg.patch_size, device)
+                report.dice = validate(model, val_cases, cfg.patch_size, device, cpu_bf16=cfg.cpu_bf16)
                 report.val_seconds += time.perf_counter() - val_start
                 report.val_history.append((step, report.dice))
                 log.info("step %d: validation %s", step, _format_dice(report.dice))

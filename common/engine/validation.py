@@ -12,6 +12,7 @@ from torch import nn
 
 from fedseg.common.data.manifest import GLOBAL_CLASSES
 from fedseg.common.data.preprocess import PreparedCase
+from fedseg.common.engine.device import CpuBf16
 from fedseg.common.engine.inference import sliding_window_predict
 from fedseg.common.eval.metrics import dice_per_class
 
@@ -60,6 +61,7 @@ def validate(
     patch: tuple[int, int, int],
     device: torch.device | str,
     class_names: Sequence[str] | None = None,
+    cpu_bf16: CpuBf16 = "auto",
 ) -> dict[str, float]:
     """Mean Dice per foreground class over labelled cases, plus the mean over foreground classes.
 
@@ -69,6 +71,7 @@ def validate(
         patch: sliding-window size (D, H, W), multiples of 16.
         device: where the network runs.
         class_names: names of the model's classes, background first; default :func:`class_names_for`.
+        cpu_bf16: bf16 autocast of the inference on the CPU (``auto``: where native), as in training.
 
     Returns:
         ``{"dice_<class>": mean over cases, ..., "dice_mean": mean over foreground classes}``. Each mean
@@ -82,7 +85,7 @@ def validate(
         raise ValueError("validate needs at least one case with a label")
     scores = []
     for case in labelled:
-        prediction = sliding_window_predict(model, case.image, patch, device)
+        prediction = sliding_window_predict(model, case.image, patch, device, cpu_bf16=cpu_bf16)
         n_classes = prediction.probabilities.shape[0]
         scores.append(case_dice(prediction.labels, case, n_classes))
     names = tuple(class_names) if class_names is not None else class_names_for(n_classes)
