@@ -85,12 +85,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--feature-scale", type=int, default=16, help="network width divisor (accuracy part)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--baseline-steps", type=int, default=None, help="centralised/alone steps (default R x E)")
-    parser.add_argument("--overhead-rounds", type=int, default=3)
+    parser.add_argument("--overhead-rounds", type=int, default=3, help="rounds of the overhead (b) and anatomy (c)")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--anatomy", action="store_true", help="only the round anatomy (c)")
     parser.add_argument("--no-pack", action="store_true", help="(c): send every tensor as its own array")
     parser.add_argument("--cold-start", action="store_true", help="(c): sites start each ClientApp from scratch")
+    parser.add_argument("--transport", choices=("fp32", "fp16", "bf16"), default="fp32", help="(c): weights' precision")
     parser.add_argument("--compare", action="store_true", help="(c): per-tensor+cold, packed+cold, packed+warm")
     return parser.parse_args()
 
@@ -216,7 +217,8 @@ def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool
 def anatomy(args: argparse.Namespace) -> None:
     side = min(args.size, 32)
     settings = {
-        "rounds": 2,
+        "rounds": args.overhead_rounds,
+        "transport": args.transport,
         "model": {"feature_scale": args.feature_scale},
         "train": {"steps": args.local_steps, "batch_size": 2, "patch_size": [side] * 3, "lr": 1e-3, "amp": False},
         "validation": {
