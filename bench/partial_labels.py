@@ -10,6 +10,7 @@ training cases) runs four ways, from the same initial weights and the same per-r
     (c) marginal    marginal loss (the default) + class-aware head averaging (fedseg.server.run.headavg)
     (d) full        the same sites with every organ labelled, plain FedAvg
     marginal-plain  (not run by default) the marginal loss with plain FedAvg of the output head too
+    marginal-pseudo (not run by default) (c) plus pseudo-labels from the round's global model (pseudo_weight 1)
 
 Dice per organ of the global model on fully labelled phantoms from a neutral scanner no site uses (sliding
 window), mean over ``--seeds`` (each seed: other patients, other scanners, another initialisation). Goals:
@@ -61,8 +62,9 @@ SITES: dict[str, tuple[str, ...]] = {
     "C": ("liver", "pancreas"),
 }
 VARIANTS = ("naive", "exclusion", "marginal", "full")
-#: Also runnable (``--variants``): the marginal loss with plain FedAvg of the output head too.
-EXTRA_VARIANTS = ("marginal-plain",)
+#: Also runnable (``--variants``): the marginal loss with plain FedAvg of the output head too; marginal + class-aware
+#: head + pseudo-labels from the round's global model (``pseudo_weight = 1``, :mod:`fedseg.common.nn.pseudo`).
+EXTRA_VARIANTS = ("marginal-plain", "marginal-pseudo")
 Scores = dict[str, float]
 
 
@@ -117,11 +119,11 @@ def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
     train_cfg = TrainConfig(
         steps=job.local_steps, patch_size=patch, batch_size=2, lr=job.lr, ce_weight=1.0, foreground_prob=0.67,
         augment=False, seed=job.seed, partial_loss="marginal" if job.variant == "full" else job.variant.split("-")[0],
-        cpu_bf16=bf16_setting(job.cpu_bf16),
+        cpu_bf16=bf16_setting(job.cpu_bf16), pseudo_weight=1.0 if job.variant.endswith("-pseudo") else 0.0,
     )  # fmt: skip
     torch.manual_seed(job.seed)  # the same initial weights for every variant of this seed and network
     model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
-    aggregate = class_aware_average if job.variant == "marginal" else None
+    aggregate = class_aware_average if job.variant in ("marginal", "marginal-pseudo") else None
     recipe = Recipe(local_steps=job.local_steps)
     tally: Counter[str] = Counter()
     steps = job.rounds * job.local_steps

@@ -47,6 +47,13 @@ class TrainConfig(BaseModel):
     exclusion_weight: float = Field(
         default=0.0, ge=0, description="weight of the exclusion term (unannotated organs on annotated voxels)"
     )
+    pseudo_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the pseudo-label term for unannotated organs: on voxels a partial site labels 0, the "
+        "model as the local training starts (the round's global model) sets the target among background and the "
+        "unannotated organs (0: off)",
+    )
     foreground_prob: float = Field(default=0.33, ge=0, le=1)
     augment: bool = True
     affine_prob: float = Field(

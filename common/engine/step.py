@@ -21,6 +21,8 @@ from fedseg.common.nn.loss import DiceLoss
 
 #: Builds the autocast context of one attempt: True = the configured (bf16) precision, False = plain fp32.
 Precision = Callable[[bool], AbstractContextManager[object]]
+#: An extra loss term from the logits and the batch (image, label, mask), computed in the attempt's precision.
+Extra = Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,18 +51,20 @@ def guarded_step(
     precision: Precision,
     low_precision: bool,
     penalty: Callable[[], Tensor] | None = None,
+    extra: Extra | None = None,
 ) -> StepResult:
     """Forward, backward and update on ``batch`` (image, label, mask) unless the result is not finite.
 
     ``precision(True)`` is the configured autocast context, ``precision(False)`` fp32; when ``low_precision`` (the
     configured context runs bf16) a non-finite first attempt is retried in fp32. ``penalty`` (FedProx) is added
-    to the objective; the returned loss excludes it.
+    to the objective, and so is ``extra`` (e.g. pseudo-label distillation); the returned loss excludes both.
     """
-    loss = _attempt(model, optimizer, loss_fn, batch, precision(True), penalty)
+    terms = (penalty, extra)
+    loss = _attempt(model, optimizer, loss_fn, batch, precision(True), terms)
     retried = False
     if loss is None and low_precision:
         retried = True
-        loss = _attempt(model, optimizer, loss_fn, batch, precision(False), penalty)
+        loss = _attempt(model, optimizer, loss_fn, batch, precision(False), terms)
     if loss is None:
         return StepResult(float("nan"), retried)
     optimizer.step()
@@ -73,16 +77,19 @@ def _attempt(
     loss_fn: DiceLoss,
     batch: tuple[Tensor, Tensor, Tensor],
     context: AbstractContextManager[object],
-    penalty: Callable[[], Tensor] | None,
+    terms: tuple[Callable[[], Tensor] | None, Extra | None],
 ) -> float | None:
     """Gradients of one forward/backward in ``context``; None (gradients cleared, buffers restored) if not finite."""
+    penalty, extra = terms
     image, label, mask = batch
     optimizer.zero_grad(set_to_none=True)
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
     with context:
         logits = model(image)
+        added = extra(logits, batch) if extra is not None else None
     loss = loss_fn(logits.float(), label, mask)
-    objective = loss + penalty() if penalty is not None else loss
+    objective = loss + added if added is not None else loss
+    objective = objective + penalty() if penalty is not None else objective
     finite = bool(torch.isfinite(objective.detach()))
     if finite:
         objective.backward()

@@ -6,6 +6,7 @@ loaded into ``model``; everything it needs comes in through :class:`TrainConfig`
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -23,9 +24,10 @@ from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.data.sampling import PatchSampler
 from fedseg.common.engine.config import TrainConfig, lr_factor
 from fedseg.common.engine.device import autocast_active, autocast_for, seed_everything
-from fedseg.common.engine.step import guarded_step
+from fedseg.common.engine.step import Extra, guarded_step
 from fedseg.common.engine.validation import validate
 from fedseg.common.nn.loss import DiceLoss
+from fedseg.common.nn.pseudo import folded_distillation
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ def train_model(
     )
     prox = ProximalTerm(model, cfg.prox_mu, reference_weights) if cfg.prox_mu > 0 else None
     low = autocast_active(device, cfg.amp, cfg.cpu_bf16)
+    extra = _pseudo_labels(model, cases, cfg.pseudo_weight)
 
     def precision(configured: bool) -> AbstractContextManager[object]:
         return autocast_for(device, cfg.amp, cfg.cpu_bf16) if configured else nullcontext()
@@ -205,7 +208,7 @@ def train_model(
         for step, batch in enumerate(sampler, start=1):
             image, label, mask = _to_device(batch, device, cfg.channels_last)
             _set_lr(optimizer, cfg.lr * lr_factor(done + step - 1, horizon, cfg.lr_schedule, cfg.warmup_steps))
-            result = guarded_step(model, optimizer, loss_fn, (image, label, mask), precision, low, prox)
+            result = guarded_step(model, optimizer, loss_fn, (image, label, mask), precision, low, prox, extra)
             loss = result.loss
             report.fp32_retries += result.retried_fp32
             if not result.applied:
@@ -237,6 +240,23 @@ def train_model(
     finite = [x for x in report.loss_history if math.isfinite(x)]
     report.mean_loss = float(np.mean(finite)) if finite else float("nan")
     return report
+
+
+def _pseudo_labels(model: nn.Module, cases: Sequence[PreparedCase], weight: float) -> Extra | None:
+    """The pseudo-label term (:mod:`fedseg.common.nn.pseudo`) with a frozen copy of ``model`` as it is now as the
+    teacher, or None when ``weight`` is 0 or every case annotates every class."""
+    if weight <= 0 or all(all(case.annotated) for case in cases):
+        return None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def term(logits: Tensor, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        image, label, mask = batch
+        with torch.no_grad():
+            target_logits: Tensor = teacher(image)
+        scaled: Tensor = folded_distillation(logits, target_logits, label, mask) * weight
+        return scaled
+
+    return term
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -43,3 +43,21 @@ def test_adamw_leaves_unannotated_head_rows_in_place(case: PreparedCase) -> None
     assert _head_drift(case, coupled=False) < 1e-7
     # Coupled L2 inside Adam is normalised into a step of ~lr per step: 10 steps x 3e-3 ~ 0.03.
     assert _head_drift(case, coupled=True) > 1e-2
+
+
+def _trained(case: PreparedCase, pseudo_weight: float) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_scale=16))
+    cfg = TrainConfig(
+        steps=2, patch_size=(32, 32, 32), lr=3e-3, augment=False, pseudo_weight=pseudo_weight, cpu_bf16=False
+    )
+    train_model(model, [case], cfg, "cpu", progress=False)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_pseudo_labels_change_training_only_where_a_site_leaves_classes_unannotated(case: PreparedCase) -> None:
+    plain, pseudo = _trained(case, 0.0), _trained(case, 1.0)
+    assert any(not torch.equal(plain[k], pseudo[k]) for k in plain)  # the teacher's targets moved the weights
+    full = PreparedCase(**{**vars(case), "annotated": (True,) * len(case.annotated)})
+    plain_full, pseudo_full = _trained(full, 0.0), _trained(full, 1.0)
+    assert all(torch.equal(plain_full[k], pseudo_full[k]) for k in plain_full)  # nothing to pseudo-label
