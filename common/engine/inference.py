@@ -169,38 +169,27 @@ def _blend(
 
     A bf16 result that is not finite is computed again in fp32 (see :mod:`fedseg.common.engine.step` for why).
     """
-    blended = _sliding_window(model, x, patch, device, overlap, attention, sw_batch_size, amp)
-    if autocast_active(device, *amp) and not all(bool(torch.isfinite(v).all()) for _, v in blended):
+    out: list[tuple[str, torch.Tensor]] = []
+    for precision in (amp, (False, False)):
+        with torch.inference_mode(), autocast_for(device, *precision):
+            blended = sliding_window_inference(
+                x,
+                roi_size=window_size(tuple(x.shape[2:]), patch),
+                sw_batch_size=sw_batch_size,
+                predictor=_predictor(model, attention),
+                overlap=overlap,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=float(x.min()),
+                sw_device=device,
+                device=torch.device("cpu"),
+            )
+        assert isinstance(blended, dict)  # our predictor always returns a dict
+        out = [(name, value.float()) for name, value in blended.items()]
+        if not autocast_active(device, *precision) or all(bool(torch.isfinite(v).all()) for _, v in out):
+            break
         log.warning("inference was not finite in bf16; computed again in fp32")
-        blended = _sliding_window(model, x, patch, device, overlap, attention, sw_batch_size, (False, False))
-    return blended
-
-
-def _sliding_window(
-    model: nn.Module,
-    x: torch.Tensor,
-    patch: tuple[int, int, int],
-    device: torch.device,
-    overlap: float,
-    attention: bool,
-    sw_batch_size: int,
-    amp: tuple[bool, CpuBf16],
-) -> list[tuple[str, torch.Tensor]]:
-    with torch.inference_mode(), autocast_for(device, *amp):
-        blended = sliding_window_inference(
-            x,
-            roi_size=window_size(tuple(x.shape[2:]), patch),
-            sw_batch_size=sw_batch_size,
-            predictor=_predictor(model, attention),
-            overlap=overlap,
-            mode="gaussian",
-            padding_mode="constant",
-            cval=float(x.min()),
-            sw_device=device,
-            device=torch.device("cpu"),
-        )
-    assert isinstance(blended, dict)  # our predictor always returns a dict
-    return [(name, value.float()) for name, value in blended.items()]
+    return out
 
 
 @dataclass(frozen=True)
