@@ -103,6 +103,8 @@ class Job:
     feature_scale: int
     threads: int
     cpu_bf16: str
+    augment: bool = False
+    pseudo_weight: float = 1.0
 
 
 def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
@@ -116,10 +118,11 @@ def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
     }
     val = [make_case(job.size, 0, c, job.seed) for c in range(job.val_cases)]
     patch = (job.size,) * 3
+    loss = "marginal" if job.variant == "full" else job.variant.split("-")[0]
     train_cfg = TrainConfig(
         steps=job.local_steps, patch_size=patch, batch_size=2, lr=job.lr, ce_weight=1.0, foreground_prob=0.67,
-        augment=False, seed=job.seed, partial_loss="marginal" if job.variant == "full" else job.variant.split("-")[0],
-        cpu_bf16=bf16_setting(job.cpu_bf16), pseudo_weight=1.0 if job.variant.endswith("-pseudo") else 0.0,
+        augment=job.augment, seed=job.seed, partial_loss=loss, cpu_bf16=bf16_setting(job.cpu_bf16),
+        pseudo_weight=job.pseudo_weight if job.variant.endswith("-pseudo") else 0.0,
     )  # fmt: skip
     torch.manual_seed(job.seed)  # the same initial weights for every variant of this seed and network
     model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
@@ -194,6 +197,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="1e-2 diverged: every Dice 0.000")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per job")
     parser.add_argument("--jobs", type=int, default=1, help="federations run at once (processes)")
+    parser.add_argument("--augment", action="store_true", help="the paper's random affine and flips on every patch")
+    parser.add_argument("--pseudo-weight", type=float, default=1.0, help="pseudo_weight of the *-pseudo variants")
     add_cpu_bf16_option(parser)
     parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} (means over seeds) here")
     args = parser.parse_args()
@@ -208,7 +213,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
         Job(v, a, s, args.size, args.cases, args.val_cases, args.rounds, args.local_steps, args.lr,
-            args.feature_scale, args.threads, args.cpu_bf16)
+            args.feature_scale, args.threads, args.cpu_bf16, args.augment, args.pseudo_weight)
         for a in archs for v in args.variants.split(",") for s in seeds
     ]  # fmt: skip
     print(f"sites {SITES}; {len(jobs)} federations of {args.rounds} rounds x {args.local_steps} steps, "

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, POLL_ENV
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, write_node_config
 from fedseg.client.telemetry import EVENTS_FILE
 from fedseg.common.data.layouts import CaseFiles
@@ -45,6 +46,7 @@ class JoinOptions:
         max_restarts: give up after this many restarts; None restarts forever.
         trusted_apps: FAB hashes whose runs may execute here (the installed fedseg app plus ``--trust-app``).
         warm: fork each ClientApp from a process that imported it once (False: a fresh process per message).
+        poll_seconds: longest idle sleep of the SuperNode between pulls (:mod:`fedseg.client.pollnode`; Flower: 3).
     """
 
     server: str
@@ -54,6 +56,7 @@ class JoinOptions:
     max_restarts: int | None = None
     trusted_apps: frozenset[str] = frozenset()
     warm: bool = True
+    poll_seconds: float = DEFAULT_POLL_SECONDS
 
 
 #: What the gate's fork server imports once when ``warm``: the ClientApp (torch, MONAI, fedseg), and
@@ -110,10 +113,16 @@ def check_and_prepare(
     return site, report, cases
 
 
+def supernode_command() -> list[str]:
+    """How to start Flower's SuperNode: through :mod:`fedseg.client.pollnode`, which caps its idle sleeps."""
+    flower_executable("flower-supernode")  # a clear error if Flower is missing
+    return [sys.executable, "-m", "fedseg.client.pollnode"]
+
+
 def supernode_argv(opts: JoinOptions, node_config: Path) -> list[str]:
-    """Command line of ``flower-supernode`` for this site."""
+    """Command line of Flower's SuperNode for this site."""
     argv = [
-        flower_executable("flower-supernode"),
+        *supernode_command(),
         "--superlink",
         opts.server,
         "--host",
@@ -192,7 +201,7 @@ def run_supernode(
     """
     node_config = write_node_config(site, site.workdir / NODE_CONFIG_FILE)
     argv = supernode_argv(opts, node_config)
-    env = flower_env(site.workdir / "flwr-home")
+    env = flower_env(site.workdir / "flwr-home", {POLL_ENV: str(opts.poll_seconds)})
     restarts = 0
     backoff = 0.5
     with Supervisor() as sup:

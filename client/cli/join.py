@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from fedseg.client.cli.live import SiteProgress
 from fedseg.client.policy import site_policy
+from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, POLL_RANGE
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
 from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
@@ -125,6 +126,16 @@ def join_command(
             "torch and fedseg once (slower per round; uses ~0.5 GB less memory between rounds).",
         ),
     ] = False,
+    poll_seconds: Annotated[
+        float,
+        typer.Option(
+            "--poll-seconds",
+            min=POLL_RANGE[0],
+            max=POLL_RANGE[1],
+            help="Longest wait between the SuperNode's pulls for a task while idle (Flower's own: 3; each pull is "
+            "one small request to the server).",
+        ),
+    ] = DEFAULT_POLL_SECONDS,
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
@@ -162,6 +173,7 @@ def join_command(
         max_restarts=max_restarts,
         trusted_apps=trusted,
         warm=not cold_start,
+        poll_seconds=poll_seconds,
     )
     limits = policy.model_dump(exclude_none=True, exclude={"devices"})
     if limits:

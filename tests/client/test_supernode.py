@@ -35,7 +35,8 @@ def _site(data: Path, workdir: Path) -> SiteConfig:
 
 def test_supernode_argv_plain_and_with_tls_and_auth(tmp_path: Path) -> None:
     argv = supernode_argv(JoinOptions(server="10.0.0.5:9092", port=9999), tmp_path / "n.toml")
-    assert argv[1:] == ["--superlink", "10.0.0.5:9092", "--host", "127.0.0.1", "--port", "9999", "--node-config",
+    assert argv[:3] == [sys.executable, "-m", "fedseg.client.pollnode"]
+    assert argv[3:] == ["--superlink", "10.0.0.5:9092", "--host", "127.0.0.1", "--port", "9999", "--node-config",
                         str(tmp_path / "n.toml"), "--isolation", "process", "--insecure"]  # fmt: skip
     secure = JoinOptions(server="h:1", port=1, root_certificates=tmp_path / "ca.crt", auth_key=tmp_path / "k")
     argv = supernode_argv(secure, tmp_path / "n.toml")
@@ -101,7 +102,7 @@ def test_supernode_is_restarted_until_the_limit(tmp_path: Path, monkeypatch: pyt
     fake = tmp_path / "fake-supernode"
     fake.write_text(f"#!{sys.executable}\nimport sys\nprint('fake', sys.argv[1:])\nsys.exit(3)\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(join_module, "flower_executable", lambda name: str(fake))
+    monkeypatch.setattr(join_module, "supernode_command", lambda: [str(fake)])
     waits: list[float] = []
     site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
     restarts = run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=2), sleep=waits.append)
@@ -160,7 +161,7 @@ def test_restarts_leave_no_zombies(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     spawn = f"subprocess.Popen([sys.executable, '-c', {helper!r}])"
     fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n{spawn}\nsys.exit(3)\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(join_module, "flower_executable", lambda name: str(fake))
+    monkeypatch.setattr(join_module, "supernode_command", lambda: [str(fake)])
     site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
     pauses: list[float] = []
 

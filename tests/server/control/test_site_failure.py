@@ -35,7 +35,7 @@ def _supernode_of(workdir: Path) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if "flower-supernode" in cmdline and str(workdir) in cmdline:
+            if "fedseg.client.pollnode" in cmdline and str(workdir) in cmdline:
                 return int(entry.name)
     return None
 
