@@ -30,7 +30,9 @@
     --cold-start``). ``--compare`` runs the three steps one after the other, per-tensor + cold (before both
     changes), packed + cold, packed + warm, and prints them side by side: push + forward and start-up seconds, round
     wall and overhead, bytes per site per round and Flower objects per message. ``--feature-scale`` sets the
-    network width (4 = the paper's model).
+    network width (4 = the paper's model). ``--poll-seconds`` is the sites' ``fed-client join --poll-seconds``
+    (the SuperNode's longest idle sleep, :mod:`fedseg.client.pollnode`); ``--compare-poll`` runs packed + warm at
+    Flower's own 3 s, then at ``--poll-seconds``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, FLOWER_POLL_SECONDS
 from fedseg.common.cli.logs import setup_logging
 from fedseg.common.data.manifest import GLOBAL_CLASSES, load_manifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
@@ -93,6 +96,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cold-start", action="store_true", help="(c): sites start each ClientApp from scratch")
     parser.add_argument("--transport", choices=("fp32", "fp16", "bf16"), default="fp32", help="(c): weights' precision")
     parser.add_argument("--compare", action="store_true", help="(c): per-tensor+cold, packed+cold, packed+warm")
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=DEFAULT_POLL_SECONDS,
+        help="(c): the sites' fed-client join --poll-seconds",
+    )
+    parser.add_argument(
+        "--compare-poll",
+        action="store_true",
+        help=f"(c): packed+warm at Flower's {FLOWER_POLL_SECONDS:g} s, then --poll-seconds",
+    )
     return parser.parse_args()
 
 
@@ -176,16 +190,23 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _label(packed: bool, warm: bool) -> str:
-    return f"{'packed' if packed else 'per-tensor'} {'warm' if warm else 'cold'}"
+#: One anatomy federation's form: packed weights, warm ClientApps, the SuperNode's idle poll cap in seconds.
+Form = tuple[bool, bool, float]
 
 
-def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool, warm: bool) -> dict[str, float]:
+def _label(form: Form) -> str:
+    packed, warm, poll = form
+    return f"{'packed' if packed else 'per-tensor'} {'warm' if warm else 'cold'} poll {poll:g}"
+
+
+def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], form: Form) -> dict[str, float]:
     """One anatomy federation: print its table, return its summary (means over the trained rounds)."""
-    name = "anatomy-" + _label(packed, warm).replace(" ", "-")
+    packed, warm, poll = form
+    name = "anatomy-" + _label(form).replace(" ", "-")
     started = time.perf_counter()
+    join = ("--poll-seconds", str(poll)) if warm else ("--cold-start", "--poll-seconds", str(poll))
     with server_packing(packed):
-        rows, _ = federate(args, name, settings, () if warm else ("--cold-start",))
+        rows, _ = federate(args, name, settings, join)
     wall = time.perf_counter() - started
     out = args.out / name
     server = EventTail(out / "run" / EVENTS_FILE).read()
@@ -193,9 +214,10 @@ def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool
         f"site-{i}": EventTail(out / "sites" / f"site-{i}" / "events.jsonl").read() for i in range(1, args.sites + 1)
     }
     rounds = round_anatomy(server, sites)
-    form = "packed (one array per message)" if packed else "per-tensor (one array per tensor)"
+    form_text = "packed (one array per message)" if packed else "per-tensor (one array per tensor)"
     start = "forked warm" if warm else "started from scratch"
-    print(f"\n(c) round anatomy, weights {form}, ClientApps {start}: {args.sites} sites, loopback, "
+    print(f"\n(c) round anatomy, weights {form_text}, ClientApps {start}, SuperNode idle poll {poll:g} s: "
+          f"{args.sites} sites, loopback, "
           f"feature_scale {args.feature_scale}, "
           f"{args.local_steps} steps of {settings['train']['patch_size'][0]}^3 per round; seconds along the slowest "
           f"site's path (whole run {wall:.0f} s)")  # fmt: skip
@@ -204,6 +226,7 @@ def anatomy_run(args: argparse.Namespace, settings: dict[str, Any], packed: bool
     trained = [r for r in rows if r.round > 0 and r.sites]
     moved = [sum(r.phases()[k] or 0.0 for k in ("push", "forward")) for r in rounds]
     return {
+        "send": _mean([r.phases()["send"] or 0.0 for r in rounds]),
         "push+forward": _mean(moved),
         "start-up": _mean([r.phases()["start-up"] or 0.0 for r in rounds]),
         "wall": _mean([r.wall for r in rounds]),
@@ -227,13 +250,19 @@ def anatomy(args: argparse.Namespace) -> None:
             "patch_size": [side] * 3,
         },
     }
-    forms = [(False, False), (True, False), (True, True)] if args.compare else [(not args.no_pack, not args.cold_start)]
-    results = {form: anatomy_run(args, settings, *form) for form in forms}
+    poll = args.poll_seconds
+    forms: list[Form] = [(not args.no_pack, not args.cold_start, poll)]
+    if args.compare:
+        forms = [(False, False, poll), (True, False, poll), (True, True, poll)]
+    elif args.compare_poll:
+        forms = [(True, True, FLOWER_POLL_SECONDS), (True, True, poll)]
+    results = {form: anatomy_run(args, settings, form) for form in forms}
     objects = dict(zip((False, True), flower_objects(args.feature_scale), strict=True))
     print("\n(c) summary, means over the rounds (push + forward: slowest site; bytes: weights payload per site)")
     columns = (
-        "weights, start",
+        "weights, start, poll",
         "objects/msg",
+        "send s",
         "start-up s",
         "push+forward s",
         "wall s",
@@ -242,12 +271,13 @@ def anatomy(args: argparse.Namespace) -> None:
         "up MB/site",
         "run s",
     )
-    widths = (17, 11, 10, 14, 7, 10, 12, 10, 6)
+    widths = (26, 11, 6, 10, 14, 7, 10, 12, 10, 6)
     print(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
-    for (packed, warm), r in results.items():
+    for form, r in results.items():
         cells = (
-            _label(packed, warm),
-            objects[packed],
+            _label(form),
+            objects[form[0]],
+            f"{r['send']:.2f}",
             f"{r['start-up']:.2f}",
             f"{r['push+forward']:.2f}",
             f"{r['wall']:.2f}",

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 POLL_ENV = "FEDSEG_SUPERNODE_POLL"
 DEFAULT_POLL_SECONDS = 0.5
-#: Bounds of the cap: below, an idle site floods the SuperLink with pulls; above, Flower's own 3 s is shorter.
-POLL_RANGE = (0.05, 3.0)
+#: Flower 1.42's own sleep after a pull that found no task.
+FLOWER_POLL_SECONDS = 3.0
+#: Bounds of the cap: below, an idle site floods the SuperLink with pulls; above, Flower's own sleep is shorter.
+POLL_RANGE = (0.05, FLOWER_POLL_SECONDS)
 
 
 class CappedClock:
