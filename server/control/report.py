@@ -48,7 +48,7 @@ def dice_plot(rows: Sequence[RoundRow]) -> str:
     organs = sorted({k for r in rows for k, v in r.dice.items() if v is not None and k != "dice_mean"})
     if not organs:
         return ""
-    fig = Figure(figsize=(7, 3.5), dpi=100)
+    fig = Figure(figsize=(8, 3.5), dpi=100)
     ax = fig.subplots()
     for key in [*organs, "dice_mean"]:
         points = [(r.round, r.dice[key]) for r in rows if r.dice.get(key) is not None]
@@ -61,7 +61,8 @@ def dice_plot(rows: Sequence[RoundRow]) -> str:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="central Dice", ylim=(0, 1), title="Central validation Dice per organ")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # Outside the axes: inside, it covered the last rounds, where the curves end.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _figure_uri(fig)
 
 
