@@ -134,6 +134,14 @@ def test_join_cli_rejects_bad_options_in_one_line(tmp_path: Path, args: list[str
     assert message in result.output.replace("\n", " ")
 
 
+@pytest.mark.parametrize("value", ["10", "0.01"])
+def test_join_cli_refuses_a_poll_interval_out_of_range(tmp_path: Path, value: str) -> None:
+    result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path), "--poll-seconds", value])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # Typer's error box, wrapped at any width
+    assert f"Invalid value for '--poll-seconds': {float(value)} is not in the range 0.05<=x<=3.0" in text
+
+
 def test_join_cli_rejects_a_missing_data_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path / "nope")])
     assert result.exit_code == 1
