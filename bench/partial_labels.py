@@ -11,6 +11,7 @@ training cases) runs four ways, from the same initial weights and the same per-r
     (d) full        the same sites with every organ labelled, plain FedAvg
     marginal-plain  (not run by default) the marginal loss with plain FedAvg of the output head too
     marginal-pseudo (not run by default) (c) plus pseudo-labels from the round's global model (pseudo_weight 1)
+    marginal-excl   (not run by default) (c) plus the paper's exclusion term (exclusion_weight 1)
 
 Dice per organ of the global model on fully labelled phantoms from a neutral scanner no site uses (sliding
 window), mean over ``--seeds`` (each seed: other patients, other scanners, another initialisation). Goals:
@@ -65,8 +66,9 @@ SITES: dict[str, tuple[str, ...]] = {
 }
 VARIANTS = ("naive", "exclusion", "marginal", "full")
 #: Also runnable (``--variants``): the marginal loss with plain FedAvg of the output head too; marginal + class-aware
-#: head + pseudo-labels from the round's global model (``pseudo_weight = 1``, :mod:`fedseg.common.nn.pseudo`).
-EXTRA_VARIANTS = ("marginal-plain", "marginal-pseudo")
+#: head + pseudo-labels from the round's global model (``pseudo_weight = 1``, :mod:`fedseg.common.nn.pseudo`);
+#: marginal + class-aware head + the exclusion term (``exclusion_weight = 1``, :mod:`fedseg.common.nn.loss`).
+EXTRA_VARIANTS = ("marginal-plain", "marginal-pseudo", "marginal-excl")
 Scores = dict[str, float]
 
 
@@ -107,6 +109,7 @@ class Job:
     cpu_bf16: str
     augment: bool = False
     pseudo_weight: float = 1.0
+    exclusion_weight: float = 1.0
 
 
 def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
@@ -125,10 +128,11 @@ def run_job(job: Job) -> tuple[Job, Scores, float, Counter[str]]:
         steps=job.local_steps, patch_size=patch, batch_size=2, lr=job.lr, ce_weight=1.0, foreground_prob=0.67,
         augment=job.augment, seed=job.seed, partial_loss=loss, cpu_bf16=bf16_setting(job.cpu_bf16),
         pseudo_weight=job.pseudo_weight if job.variant.endswith("-pseudo") else 0.0,
+        exclusion_weight=job.exclusion_weight if job.variant.endswith("-excl") else 0.0,
     )  # fmt: skip
     torch.manual_seed(job.seed)  # the same initial weights for every variant of this seed and network
     model = build_model(ModelConfig(arch=job.arch, feature_scale=job.feature_scale))
-    aggregate = class_aware_average if job.variant in ("marginal", "marginal-pseudo") else None
+    aggregate = class_aware_average if job.variant in ("marginal", "marginal-pseudo", "marginal-excl") else None
     recipe = Recipe(local_steps=job.local_steps)
     tally: Counter[str] = Counter()
     steps = job.rounds * job.local_steps
@@ -206,9 +210,13 @@ def parse_args() -> argparse.Namespace:
         help="the paper's random affine and flips on every patch",
     )
     parser.add_argument("--pseudo-weight", type=float, default=1.0, help="pseudo_weight of the *-pseudo variants")
+    parser.add_argument("--exclusion-weight", type=float, default=1.0, help="exclusion_weight of the *-excl variants")
     add_cpu_bf16_option(parser)
     parser.add_argument("--json", type=Path, help="write {variant: {organ: dice}} (means over seeds) here")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS + EXTRA_VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     if args.quick:
         args.seeds, args.rounds, args.val_cases = "0,1", 20, 6
     return args
@@ -220,7 +228,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
         Job(v, a, s, args.size, args.cases, args.val_cases, args.rounds, args.local_steps, args.lr,
-            args.feature_scale, args.threads, args.cpu_bf16, args.augment, args.pseudo_weight)
+            args.feature_scale, args.threads, args.cpu_bf16, args.augment, args.pseudo_weight, args.exclusion_weight)
         for a in archs for v in args.variants.split(",") for s in seeds
     ]  # fmt: skip
     print(f"sites {SITES}; {len(jobs)} federations of {args.rounds} rounds x {args.local_steps} steps, "
