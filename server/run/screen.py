@@ -63,7 +63,7 @@ class Kept:
 
 @dataclass
 class Screened:
-    """What a round's screening leaves: the replies kept (in arrival order) and the ones rejected."""
+    """What a round's screening leaves: the replies kept (in node-id order) and the ones rejected."""
 
     kept: list[Kept] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
@@ -130,7 +130,11 @@ class RoundScreen:
         release_freed_memory()  # the reply's buffers: else the heap keeps them and grows with every site
 
     def finish(self, server_round: int) -> Screened:
-        """The identity checks, the norm bound and the direction check over the round's valid replies."""
+        """The identity checks (in arrival order), then the norm bound and the direction check over the round's
+        valid replies in node-id order: floating-point sums (BLAS uses fused multiply-adds) depend on the order of
+        their terms, so in arrival order (which Flower's random sampling also shuffles) the same replies gave
+        another global model in the last bits, and a resumed run was not the straight one.
+        """
         out = Screened(rejected=list(self.rejected))
         named: list[Kept] = []
         for kept in self.valid:
@@ -141,6 +145,7 @@ class RoundScreen:
             if note := policy_note(kept.reply.message.content):
                 log.warning("round %d: %s trained under its site policy: %s", server_round, kept.reply.site, note)
             named.append(kept)
+        named.sort(key=lambda k: k.reply.node)
         problems = norm_outliers([k.norm for k in named], self.limits.max_update_ratio, self.limits.max_update_norm)
         bounded = [k for k, p in zip(named, problems, strict=True) if p is None]
         out.rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(named, problems, strict=True) if p]

@@ -4,6 +4,7 @@ identical strategy state (FedAdam moments, pinned sites); rejections and update 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 class ArithmeticGrid:
     """Sites whose "training" is a fixed function of the received weights; node 13 sends NaN from round 2 on."""
 
-    def __init__(self, rogue: bool = False) -> None:
+    def __init__(self, rogue: bool = False, reverse: bool = False) -> None:
         self.nodes = [11, 12, 13] if rogue else [11, 12]
+        if reverse:  # with the same random state, Flower's sampling then sends (and pulls) in the other order
+            self.nodes.reverse()
         self.calls = 0
         self.pending: dict[str, Message] = {}
 
@@ -85,6 +88,17 @@ def _digest(path: Path) -> str:
 
 def _overrides(out: Path, rounds: int) -> list[str]:
     return [f"rounds={rounds}", f"output_dir={out}", "model.feature_scale=64", 'strategy.name="fedadam"']
+
+
+def test_the_global_model_does_not_depend_on_the_order_replies_arrive_in(tmp_path: Path) -> None:
+    digests = []
+    for reverse in (False, True):
+        cfg = load_server_config(None, _overrides(tmp_path / str(reverse), 3))
+        save_config(cfg)
+        random.seed(0)
+        serve(ArithmeticGrid(reverse=reverse), new_spec(cfg))  # type: ignore[arg-type]
+        digests.append(_digest(tmp_path / str(reverse) / "checkpoints" / "last.pt"))
+    assert digests[0] == digests[1]
 
 
 def test_resume_continues_with_identical_weights_and_strategy_state(tmp_path: Path) -> None:
