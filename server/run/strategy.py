@@ -226,7 +226,7 @@ class RecordingStrategy(Strategy):
             screen = RoundScreen(self._reference, self._weight_keys, self._transport, self.limits, self.registry, spill)
             for reply in replies:
                 screen.intake(reply)
-            screened = screen.finish(server_round)
+            screened = screen.finish(self.round_offset + server_round)  # logs name the run's own round number
             kept = screened.kept
             stats.sites = [site_round(k.reply, k.norm, k.cosine) for k in kept]
             stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
@@ -237,7 +237,7 @@ class RecordingStrategy(Strategy):
             if len(kept) < self.min_replies:
                 log.warning(
                     "round %d: %d usable replies (< min_replies=%d); keeping the previous global model",
-                    server_round,
+                    self.round_offset + server_round,
                     len(kept),
                     self.min_replies,
                 )
@@ -272,7 +272,7 @@ class RecordingStrategy(Strategy):
         if bad:
             log.error(
                 "round %d: the aggregate has non-finite values in %s; keeping the previous model",
-                server_round,
+                self.round_offset + server_round,
                 ", ".join(bad[:3]),
             )
             return None, None

@@ -4,6 +4,7 @@ identical strategy state (FedAdam moments, pinned sites); rejections and update 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,7 +102,9 @@ def test_the_global_model_does_not_depend_on_the_order_replies_arrive_in(tmp_pat
     assert digests[0] == digests[1]
 
 
-def test_resume_continues_with_identical_weights_and_strategy_state(tmp_path: Path) -> None:
+def test_resume_continues_with_identical_weights_and_strategy_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     straight = tmp_path / "straight"
     cfg = load_server_config(None, _overrides(straight, 3))
     save_config(cfg)
@@ -112,7 +115,11 @@ def test_resume_continues_with_identical_weights_and_strategy_state(tmp_path: Pa
     save_config(cfg)
     serve(ArithmeticGrid(), new_spec(cfg))  # type: ignore[arg-type]
     assert _digest(split / "checkpoints" / "last.pt") != _digest(straight / "checkpoints" / "last.pt")
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="fedseg")
     serve(ArithmeticGrid(), resume_spec(split, ["rounds=3"]))  # type: ignore[arg-type]
+    screening = [r.getMessage() for r in caplog.records if "direction check" in r.getMessage()]
+    assert screening == ["round 3: direction check skipped: 2 replies within the norm bound (needs 3)"]
 
     assert _digest(split / "checkpoints" / "last.pt") == _digest(straight / "checkpoints" / "last.pt")
     a, b = load_state(straight / "checkpoints", 3), load_state(split / "checkpoints", 3)
