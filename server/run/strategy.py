@@ -222,11 +222,12 @@ class RecordingStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies as they arrive, record per-site numbers, enforce ``min_replies``, then aggregate."""
         stats = self.stats.setdefault(server_round, RoundStats())
+        run_round = self.round_offset + server_round  # what logs and the inner strategy see (resumed runs count on)
         with Spill(self._reference, self._weight_keys, self.spill_dir) as spill:
             screen = RoundScreen(self._reference, self._weight_keys, self._transport, self.limits, self.registry, spill)
             for reply in replies:
                 screen.intake(reply)
-            screened = screen.finish(self.round_offset + server_round)  # logs name the run's own round number
+            screened = screen.finish(run_round)
             kept = screened.kept
             stats.sites = [site_round(k.reply, k.norm, k.cosine) for k in kept]
             stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
@@ -237,18 +238,16 @@ class RecordingStrategy(Strategy):
             if len(kept) < self.min_replies:
                 log.warning(
                     "round %d: %d usable replies (< min_replies=%d); keeping the previous global model",
-                    self.round_offset + server_round,
+                    run_round,
                     len(kept),
                     self.min_replies,
                 )
                 return None, None
-            return self.combine(server_round, kept, spill)
+            return self.combine(run_round, kept, spill)
 
-    def combine(
-        self, server_round: int, kept: list[Kept], spill: Spill
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The inner strategy's aggregate of the (clipped) weights, plus pooled BN statistics (under ``bn = "local"``
-        the global BatchNorm unchanged), in the model's dtypes."""
+    def combine(self, run_round: int, kept: list[Kept], spill: Spill) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The inner strategy's aggregate of the (clipped) weights for the run's round ``run_round``, plus pooled BN
+        statistics (under ``bn = "local"`` the global BatchNorm unchanged), in the model's dtypes."""
         ref = self._reference
         keys = self._weight_keys
         if self.plain_mean:  # FedAvg/FedProx aggregate to the case-weighted mean itself
@@ -256,7 +255,7 @@ class RecordingStrategy(Strategy):
             arrays = {k: mean.pop(k) for k in keys}
             metrics: MetricRecord | None = self._metrics(kept)
         else:
-            record, metrics = self.inner.aggregate_train(self.round_offset + server_round, self._inputs(kept, spill))
+            record, metrics = self.inner.aggregate_train(run_round, self._inputs(kept, spill))
             if record is None:
                 return None, metrics
             arrays = {k: record[k].numpy() for k in keys}
@@ -272,7 +271,7 @@ class RecordingStrategy(Strategy):
         if bad:
             log.error(
                 "round %d: the aggregate has non-finite values in %s; keeping the previous model",
-                self.round_offset + server_round,
+                run_round,
                 ", ".join(bad[:3]),
             )
             return None, None
