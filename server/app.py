@@ -19,7 +19,7 @@ from fedseg.common.errors import ConfigError, format_validation_error
 from fedseg.common.runtime.applog import detach, log_to_file
 from fedseg.server.config import RUN_CONFIG_KEY, RunSpec
 from fedseg.server.control.runs import PRIVATE_DIR, SPEC_ENV
-from fedseg.server.control.sites import read_node_sites
+from fedseg.server.control.sites import case_pins, read_node_sites, read_sites
 from fedseg.server.run.loop import serve
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     handler = log_to_file(out / LOG_FILE)
     outcome = "failed"
     try:
-        serve(grid, spec, registered)
+        serve(grid, spec, registered, case_pins(read_sites(spec.config.sites_file)))
         outcome = "completed"
     except Exception:
         log.exception("the ServerApp failed")

@@ -65,6 +65,8 @@ RUN_CONFIG_KEY = "config-json"
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"
 ]
+#: How much a reply counts in the aggregate (:mod:`fedseg.server.run.weighting`).
+Weighting = Literal["cases", "equal", "capped"]
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -110,6 +112,14 @@ class StrategyConfig(BaseModel):
     )
     clip_norm: float = Field(default=0.0, ge=0, description="clip each accepted update to this norm; 0 = off")
     max_examples: int = Field(default=100_000, ge=1, description="cap on a reply's num-examples (training cases)")
+    weighting: Weighting = Field(
+        default="capped",
+        description="aggregation weight of a reply: cases (as declared), equal, or capped (cases, at most "
+        "max_weight_ratio x the round's low median); a site pinned in sites.toml counts its pin",
+    )
+    max_weight_ratio: float = Field(
+        default=2.0, ge=1, description="capped: largest weight as a multiple of the round's low-median cases"
+    )
     bn: BatchNormMode = Field(
         default="pooled", description="pooled: the server pools BatchNorm; local: each site keeps its own (FedBN)"
     )

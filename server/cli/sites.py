@@ -25,10 +25,19 @@ def add_command(
     name: Annotated[str, typer.Argument(help="Site name, as results will report it.")],
     key: Annotated[Path, typer.Argument(help="The site's public key (site-key.pub from `fed-client keygen`).")],
     file: FileOption = Path("sites.toml"),
+    cases: Annotated[
+        int | None,
+        typer.Option(
+            "--cases",
+            help="Training cases agreed with the site out of band: replies declaring more are rejected, and the "
+            "site's aggregation weight is this number.",
+        ),
+    ] = None,
 ) -> None:
     """Allow a site's key (takes effect at the next `fed-server start`)."""
-    add_site(file, name, key)
-    console.print(f"site [bold]{escape(name)}[/] allowed in {escape(str(file))}")
+    add_site(file, name, key, cases)
+    pinned = f" with {cases} cases pinned" if cases is not None else ""
+    console.print(f"site [bold]{escape(name)}[/] allowed in {escape(str(file))}{pinned}")
 
 
 @sites_app.command("list")
@@ -39,7 +48,8 @@ def list_command(file: FileOption = Path("sites.toml")) -> None:
     if not sites:
         console.print(f"no site allowed in {escape(str(file))}")
     for site in sites:
-        console.print(f"{escape(site.name)}  {escape(site.key[:40])}…")
+        pinned = f"  cases={site.cases}" if site.cases is not None else ""
+        console.print(f"{escape(site.name)}  {escape(site.key[:40])}…{pinned}")
 
 
 @sites_app.command("remove")

@@ -1,7 +1,13 @@
-"""The allow-list of known sites: ``sites.toml`` maps a site name to its SuperNode public key.
+"""The allow-list of known sites: ``sites.toml`` maps a site name to its SuperNode public key and, optionally, the
+number of training cases the operator agreed with that site out of band (``cases = N``): a reply of that site
+declaring more is rejected, and its aggregation weight is the pin (:mod:`fedseg.server.run.weighting`)::
 
-``fed-server sites add NAME KEY.pub`` / ``list`` / ``remove NAME`` edit the file (an operator-side file, never
-reachable through the network). ``fed-server start`` with node authentication registers every key with the
+    [sites.hospital-a]
+    key = "ecdsa-sha2-nistp384 AAAA..."
+    cases = 42
+
+``fed-server sites add NAME KEY.pub [--cases N]`` / ``list`` / ``remove NAME`` edit the file (an operator-side
+file, never reachable through the network). ``fed-server start`` with node authentication registers every key with the
 SuperLink over loopback before the run and writes ``node-sites.json`` (node id -> site name) into the run's
 private folder, so the ServerApp knows which site each node id belongs to.
 """
@@ -29,10 +35,11 @@ NODE_SITES_FILE = "node-sites.json"
 
 @dataclass(frozen=True)
 class Site:
-    """One allowed site: its name and its OpenSSH-format ECDSA public key (one line)."""
+    """One allowed site: its name, its OpenSSH-format ECDSA public key (one line) and its pinned cases (or None)."""
 
     name: str
     key: str
+    cases: int | None = None
 
 
 def check_public_key(text: str, source: str) -> str:
@@ -65,24 +72,43 @@ def read_sites(path: Path) -> list[Site]:
         raise ConfigError(f"{path} is not valid TOML ({err})") from None
     sites = raw.get("sites", {})
     return [
-        Site(name, check_public_key(str(entry.get("key", "")), f"{path} [sites.{name}]"))
+        Site(
+            name,
+            check_public_key(str(entry.get("key", "")), f"{path} [sites.{name}]"),
+            _pinned_cases(entry.get("cases"), f"{path} [sites.{name}] cases"),
+        )
         for name, entry in sites.items()
     ]
 
 
+def _pinned_cases(value: object, source: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{source} must be a positive integer, got {value!r}")
+    return value
+
+
+def case_pins(sites: list[Site]) -> dict[str, int]:
+    """Site name -> pinned cases, for the sites that have a pin."""
+    return {s.name: s.cases for s in sites if s.cases is not None}
+
+
 def _write(path: Path, sites: list[Site]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps({"sites": {s.name: {"key": s.key} for s in sites}}), encoding="utf-8")
+    table = {s.name: {"key": s.key} | ({"cases": s.cases} if s.cases is not None else {}) for s in sites}
+    path.write_text(tomli_w.dumps({"sites": table}), encoding="utf-8")
 
 
-def add_site(path: Path, name: str, public_key: Path) -> Site:
-    """Allow site ``name`` with the key in ``public_key``.
+def add_site(path: Path, name: str, public_key: Path, cases: int | None = None) -> Site:
+    """Allow site ``name`` with the key in ``public_key`` (and ``cases`` pinned, when given).
 
     Raises:
-        ConfigError: bad name, unreadable or invalid key, name or key already listed.
+        ConfigError: bad name or case count, unreadable or invalid key, name or key already listed.
     """
     if not _NAME.match(name):
         raise ConfigError(f"site name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+    _pinned_cases(cases, "--cases")
     if not public_key.is_file():
         raise ConfigError(f"{public_key} does not exist")
     key = check_public_key(public_key.read_text(encoding="utf-8", errors="replace"), str(public_key))
@@ -92,7 +118,7 @@ def add_site(path: Path, name: str, public_key: Path) -> Site:
             raise ConfigError(f"site {name} is already listed; remove it first to change its key")
         if site.key == key:
             raise ConfigError(f"this key is already listed for site {site.name}")
-    site = Site(name, key)
+    site = Site(name, key, cases)
     _write(path, [*sites, site])
     return site
 

@@ -7,21 +7,29 @@ activations were one population weighted by training cases (law of total varianc
 
     mean = Σ w_i mean_i,        var = Σ w_i (var_i + (mean_i − mean)²),        w_i = cases_i / Σ cases
 
-so the result is a valid (non-negative) variance. ``num_batches_tracked`` becomes the largest of the sites'
-counts (it only matters when ``momentum=None``; any average of integer step counters is not a count).
+so the result is a valid (non-negative) variance. The weights ``w_i`` are the replies' aggregation weights
+(:mod:`fedseg.server.run.weighting`), never the raw declared cases. Under a robust rule the statistics are pooled
+robustly too: ``median`` takes the coordinate-wise median of the means and of ``var_i + (mean_i − mean)²`` (a
+median of non-negative numbers, so still a valid variance), ``trimmed`` the same with ``trim`` cut at each end;
+one site raising every ``running_var`` then moves nothing while the others agree. ``num_batches_tracked`` becomes
+the largest of the sites' counts (it only matters when ``momentum=None``; any average of integer step counters is
+not a count).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
+from scipy import stats
 
 NDArray = np.ndarray
 MEAN = "running_mean"
 VAR = "running_var"
 COUNT = "num_batches_tracked"
 _SUFFIXES = (MEAN, VAR, COUNT)
+Pooling = Literal["mean", "median", "trimmed"]
 
 
 def is_bn_statistic(key: str) -> bool:
@@ -30,17 +38,21 @@ def is_bn_statistic(key: str) -> bool:
 
 
 def pooled_statistics(
-    sites: Sequence[Mapping[str, NDArray]], cases: Sequence[int], reference: Mapping[str, NDArray]
+    sites: Sequence[Mapping[str, NDArray]],
+    weights: Sequence[float],
+    reference: Mapping[str, NDArray],
+    pooling: Pooling = "mean",
+    trim: float = 0.2,
 ) -> dict[str, NDArray]:
     """The pooled BatchNorm statistics of ``sites`` (module docstring), in ``reference``'s dtypes.
 
     Args:
         sites: each accepted site's arrays (all of the model's keys).
-        cases: each site's training cases (the weights).
+        weights: each site's aggregation weight (``mean`` pooling only).
         reference: the global model's arrays (keys and dtypes).
+        pooling: ``mean`` (weighted, law of total variance), ``median`` or ``trimmed`` (robust rules).
+        trim: ``trimmed``: the fraction cut at each end.
     """
-    weights = np.asarray(cases, dtype=np.float64)
-    weights = weights / weights.sum()
     out: dict[str, NDArray] = {}
     for key, ref in reference.items():
         if not is_bn_statistic(key):
@@ -50,11 +62,20 @@ def pooled_statistics(
             out[key] = np.asarray(max(int(s[key]) for s in sites), dtype=ref.dtype).reshape(ref.shape)
             continue
         means = np.stack([s[f"{prefix}.{MEAN}"].astype(np.float64) for s in sites])
-        mean = np.tensordot(weights, means, axes=1)
+        mean = _centre(means, weights, pooling, trim)
         if suffix == MEAN:
             out[key] = mean.astype(ref.dtype)
             continue
-        variances = np.stack([s[key].astype(np.float64) for s in sites])
-        var = np.tensordot(weights, variances + (means - mean) ** 2, axes=1)
-        out[key] = var.astype(ref.dtype)
+        spreads = np.stack([s[key].astype(np.float64) for s in sites]) + (means - mean) ** 2
+        out[key] = _centre(spreads, weights, pooling, trim).astype(ref.dtype)
     return out
+
+
+def _centre(stacked: NDArray, weights: Sequence[float], pooling: Pooling, trim: float) -> NDArray:
+    """The sites' weighted mean, coordinate-wise median or trimmed mean along the first axis."""
+    if pooling == "median":
+        return np.asarray(np.median(stacked, axis=0))
+    if pooling == "trimmed":
+        return np.asarray(stats.trim_mean(stacked, trim, axis=0))
+    factors = np.asarray(weights, dtype=np.float64)
+    return np.asarray(np.tensordot(factors / factors.sum(), stacked, axes=1))

@@ -3,7 +3,8 @@
 The output layers of both networks hold one row per class: the four deep-supervision 1×1×1 convolutions and the
 final 1×1×1 convolution that fuses them (:data:`HEAD_LAYERS`). A site that does not annotate class ``c`` has no
 say about what ``c`` looks like, so row ``c`` of these layers is averaged only over the sites that annotate
-``c``, weighted by their training cases; the background row over every site. A class that no site in the round
+``c``, weighted by their aggregation weights (:mod:`fedseg.server.run.weighting`); the background row over every
+site. A class that no site in the round
 annotates keeps the previous global row. Everything else stays as the strategy aggregated it (FedAvg).
 
 :func:`class_aware_head` is a pure function on numpy arrays; :func:`head_of_accepted` is the few lines that read
@@ -30,10 +31,10 @@ HEAD_LAYERS = ("dsv1", "dsv2.dsv.0", "dsv3.dsv.0", "dsv4.dsv.0", "final")
 
 @dataclass(frozen=True)
 class SiteHead:
-    """One site's trained weights, case count and annotated classes (background first, always True)."""
+    """One site's trained weights, aggregation weight and annotated classes (background first, always True)."""
 
     arrays: Mapping[str, np.ndarray]
-    cases: int
+    weight: float
     annotated: Sequence[bool]
 
 
@@ -46,7 +47,7 @@ def head_keys(keys: Sequence[str] | set[str]) -> list[str]:
 def class_aware_head(
     aggregated: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray], sites: Sequence[SiteHead]
 ) -> dict[str, np.ndarray]:
-    """Replace every head row of ``aggregated`` by the case-weighted mean over the sites that annotate its class.
+    """Replace every head row of ``aggregated`` by the weighted mean over the sites that annotate its class.
 
     Args:
         aggregated: the strategy's new global weights (all keys).
@@ -72,7 +73,7 @@ def class_aware_head(
             if not voters:
                 rows[c] = previous[key][c]
                 continue
-            weights = np.array([s.cases for s in voters], dtype=np.float64)
+            weights = np.array([s.weight for s in voters], dtype=np.float64)
             stacked = np.stack([np.asarray(s.arrays[key][c], dtype=np.float64) for s in voters])
             rows[c] = np.tensordot(weights / weights.sum(), stacked, axes=1).astype(rows.dtype)
         out[key] = rows
@@ -82,16 +83,16 @@ def class_aware_head(
 def head_of_accepted(
     merged: Mapping[str, np.ndarray],
     previous: Mapping[str, np.ndarray],
-    replies: Sequence[tuple[Mapping[str, np.ndarray], int, Message]],
+    replies: Sequence[tuple[Mapping[str, np.ndarray], float, Message]],
 ) -> dict[str, np.ndarray]:
-    """:func:`class_aware_head` on validated replies ``(weights, cases, message)``: the new head rows, or ``{}``
+    """:func:`class_aware_head` on validated replies ``(arrays, weight, message)``: the new head rows, or ``{}``
     (``merged`` unchanged) unless every reply names its classes and some site leaves a class unannotated."""
     sites = []
-    for arrays, cases, message in replies:
+    for arrays, weight, message in replies:
         annotated = annotated_of(message.content)
         if annotated is None:
             return {}
-        sites.append(SiteHead({k: arrays[k] for k in head_keys(set(arrays))}, cases, annotated))
+        sites.append(SiteHead({k: arrays[k] for k in head_keys(set(arrays))}, weight, annotated))
     if not sites or all(all(s.annotated) for s in sites):
         return {}  # every site annotates every class: FedAvg already is the class-aware average
     keys = head_keys(set(merged))

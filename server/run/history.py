@@ -28,7 +28,10 @@ class SiteRound(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     site: str
-    cases: int = Field(description="training cases (the averaging weight)")
+    cases: int = Field(description="training cases the site declared")
+    share: float | None = Field(
+        default=None, description="the reply's share of the aggregate (its aggregation weight / the round's total)"
+    )
     loss: float
     samples: int = Field(description="patches seen")
     seconds: float = Field(description="local training wall time")
@@ -109,6 +112,8 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
     for site in row.sites:
         record[f"loss_{site.site}"] = round(site.loss, 6)
         record[f"cases_{site.site}"] = site.cases
+        if site.share is not None:
+            record[f"share_{site.site}"] = round(site.share, 6)
         record[f"train_seconds_{site.site}"] = round(site.seconds, 3)
         if site.update_norm is not None:
             record[f"update_norm_{site.site}"] = round(site.update_norm, 6)

@@ -200,7 +200,12 @@ def _dice_text(dice: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in dice.items()) or "(no central validation)"
 
 
-def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None) -> None:
+def serve(
+    grid: Grid,
+    spec: RunSpec,
+    registered: Mapping[int, str] | None = None,
+    pins: Mapping[str, int] | None = None,
+) -> None:
     """Run ``spec.num_rounds`` rounds of the configured strategy on ``grid``, recording every round.
 
     Args:
@@ -208,6 +213,7 @@ def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None
         spec: the validated run description.
         registered: node id -> site name of the registered site keys (node authentication); those names are
             locked (:meth:`~fedseg.server.run.replies.SiteRegistry.lock`).
+        pins: site name -> the cases pinned in ``sites.toml`` (:mod:`fedseg.server.run.weighting`).
     """
     cfg = spec.config
     out: Path = cfg.output_dir
@@ -224,6 +230,7 @@ def serve(grid: Grid, spec: RunSpec, registered: Mapping[int, str] | None = None
         round_offset=spec.first_round - 1,
         cross_site=CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None,
         spill_dir=fresh_folder(out / CACHE_DIR / SPILL_DIR),
+        pins=pins,
     )
     if spec.initial_checkpoint is not None:
         try:

@@ -43,6 +43,7 @@ from fedseg.server.run.replies import (
 )
 from fedseg.server.run.spill import Spill
 from fedseg.server.run.transport import decoded_weights
+from fedseg.server.run.weighting import pin_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Kept:
     norm: float
     weight_norm: float
     cosine: float = math.nan
+    weight: float = 1.0
 
 
 @dataclass
@@ -79,6 +81,7 @@ class RoundScreen:
         limits: ``max_examples``, the norm bounds and ``min_update_cosine``.
         registry: the run's site names and declared cases.
         spill: where the aggregated weights of each valid reply go.
+        pins: site name -> the cases its operator pinned in ``sites.toml`` (a reply declaring more is rejected).
     """
 
     def __init__(
@@ -89,7 +92,9 @@ class RoundScreen:
         limits: StrategyConfig,
         registry: SiteRegistry,
         spill: Spill,
+        pins: Mapping[str, int] | None = None,
     ) -> None:
+        self.pins = dict(pins or {})
         self.reference = reference
         self.weight_keys = list(weight_keys)
         self.weight_reference = {k: reference[k] for k in self.weight_keys}
@@ -138,7 +143,9 @@ class RoundScreen:
         out = Screened(rejected=list(self.rejected))
         named: list[Kept] = []
         for kept in self.valid:
-            problem = check_identity(kept.reply, self.registry, self.present)
+            problem = pin_problem(kept.reply.site, kept.reply.cases, self.pins) or check_identity(
+                kept.reply, self.registry, self.present
+            )
             if problem is not None:
                 out.rejected.append(Rejected(kept.reply.node, kept.reply.site, problem))
                 continue

@@ -28,6 +28,7 @@ hook's logic lives in its own module.)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
@@ -46,15 +47,16 @@ from fedseg.common.fl.batchnorm import batchnorm_keys
 from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
-from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+from fedseg.server.run.bn import Pooling, is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
-from fedseg.server.run.replies import Accepted, SiteRegistry
+from fedseg.server.run.replies import SiteRegistry
 from fedseg.server.run.screen import Kept, RoundScreen
 from fedseg.server.run.spill import Spill
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
 from fedseg.server.run.transport import encode_messages
+from fedseg.server.run.weighting import aggregation_weights, shares
 
 __all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
 
@@ -76,11 +78,13 @@ class RoundStats:
     cross_site: Matrix = field(default_factory=dict)
 
 
-def site_round(reply: Accepted, norm: float, cosine: float = math.nan) -> SiteRound:
+def site_round(kept: Kept, share: float | None = None) -> SiteRound:
     """The per-site numbers of an accepted reply (a NaN cosine, not checked, is recorded as None)."""
+    reply, norm, cosine = kept.reply, kept.norm, kept.cosine
     return SiteRound(
         site=reply.site,
         cases=reply.cases,
+        share=share,
         loss=reply.loss,
         samples=reply.samples,
         seconds=reply.seconds,
@@ -98,10 +102,12 @@ def clip_scale(norm: float, clip: float) -> float:
 MetricValues = Mapping[str, int | float | list[int] | list[float]]
 
 
-def reply_metrics(reply: Accepted) -> MetricValues:
-    """The four train metrics of an accepted reply, as our ClientApp sends them."""
+def reply_metrics(kept: Kept) -> MetricValues:
+    """The four train metrics of an accepted reply, as our ClientApp sends them, but with its aggregation weight as
+    ``num-examples``: what Flower's own weighted averages (multi-krum, the metrics) then weight by."""
+    reply = kept.reply
     return {
-        WEIGHT_KEY: reply.cases,
+        WEIGHT_KEY: kept.weight,
         "train-loss": reply.loss,
         "train-samples": reply.samples,
         "train-seconds": reply.seconds,
@@ -146,6 +152,7 @@ class RecordingStrategy(Strategy):
         cross_site: when to run cross-site validation at the sites; None = never.
         spill_dir: where a round's replies are spilled while it is screened (None: the system's temporary
             directory; :mod:`fedseg.server.run.spill`).
+        pins: site name -> cases pinned by the operator in ``sites.toml`` (:mod:`fedseg.server.run.weighting`).
     """
 
     def __init__(
@@ -159,8 +166,10 @@ class RecordingStrategy(Strategy):
         round_offset: int = 0,
         cross_site: CrossSite | None = None,
         spill_dir: Path | None = None,
+        pins: Mapping[str, int] | None = None,
     ) -> None:
         self.inner = inner
+        self.pins = dict(pins or {})
         self.spill_dir = spill_dir
         self.min_sites = min_sites
         self.min_replies = min_replies
@@ -224,12 +233,15 @@ class RecordingStrategy(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         run_round = self.round_offset + server_round  # what logs and the inner strategy see (resumed runs count on)
         with Spill(self._reference, self._weight_keys, self.spill_dir) as spill:
-            screen = RoundScreen(self._reference, self._weight_keys, self._transport, self.limits, self.registry, spill)
+            screen = RoundScreen(
+                self._reference, self._weight_keys, self._transport, self.limits, self.registry, spill, self.pins
+            )
             for reply in replies:
                 screen.intake(reply)
             screened = screen.finish(run_round)
-            kept = screened.kept
-            stats.sites = [site_round(k.reply, k.norm, k.cosine) for k in kept]
+            kept = self._weighted(screened.kept)
+            portions = shares([k.weight for k in kept])
+            stats.sites = [site_round(k, share) for k, share in zip(kept, portions, strict=True)]
             stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
             stats.bytes_in = sum(s.bytes_in for s in stats.sites)
             stats.failures = max(stats.sampled - len(kept), 0)
@@ -260,13 +272,14 @@ class RecordingStrategy(Strategy):
                 return None, metrics
             arrays = {k: record[k].numpy() for k in keys}
             del record
-        accepted = [k.reply for k in kept]
         merged = dict(ref)
         if self.limits.bn == "pooled":
-            merged.update(pooled_statistics([a.arrays for a in accepted], [a.cases for a in accepted], ref))
+            sites, weights = [k.reply.arrays for k in kept], [k.weight for k in kept]
+            merged.update(pooled_statistics(sites, weights, ref, self.bn_pooling, self.limits.trim_beta))
         merged.update({k: arrays.pop(k).astype(ref[k].dtype, copy=False) for k in keys})
         if self.class_aware_head:
-            merged.update(headavg.head_of_accepted(merged, ref, [(a.arrays, a.cases, a.message) for a in accepted]))
+            heads = [(k.reply.arrays, k.weight, k.reply.message) for k in kept]
+            merged.update(headavg.head_of_accepted(merged, ref, heads))
         bad = [k for k, v in merged.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
         if bad:
             log.error(
@@ -277,26 +290,43 @@ class RecordingStrategy(Strategy):
             return None, None
         return ArrayRecord({k: Array(np.array(merged.pop(k), order="C")) for k in ref}), metrics
 
+    def _weighted(self, kept: list[Kept]) -> list[Kept]:
+        """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`)."""
+        weights = aggregation_weights(
+            [k.reply.cases for k in kept],
+            self.limits.weighting,
+            self.limits.max_weight_ratio,
+            [k.reply.site in self.pins for k in kept],
+        )
+        return [dataclasses.replace(k, weight=w) for k, w in zip(kept, weights, strict=True)]
+
+    @property
+    def bn_pooling(self) -> Pooling:
+        """How BatchNorm statistics are pooled: weighted under the averaging rules, robustly under a robust one."""
+        if isinstance(self.inner, FedTrimmedAvg):
+            return "trimmed"
+        return "mean" if self.streams else "median"
+
     def _mean(self, kept: list[Kept], spill: Spill) -> dict[str, NDArray]:
-        """The replies' case-weighted mean of the (clipped) weights, slice by slice from the spill: what Flower's
+        """The replies' weighted mean of the (clipped) weights, slice by slice from the spill: what Flower's
         weighted average gives, without every reply in memory at once."""
         scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
-        return spill.weighted_mean([k.row for k in kept], [k.reply.cases for k in kept], scales)
+        return spill.weighted_mean([k.row for k in kept], [k.weight for k in kept], scales)
 
     def _metrics(self, kept: list[Kept]) -> MetricRecord:
         """The replies' metrics aggregated by the inner strategy's own function (case-weighted means)."""
-        records = [RecordDict({METRICS_KEY: MetricRecord(dict(reply_metrics(k.reply)))}) for k in kept]
+        records = [RecordDict({METRICS_KEY: MetricRecord(dict(reply_metrics(k)))}) for k in kept]
         return self.inner.train_metrics_aggr_fn(records, self.inner.weighted_by_key)
 
     def _inputs(self, kept: list[Kept], spill: Spill) -> list[Message]:
         """What the inner strategy aggregates: a FedOpt strategy (FedAdam, FedYogi) the streamed mean as one reply
         (it starts from that mean), a robust rule every reply's (clipped) weights."""
         if self.streams:
-            metrics = {WEIGHT_KEY: sum(k.reply.cases for k in kept), **self._metrics(kept)}
+            metrics = {WEIGHT_KEY: sum(k.weight for k in kept), **self._metrics(kept)}
             return [self._as_reply(kept[0].reply.message, self._mean(kept, spill), metrics)]
         scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
         return [
-            self._as_reply(k.reply.message, spill.load(k.row, scale), reply_metrics(k.reply))
+            self._as_reply(k.reply.message, spill.load(k.row, scale), reply_metrics(k))
             for k, scale in zip(kept, scales, strict=True)
         ]
 

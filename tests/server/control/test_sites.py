@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fedseg.client.keys import make_site_key
 from fedseg.common.errors import ConfigError
 from fedseg.server.cli.main import app
-from fedseg.server.control.sites import add_site, read_sites, remove_site
+from fedseg.server.control.sites import add_site, case_pins, read_sites, remove_site
 
 runner = CliRunner()
 
@@ -64,3 +64,26 @@ def test_sites_cli(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "error: site hospital-a is already listed" in again.output
     assert runner.invoke(app, ["sites", "remove", "hospital-a", "--file", file]).exit_code == 0
     assert "no site allowed" in runner.invoke(app, ["sites", "list", "--file", file]).output
+
+
+def test_case_pins_round_trip_and_bad_pins_are_one_line_errors(tmp_path: Path) -> None:
+    _, pub_a = make_site_key(tmp_path / "a")
+    _, pub_b = make_site_key(tmp_path / "b")
+    sites = tmp_path / "sites.toml"
+    add_site(sites, "hospital-a", pub_a, cases=42)
+    add_site(sites, "hospital-b", pub_b)
+    assert case_pins(read_sites(sites)) == {"hospital-a": 42}
+    assert "cases = 42" in sites.read_text()
+    with pytest.raises(ConfigError, match="--cases must be a positive integer, got 0"):
+        add_site(sites, "c", pub_b, cases=0)
+    sites.write_text(sites.read_text().replace("cases = 42", 'cases = "many"'))
+    with pytest.raises(ConfigError, match=r"\[sites.hospital-a\] cases must be a positive integer, got 'many'"):
+        read_sites(sites)
+
+
+def test_sites_cli_pins_cases(tmp_path: Path) -> None:
+    _, pub = make_site_key(tmp_path / "a")
+    file = str(tmp_path / "sites.toml")
+    added = runner.invoke(app, ["sites", "add", "hospital-a", str(pub), "--cases", "30", "--file", file])
+    assert added.exit_code == 0 and "30 cases pinned" in " ".join(added.output.split())
+    assert "cases=30" in runner.invoke(app, ["sites", "list", "--file", file]).output

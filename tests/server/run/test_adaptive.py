@@ -27,7 +27,7 @@ def _reply(node: int, weights: dict[str, np.ndarray], cases: int) -> Message:
 
 
 def _strategy(name: str, round_offset: int = 0) -> RecordingStrategy:
-    s = StrategyConfig(name=name, server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)  # type: ignore[arg-type]
+    s = StrategyConfig(name=name, weighting="cases", server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)  # type: ignore[arg-type]
     cfg = ServerConfig(min_sites=2, strategy=s)
     return RecordingStrategy(build_strategy(cfg), 2, 1, 1.0, limits=cfg.strategy, round_offset=round_offset)
 

@@ -14,6 +14,9 @@ from fedseg.server.run.headavg import SiteHead, class_aware_head, head_keys
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 from tests.server.run.test_strategy import FakeGrid
 
+#: FedAvg's own weighting (declared cases), which the hand computations here follow.
+CASE_WEIGHTS = StrategyConfig(weighting="cases")
+
 # Four classes. Site A (1 case) annotates background + class 1; site B (3 cases) background + class 2;
 # nobody annotates class 3.
 A_FLAGS, B_FLAGS = (True, True, False, False), (True, False, True, False)
@@ -64,7 +67,9 @@ def _reply(reply: Callable[..., Message], node: int, value: float, cases: int, f
 def test_strategy_applies_it_for_fedavg_and_fedprox(
     reply: Callable[..., Message], name: str, class_aware: bool
 ) -> None:
-    strategy = RecordingStrategy(build_strategy(ServerConfig(strategy=StrategyConfig(name=name))), 2, 1, 1.0)  # type: ignore[arg-type]
+    strategy = RecordingStrategy(
+        build_strategy(ServerConfig(strategy=StrategyConfig(name=name))), 2, 1, 1.0, limits=CASE_WEIGHTS
+    )  # type: ignore[arg-type]
     arrays = ArrayRecord({k: Array(v) for k, v in _weights(-1.0).items()})
     list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))  # type: ignore[arg-type]
     assert strategy.class_aware_head is class_aware
@@ -78,7 +83,7 @@ def test_strategy_applies_it_for_fedavg_and_fedprox(
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_reply_without_flags_leaves_plain_fedavg(reply: Callable[..., Message]) -> None:
-    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, 1.0)
+    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, 1.0, limits=CASE_WEIGHTS)
     list(
         strategy.configure_train(
             1, ArrayRecord({k: Array(v) for k, v in _weights(-1.0).items()}), ConfigRecord(), FakeGrid([1, 2])

@@ -13,6 +13,9 @@ from fedseg.common.errors import FedsegError
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy, wait_for_sites
 
+#: FedAvg's own weighting (declared cases), which the hand computations here follow.
+CASE_WEIGHTS = StrategyConfig(weighting="cases")
+
 
 @pytest.mark.parametrize(
     ("name", "kind"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)]
@@ -78,7 +81,9 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _recorder(min_replies: int = 1) -> RecordingStrategy:
-    return RecordingStrategy(build_strategy(ServerConfig(min_sites=2)), 2, min_replies, site_wait_timeout=1.0)
+    return RecordingStrategy(
+        build_strategy(ServerConfig(min_sites=2)), 2, min_replies, site_wait_timeout=1.0, limits=CASE_WEIGHTS
+    )
 
 
 def _configure(strategy: RecordingStrategy, weights: dict[str, np.ndarray], nodes: int = 2) -> None:

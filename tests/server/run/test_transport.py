@@ -19,6 +19,9 @@ from fedseg.server.run.loop import train_task
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 from fedseg.server.run.transport import PACK_ENV
 
+#: FedAvg's own weighting (declared cases), which the hand computations here follow.
+CASE_WEIGHTS = StrategyConfig(weighting="cases")
+
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 Reply = Callable[..., Message]
@@ -51,7 +54,7 @@ def test_half_transport_sends_half_and_aggregates_in_float32(
     transport: Transport, strategy_name: str, packed: bool, reply: Reply
 ) -> None:
     cfg = ServerConfig(strategy=StrategyConfig(name=strategy_name))  # type: ignore[arg-type]
-    strategy = RecordingStrategy(build_strategy(cfg), 2, 1, site_wait_timeout=1.0)
+    strategy = RecordingStrategy(build_strategy(cfg), 2, 1, site_wait_timeout=1.0, limits=CASE_WEIGHTS)
     full = _global()
     task = task_config(_task(transport, packed))
     messages = list(strategy.configure_train(1, full, task, FakeGrid()))  # type: ignore[arg-type]
@@ -79,7 +82,7 @@ def test_half_transport_sends_half_and_aggregates_in_float32(
 
 
 def test_fp32_transport_sends_the_global_model_unchanged() -> None:
-    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, site_wait_timeout=1.0)
+    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, site_wait_timeout=1.0, limits=CASE_WEIGHTS)
     full = _global()
     messages = list(strategy.configure_train(1, full, task_config(_task("fp32")), FakeGrid()))  # type: ignore[arg-type]
     assert messages[0].content.array_records["arrays"]["w"].numpy().dtype == np.float32
@@ -87,7 +90,7 @@ def test_fp32_transport_sends_the_global_model_unchanged() -> None:
 
 
 def test_a_packed_fp32_task_sends_one_array_and_takes_packed_and_per_tensor_replies(reply: Reply) -> None:
-    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, site_wait_timeout=1.0)
+    strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, site_wait_timeout=1.0, limits=CASE_WEIGHTS)
     full = _global()
     messages = list(strategy.configure_train(1, full, task_config(_task("fp32", True)), FakeGrid()))  # type: ignore[arg-type]
     sent = messages[0].content.array_records["arrays"]
