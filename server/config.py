@@ -107,6 +107,25 @@ class StrategyConfig(BaseModel):
         default=10.0, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
     )
     max_update_norm: float = Field(default=0.0, ge=0, description="absolute bound on ‖w_site − w_global‖; 0 = off")
+    min_update_ratio: float = Field(
+        default=0.01,
+        ge=0,
+        lt=1,
+        description="reject ‖w_site − w_global‖ below this × the round's median (a free-rider); a zero update is "
+        "always rejected; 0 = off",
+    )
+    max_bn_update_ratio: float = Field(
+        default=3.0,
+        ge=0,
+        description="reject a change of the BatchNorm running statistics above this × the round's median (bn = "
+        "pooled; screened apart from the weights); 0 = off",
+    )
+    min_bn_cosine: float = Field(
+        default=-1.0,
+        ge=-1,
+        lt=1,
+        description="reject a BatchNorm statistics change below this cosine with half the others; -1 = off",
+    )
     min_update_cosine: float = Field(
         default=0.0, ge=-1, lt=1, description="reject an update below this cosine with half the others; -1 = off"
     )
@@ -122,6 +141,15 @@ class StrategyConfig(BaseModel):
     )
     bn: BatchNormMode = Field(
         default="pooled", description="pooled: the server pools BatchNorm; local: each site keeps its own (FedBN)"
+    )
+    screen: Literal["loss", "off"] = Field(
+        default="loss",
+        description="loss: score every reply's model on patches of the central validation set and reject one far "
+        "worse than the best reply (needs validation.data; off without it)",
+    )
+    screen_cases: int = Field(default=2, ge=1, description="loss screen: validation cases, one patch each")
+    max_loss_ratio: float = Field(
+        default=10.0, gt=1, description="loss screen: reject a reply whose loss exceeds this × the best reply's"
     )
 
 

@@ -40,6 +40,9 @@ class SiteRound(BaseModel):
     update_cosine: float | None = Field(
         default=None, description="cosine with the round's other updates that half of them reach (None: not checked)"
     )
+    screen_loss: float | None = Field(
+        default=None, description="its model's loss on the server's screening data (None: not screened)"
+    )
 
 
 class Rejection(BaseModel):
@@ -119,6 +122,8 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
             record[f"update_norm_{site.site}"] = round(site.update_norm, 6)
         if site.update_cosine is not None:
             record[f"update_cosine_{site.site}"] = round(site.update_cosine, 6)
+        if site.screen_loss is not None:
+            record[f"screen_loss_{site.site}"] = round(site.screen_loss, 6)
     for rejection in row.rejected:
         record[f"rejected_{rejection.site}"] = rejection.reason
     return record

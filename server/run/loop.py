@@ -23,10 +23,11 @@ from fedseg.common.fl.protocol import TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.events import EventWriter
-from fedseg.server.config import RunSpec
+from fedseg.server.config import RunSpec, ServerConfig
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.crosssite import CrossSite
 from fedseg.server.run.history import History, RoundRow, clean_dice
+from fedseg.server.run.lossscreen import LossScreen, screen_patches
 from fedseg.server.run.overlap import Background
 from fedseg.server.run.state import StrategyState, load_state, save_state
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
@@ -200,6 +201,16 @@ def _dice_text(dice: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in dice.items()) or "(no central validation)"
 
 
+def loss_screen(cfg: ServerConfig, validator: CentralValidator | None) -> LossScreen | None:
+    """The loss screen on the central validation set (:mod:`fedseg.server.run.lossscreen`), unless it is off or
+    there is no central data."""
+    if validator is None or cfg.strategy.screen == "off":
+        return None
+    patches = screen_patches(validator.cases, cfg.validation_patch, cfg.strategy.screen_cases)
+    log.info("loss screen: %d patches of %s from the central validation set", len(patches), cfg.validation_patch)
+    return LossScreen(patches, build_model(cfg.model), cfg.strategy.max_loss_ratio)
+
+
 def serve(
     grid: Grid,
     spec: RunSpec,
@@ -231,6 +242,7 @@ def serve(
         cross_site=CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None,
         spill_dir=fresh_folder(out / CACHE_DIR / SPILL_DIR),
         pins=pins,
+        loss_screen=loss_screen(cfg, validator),
     )
     if spec.initial_checkpoint is not None:
         try:

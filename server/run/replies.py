@@ -282,19 +282,27 @@ def update_norm(arrays: Mapping[str, NDArray], reference: Mapping[str, NDArray])
     return math.sqrt(total)
 
 
-def norm_outliers(norms: Sequence[float], max_ratio: float, max_norm: float) -> list[str | None]:
+def norm_outliers(
+    norms: Sequence[float], max_ratio: float, max_norm: float, min_ratio: float = 0.0, what: str = "update"
+) -> list[str | None]:
     """For each update norm: why it is out of bounds, or None.
 
-    Bounds: ``max_norm`` (absolute; 0 = off) and ``max_ratio`` × the median of ``norms`` (0 = off; needs at
-    least three replies, since with two the median is their mean and bounds nothing).
+    Bounds: never zero (the global model sent back: a free-rider), ``max_norm`` (absolute; 0 = off), at most
+    ``max_ratio`` × the median of ``norms`` and at least ``min_ratio`` × it (each 0 = off; both need at least
+    three replies, since with two the median is their mean and bounds nothing). ``what`` names the norm.
     """
     median = statistics.median(norms) if norms else 0.0
+    relative = len(norms) >= 3
     out: list[str | None] = []
     for norm in norms:
-        if max_norm > 0 and norm > max_norm:
-            out.append(f"update norm {norm:.4g} exceeds max_update_norm {max_norm:.4g}")
-        elif max_ratio > 0 and len(norms) >= 3 and norm > max_ratio * median:
-            out.append(f"update norm {norm:.4g} exceeds {max_ratio:g} x the round's median {median:.4g}")
+        if norm == 0:
+            out.append(f"the {what} is zero: the reply is the model it was sent (nothing trained)")
+        elif max_norm > 0 and norm > max_norm:
+            out.append(f"{what} norm {norm:.4g} exceeds max_update_norm {max_norm:.4g}")
+        elif relative and max_ratio > 0 and norm > max_ratio * median:
+            out.append(f"{what} norm {norm:.4g} exceeds {max_ratio:g} x the round's median {median:.4g}")
+        elif relative and min_ratio > 0 and norm < min_ratio * median:
+            out.append(f"{what} norm {norm:.4g} is below {min_ratio:g} x the round's median {median:.4g}")
         else:
             out.append(None)
     return out
@@ -343,15 +351,22 @@ def cosines_from_gram(gram: NDArray) -> list[float]:
     return out
 
 
-def direction_outliers(cosines: Sequence[float], min_cosine: float) -> list[str | None]:
+def direction_outliers(
+    cosines: Sequence[float], min_cosine: float, what: str = "update", setting: str = "min_update_cosine"
+) -> list[str | None]:
     """For each cosine (:func:`update_cosines`): why its update points away from the other updates, or None.
 
-    ``min_cosine = -1`` is off (no cosine is below −1); NaN (no direction, or too few replies) never rejects.
+    ``min_cosine = -1`` is off (no cosine is below −1, and nothing is rejected); otherwise a NaN (a zero update:
+    no direction at all) is rejected too. The caller checks directions only with
+    :data:`MIN_DIRECTION_REPLIES` or more replies.
     """
+    off = min_cosine <= -1
     return [
-        f"update direction: half of the other updates reach only cosine {c:.3f} with it, "
-        f"below min_update_cosine {min_cosine:g}"
-        if not math.isnan(c) and c < min_cosine
-        else None
+        None
+        if off or (not math.isnan(c) and c >= min_cosine)
+        else f"{what} has no direction (zero)"
+        if math.isnan(c)
+        else f"{what} direction: half of the other updates reach only cosine {c:.3f} with it, "
+        f"below {setting} {min_cosine:g}"
         for c in cosines
     ]

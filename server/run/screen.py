@@ -52,8 +52,9 @@ NDArray = np.ndarray
 
 @dataclass(frozen=True)
 class Kept:
-    """A reply that passed every check: its small arrays and metrics, its spill row and its update norms (over every
-    floating-point array, and over the aggregated weights only: the one clipping bounds)."""
+    """A reply that passed every check: its small arrays and metrics, its spill row, its update norms (over every
+    floating-point array; over the aggregated weights only, the one screened and clipped; over the pooled BatchNorm
+    running statistics), its cosine and its aggregation weight (:mod:`fedseg.server.run.weighting`)."""
 
     reply: Accepted
     row: int
@@ -61,6 +62,8 @@ class Kept:
     weight_norm: float
     cosine: float = math.nan
     weight: float = 1.0
+    bn_norm: float = 0.0
+    screen_loss: float = math.nan
 
 
 @dataclass
@@ -103,6 +106,10 @@ class RoundScreen:
         self.registry = registry
         self.spill = spill
         self.small_keys = {k for k in reference if is_bn_statistic(k)} | set(head_keys(set(reference)))
+        pooled = limits.bn == "pooled"  # under "local" the replies carry the BatchNorm they were sent
+        self.bn_reference = {
+            k: v for k, v in reference.items() if pooled and is_bn_statistic(k) and v.dtype.kind == "f"
+        }
         self.present: set[int] = set()
         self.valid: list[Kept] = []
         self.rejected: list[Rejected] = []
@@ -130,7 +137,8 @@ class RoundScreen:
         small = {k: np.array(arrays[k]) for k in self.small_keys}  # copies: views would keep the whole reply
         reply.content[ARRAYS_KEY] = ArrayRecord()  # the weights now live in the spill only
         kept = dataclasses.replace(checked, arrays=small, bytes_in=wire_bytes or checked.bytes_in)
-        self.valid.append(Kept(kept, row, norm, weight_norm))
+        bn_norm = update_norm({k: arrays[k] for k in self.bn_reference}, self.bn_reference)
+        self.valid.append(Kept(kept, row, norm, weight_norm, bn_norm=bn_norm))
         del checked, arrays
         release_freed_memory()  # the reply's buffers: else the heap keeps them and grows with every site
 
@@ -153,13 +161,39 @@ class RoundScreen:
                 log.warning("round %d: %s trained under its site policy: %s", server_round, kept.reply.site, note)
             named.append(kept)
         named.sort(key=lambda k: k.reply.node)
-        problems = norm_outliers([k.norm for k in named], self.limits.max_update_ratio, self.limits.max_update_norm)
-        bounded = [k for k, p in zip(named, problems, strict=True) if p is None]
-        out.rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(named, problems, strict=True) if p]
-        out.kept = self._directions(server_round, bounded, out.rejected)
+        out.kept = self._bounded(named, out.rejected)
+        out.kept = self._directions(server_round, out.kept, out.rejected)
         for r in out.rejected:
             log.warning("round %d: rejected the reply of %s (node %d): %s", server_round, r.site, r.node, r.reason)
         return out
+
+    def _bounded(self, named: list[Kept], rejected: list[Rejected]) -> list[Kept]:
+        """The norm bounds, on the aggregated weights' update and then, separately, on the BatchNorm statistics'
+        (which would dominate a norm over both: ×3 on every weight raised that one only 1.28×)."""
+        lim = self.limits
+        weights = norm_outliers(
+            [k.weight_norm for k in named], lim.max_update_ratio, lim.max_update_norm, lim.min_update_ratio
+        )
+        kept = _split(named, weights, rejected)
+        if not self.bn_reference:
+            return kept
+        what = "BatchNorm statistics update"
+        stats = norm_outliers([k.bn_norm for k in kept], lim.max_bn_update_ratio, 0.0, 0.0, what)
+        return _split(kept, stats, rejected)
+
+    def _bn_directions(self, kept: list[Kept], rejected: list[Rejected]) -> list[Kept]:
+        """The direction check of the BatchNorm statistics' updates (``min_bn_cosine``), from the small arrays."""
+        if not self.bn_reference or self.limits.min_bn_cosine <= -1 or len(kept) < MIN_DIRECTION_REPLIES:
+            return kept
+        deltas = np.stack([self._bn_delta(k) for k in kept])
+        cosines = cosines_from_gram(deltas @ deltas.T)
+        what = "BatchNorm statistics update"
+        return _split(kept, direction_outliers(cosines, self.limits.min_bn_cosine, what, "min_bn_cosine"), rejected)
+
+    def _bn_delta(self, kept: Kept) -> NDArray:
+        """A reply's change of the BatchNorm running statistics, flattened (float64)."""
+        arrays = kept.reply.arrays
+        return np.concatenate([(arrays[k] - ref).astype(np.float64).ravel() for k, ref in self.bn_reference.items()])
 
     def _directions(self, server_round: int, bounded: list[Kept], rejected: list[Rejected]) -> list[Kept]:
         """The direction check (``min_update_cosine``) over the replies within the norm bound; appends to
@@ -175,7 +209,11 @@ class RoundScreen:
             return bounded
         cosines = cosines_from_gram(self.spill.gram([k.row for k in bounded]))
         problems = direction_outliers(cosines, self.limits.min_update_cosine)
-        rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(bounded, problems, strict=True) if p]
-        return [
-            dataclasses.replace(k, cosine=c) for k, c, p in zip(bounded, cosines, problems, strict=True) if p is None
-        ]
+        with_cosines = [dataclasses.replace(k, cosine=c) for k, c in zip(bounded, cosines, strict=True)]
+        return self._bn_directions(_split(with_cosines, problems, rejected), rejected)
+
+
+def _split(items: list[Kept], problems: Sequence[str | None], rejected: list[Rejected]) -> list[Kept]:
+    """The items without a problem; the others appended to ``rejected`` with theirs."""
+    rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(items, problems, strict=True) if p]
+    return [k for k, p in zip(items, problems, strict=True) if p is None]

@@ -44,15 +44,16 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.batchnorm import batchnorm_keys
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport, annotated_of
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
 from fedseg.server.run.bn import Pooling, is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
-from fedseg.server.run.replies import SiteRegistry
-from fedseg.server.run.screen import Kept, RoundScreen
+from fedseg.server.run.lossscreen import LossScreen
+from fedseg.server.run.replies import Rejected, SiteRegistry
+from fedseg.server.run.screen import Kept, RoundScreen, Screened
 from fedseg.server.run.spill import Spill
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
 from fedseg.server.run.transport import encode_messages
@@ -91,6 +92,7 @@ def site_round(kept: Kept, share: float | None = None) -> SiteRound:
         bytes_in=reply.bytes_in,
         update_norm=norm,
         update_cosine=None if math.isnan(cosine) else cosine,
+        screen_loss=None if math.isnan(kept.screen_loss) else kept.screen_loss,
     )
 
 
@@ -153,6 +155,8 @@ class RecordingStrategy(Strategy):
         spill_dir: where a round's replies are spilled while it is screened (None: the system's temporary
             directory; :mod:`fedseg.server.run.spill`).
         pins: site name -> cases pinned by the operator in ``sites.toml`` (:mod:`fedseg.server.run.weighting`).
+        loss_screen: scores each reply's model on the server's own data (:mod:`fedseg.server.run.lossscreen`);
+            None = off.
     """
 
     def __init__(
@@ -167,8 +171,10 @@ class RecordingStrategy(Strategy):
         cross_site: CrossSite | None = None,
         spill_dir: Path | None = None,
         pins: Mapping[str, int] | None = None,
+        loss_screen: LossScreen | None = None,
     ) -> None:
         self.inner = inner
+        self.loss_screen = loss_screen
         self.pins = dict(pins or {})
         self.spill_dir = spill_dir
         self.min_sites = min_sites
@@ -239,7 +245,7 @@ class RecordingStrategy(Strategy):
             for reply in replies:
                 screen.intake(reply)
             screened = screen.finish(run_round)
-            kept = self._weighted(screened.kept)
+            kept = self._weighted(self._loss_screened(run_round, screened, spill))
             portions = shares([k.weight for k in kept])
             stats.sites = [site_round(k, share) for k, share in zip(kept, portions, strict=True)]
             stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
@@ -289,6 +295,39 @@ class RecordingStrategy(Strategy):
             )
             return None, None
         return ArrayRecord({k: Array(np.array(merged.pop(k), order="C")) for k in ref}), metrics
+
+    def _loss_screened(self, run_round: int, screened: Screened, spill: Spill) -> list[Kept]:
+        """The replies whose model is not far worse than the best one on the server's screening data (the others
+        appended to ``screened.rejected``), with their screening loss (:mod:`fedseg.server.run.lossscreen`)."""
+        screen = self.loss_screen
+        if screen is None or not screened.kept:
+            return screened.kept
+        started = time.perf_counter()
+        flags = [annotated_of(k.reply.message.content) for k in screened.kept]
+        losses = [
+            screen.loss({**self._reference, **spill.load(k.row), **k.reply.arrays}, f)
+            for k, f in zip(screened.kept, flags, strict=True)
+        ]
+        finite = [v for v in losses if math.isfinite(v)]
+        best = min(finite) if finite else math.inf
+        kept = []
+        for k, loss in zip(screened.kept, losses, strict=True):
+            problem = screen.problem(loss, best)
+            if problem is None:
+                kept.append(dataclasses.replace(k, screen_loss=loss))
+                continue
+            screened.rejected.append(Rejected(k.reply.node, k.reply.site, problem))
+            log.warning(
+                "round %d: rejected the reply of %s (node %d): %s", run_round, k.reply.site, k.reply.node, problem
+            )
+        log.info(
+            "round %d: loss screen in %.1f s: %s (the global model's %.4g)",
+            run_round,
+            time.perf_counter() - started,
+            ", ".join(f"{k.reply.site} {v:.4g}" for k, v in zip(screened.kept, losses, strict=True)),
+            screen.loss(self._reference),
+        )
+        return kept
 
     def _weighted(self, kept: list[Kept]) -> list[Kept]:
         """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`)."""

@@ -48,3 +48,9 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> object:
     root = tmp_path_factory.mktemp("server-phantoms") / "data"
     generate_phantoms(root, sites=2, cases_per_site=2, val_cases=1, size=(16, 16, 16))
     return root
+
+
+def trained(weights: dict[str, np.ndarray], step: float = 0.5) -> dict[str, np.ndarray]:
+    """``weights`` after a (pretend) local training: every floating-point array moved by ``step``, since a reply
+    that sends back the model it was sent is a free-rider and rejected."""
+    return {k: (v + step).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}

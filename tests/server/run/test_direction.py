@@ -86,7 +86,8 @@ def test_two_updates_or_a_zero_update_have_no_direction() -> None:
     assert all(math.isnan(c) for c in update_cosines(two, reference))
     cosines = update_cosines([*two, {"a": np.zeros(2, np.float32)}], reference)  # cosine 0 with a zero update
     assert cosines[:2] == [0.0, 0.0] and math.isnan(cosines[2])
-    assert direction_outliers([math.nan], 0.5) == [None]
+    assert direction_outliers([math.nan], 0.5) == ["update has no direction (zero)"]  # a NaN never passes
+    assert direction_outliers([math.nan], -1.0) == [None]  # unless the check is off
 
 
 @pytest.mark.parametrize("bad", [-1.5, 1.0, 2.0])

@@ -17,6 +17,7 @@ from fedseg.server.config import RunSpec, ServerConfig, TLSConfig
 from fedseg.server.control.runs import SPEC_ENV
 from fedseg.server.control.sites import NODE_SITES_FILE
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
+from tests.server.conftest import trained
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -49,22 +50,32 @@ def test_a_registered_site_reporting_another_sites_name_is_rejected(
 ) -> None:
     strategy = _locked()
     # hospital-b's node is silent this round: without the lock its name would be free to take
-    _round(strategy, 1, weights, [reply(11, weights, 2, site="hospital-b")])
+    _round(strategy, 1, weights, [reply(11, trained(weights), 2, site="hospital-b")])
     stats = strategy.stats[1]
     assert stats.sites == []
     assert [(r.site, r.reason) for r in stats.rejected] == [
         ("hospital-b", "node 11 is registered as site 'hospital-a' (its key) and claims to be 'hospital-b'")
     ]
     assert any("rejected the reply of hospital-b (node 11)" in r.getMessage() for r in caplog.records)
-    _round(strategy, 2, weights, [reply(11, weights, 2, site="hospital-a")])
+    _round(strategy, 2, weights, [reply(11, trained(weights), 2, site="hospital-a")])
     assert [s.site for s in strategy.stats[2].sites] == ["hospital-a"]
 
 
 def test_a_registered_name_never_passes_to_another_node(reply: Reply, weights: dict[str, np.ndarray]) -> None:
     strategy = _locked()
-    _round(strategy, 1, weights, [reply(11, weights, 2, site="hospital-a"), reply(12, weights, 3, site="hospital-b")])
+    _round(
+        strategy,
+        1,
+        weights,
+        [reply(11, trained(weights), 2, site="hospital-a"), reply(12, trained(weights), 3, site="hospital-b")],
+    )
     # round 2: hospital-a's node is silent; an unregistered node and hospital-b's node both claim its name
-    _round(strategy, 2, weights, [reply(13, weights, 2, site="hospital-a"), reply(12, weights, 3, site="hospital-a")])
+    _round(
+        strategy,
+        2,
+        weights,
+        [reply(13, trained(weights), 2, site="hospital-a"), reply(12, trained(weights), 3, site="hospital-a")],
+    )
     assert strategy.stats[2].sites == []
     assert [r.reason for r in strategy.stats[2].rejected] == [
         "node 13 has no registered site key",
@@ -80,7 +91,7 @@ def test_a_resumed_runs_pins_follow_the_names_to_the_newly_registered_nodes(
     strategy.registry.names, strategy.registry.cases = {1: "hospital-a", 2: "hospital-b"}, {1: 2, 2: 3}
     strategy.registry.lock(REGISTERED)  # a new start registered the keys again: new node ids
     assert strategy.registry.names == REGISTERED and strategy.registry.cases == {11: 2, 12: 3}
-    _round(strategy, 1, weights, [reply(12, weights, 4, site="hospital-b")])
+    _round(strategy, 1, weights, [reply(12, trained(weights), 4, site="hospital-b")])
     assert [r.reason for r in strategy.stats[1].rejected] == [
         "num-examples 4 exceeds the 3 cases this site declared first"
     ]

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian, FedProx,
 from fedseg.common.errors import FedsegError
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy, wait_for_sites
+from tests.server.conftest import trained
 
 #: FedAvg's own weighting (declared cases), which the hand computations here follow.
 CASE_WEIGHTS = StrategyConfig(weighting="cases")
@@ -117,7 +118,7 @@ def test_errors_and_malformed_replies_are_dropped_not_fatal(
     _configure(strategy, weights, nodes=4)
     good = reply(1, {"w": np.ones((2, 2), np.float32), "n": np.array(1)}, cases=2, site="a")
     wrong_keys = reply(2, {"other": np.ones(2, np.float32)}, cases=2, site="b")
-    no_metrics = reply(3, weights, cases=2, metrics={"num-examples": 2}, site="c")
+    no_metrics = reply(3, trained(weights), cases=2, metrics={"num-examples": 2}, site="c")
     arrays, _ = strategy.aggregate_train(1, [good, wrong_keys, no_metrics, failed_reply(4)])
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)))
@@ -130,7 +131,7 @@ def test_late_replies_count_as_failures_and_unnamed_sites_use_the_node_id(
 ) -> None:
     strategy = _recorder()
     _configure(strategy, weights, nodes=3)
-    strategy.aggregate_train(1, [reply(7, weights, cases=1)])
+    strategy.aggregate_train(1, [reply(7, trained(weights), cases=1)])
     assert strategy.stats[1].failures == 2
     assert strategy.stats[1].sites[0].site == "node-7"
 
@@ -140,7 +141,7 @@ def test_too_few_replies_keep_the_previous_model(
 ) -> None:
     strategy = _recorder(min_replies=2)
     _configure(strategy, weights)
-    arrays, metrics = strategy.aggregate_train(1, [reply(1, weights, cases=1, site="a"), failed_reply(2)])
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, trained(weights), cases=1, site="a"), failed_reply(2)])
     assert arrays is None and metrics is None
     assert len(strategy.stats[1].sites) == 1
 
@@ -149,7 +150,7 @@ def test_on_round_callback_sees_the_stats(weights: dict[str, np.ndarray], reply:
     seen = []
     strategy = RecordingStrategy(build_strategy(ServerConfig()), 2, 1, 1.0, on_round=lambda r, s: seen.append((r, s)))
     _configure(strategy, weights)
-    strategy.aggregate_train(1, [reply(1, weights, cases=1, site="a")])
+    strategy.aggregate_train(1, [reply(1, trained(weights), cases=1, site="a")])
     assert seen[0][0] == 1 and seen[0][1].sites[0].site == "a"
 
 
@@ -171,9 +172,9 @@ def test_a_reply_trained_under_a_site_policy_is_used_and_logged(
 ) -> None:
     strategy = _recorder()
     _configure(strategy, weights)
-    clamped = reply(1, weights, cases=2, site="a")
+    clamped = reply(1, trained(weights), cases=2, site="a")
     clamped.content.config_records["site"]["policy"] = "steps 250 -> 100 (max_steps)"
-    strategy.aggregate_train(1, [clamped, reply(2, weights, cases=2, site="b")])
+    strategy.aggregate_train(1, [clamped, reply(2, trained(weights), cases=2, site="b")])
     assert [s.site for s in strategy.stats[1].sites] == ["a", "b"]
     logged = [r.getMessage() for r in caplog.records if "site policy" in r.getMessage()]
     assert logged == ["round 1: a trained under its site policy: steps 250 -> 100 (max_steps)"]
