@@ -3,10 +3,10 @@
 A loopback Flower federation costs about two minutes of process start-up per round on a 2-core machine
 (``federation.py`` part (a) measures it), which rules out the long budgets and repeated seeds an accuracy
 comparison needs. Here every site trains in this process with the same trainer the ClientApp calls
-(:func:`fedseg.common.engine.train.train_model`) and the server step is the one ``fed-server`` runs by default:
-Flower's weighted average (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`) for every tensor
-except the BatchNorm running statistics, which are pooled by the law of total variance
-(:func:`fedseg.server.run.bn.pooled_statistics`).
+(:func:`fedseg.common.engine.train.train_model`) and the server step is the one ``fed-server`` runs by default,
+through :class:`fedseg.server.run.offline.OfflineAggregator` (reply screens, capped case weights, Flower's
+strategy, BatchNorm statistics pooled by the law of total variance, the class-aware head where sites declare
+their classes).
 
 What a recipe may change (one thing at a time in the benchmark):
 
@@ -30,8 +30,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from fedseg.common.data.io import Volume
@@ -44,7 +42,8 @@ from fedseg.common.engine.validation import validate
 from fedseg.common.fl.protocol import round_seed
 from fedseg.common.synthetic.anatomy import ORGANS
 from fedseg.common.synthetic.phantoms import NEUTRAL_ACQUISITION, render_case, site_acquisition
-from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+from fedseg.server.config import ServerConfig
+from fedseg.server.run.offline import OfflineAggregator, SiteReply
 
 ORGAN_NAMES = GLOBAL_CLASSES[1:]
 State = dict[str, torch.Tensor]
@@ -113,17 +112,23 @@ def _numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def server_average(states: Sequence[State], site_cases: Sequence[Sequence[PreparedCase]], reference: State) -> State:
-    """``fed-server``'s default aggregate: Flower's weighted average by training cases, BatchNorm statistics pooled."""
-    cases = [len(c) for c in site_cases]
-    sites = [_numpy(s) for s in states]
-    weights = [k for k in reference if not is_bn_statistic(k)]
-    records = [
-        RecordDict({"arrays": ArrayRecord({k: Array(s[k]) for k in weights}), "metrics": MetricRecord({"n": n})})
-        for s, n in zip(sites, cases, strict=True)
+def server_average(
+    states: Sequence[State], site_cases: Sequence[Sequence[PreparedCase]], reference: State, class_aware: bool = False
+) -> State:
+    """``fed-server``'s default aggregation of one round (:class:`fedseg.server.run.offline.OfflineAggregator`: the
+    same reply screens, capped case weights, BatchNorm pooling; with ``class_aware`` each site declares the classes
+    its cases annotate, so the output head is averaged class-aware). A round that keeps the previous model returns
+    ``reference``."""
+    replies = [
+        SiteReply(
+            f"site-{i}",
+            _numpy(state),
+            len(cases),
+            tuple(any(c.annotated[j] for c in cases) for j in range(len(cases[0].annotated))) if class_aware else None,
+        )
+        for i, (state, cases) in enumerate(zip(states, site_cases, strict=True), start=1)
     ]
-    merged = {k: a.numpy() for k, a in aggregate_arrayrecords(records, "n").items()}
-    merged.update(pooled_statistics(sites, cases, _numpy(reference)))
+    merged, _ = OfflineAggregator(ServerConfig(min_sites=1))(_numpy(reference), replies)
     return {k: torch.from_numpy(np.ascontiguousarray(merged[k])).to(reference[k].dtype) for k in reference}
 
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import torch
 from fedsim import (
     ORGAN_NAMES,
@@ -57,7 +56,6 @@ from fedsim import (
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.nn.model import ModelConfig, build_model
-from fedseg.server.run.headavg import SiteHead, class_aware_head
 
 SITES: dict[str, tuple[str, ...]] = {
     "A": ("pancreas",),
@@ -75,20 +73,9 @@ Scores = dict[str, float]
 def class_aware_average(
     states: Sequence[State], site_cases: Sequence[Sequence[PreparedCase]], reference: State
 ) -> State:
-    """fed-server's average, then each class's output-head row averaged only over the sites that annotate it."""
-    merged = server_average(states, site_cases, reference)
-    heads = [
-        SiteHead(
-            {k: v.numpy() for k, v in state.items()},
-            len(cases),
-            tuple(any(c.annotated[i] for c in cases) for i in range(len(cases[0].annotated))),
-        )
-        for state, cases in zip(states, site_cases, strict=True)
-    ]
-    fixed = class_aware_head(
-        {k: v.numpy() for k, v in merged.items()}, {k: v.numpy() for k, v in reference.items()}, heads
-    )
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in fixed.items()}
+    """fed-server's average with each site's annotated classes declared: each class's output-head row averaged only
+    over the sites that annotate it."""
+    return server_average(states, site_cases, reference, class_aware=True)
 
 
 @dataclass(frozen=True)

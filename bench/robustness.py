@@ -9,15 +9,29 @@ honestly first):
 * ``nan``: one weight element set to NaN (likewise);
 * ``sign-flip``: it trains, then sends w_global − (w_trained − w_global), its update reversed (the weights; its
   BatchNorm running statistics as trained, so that no negative variance gives it away);
+* ``x1.5`` / ``x3``: it trains, then sends its update scaled by 1.5 or 3;
+* ``lie``: "a little is enough" (Baruch et al. 2019): every weight coordinate at the honest sites' mean update
+  minus one standard deviation of their updates (it sees the honest updates: the strongest form);
+* ``orthogonal``: a payload orthogonal to its honest update, of the same length;
+* ``label-flip``: it trains honestly on its own cases with the organ labels permuted;
+* ``free-rider``: it sends back the model it received and claims 100000 cases (from round 1 on: it trains
+  honestly in round 1 only, with that claim);
+* ``bn-var``: it trains honestly, then raises every BatchNorm ``running_var`` ×3;
+* ``case-liar``: it trains honestly, adds a secret offset (+0.01 on every weight) and claims 100000 cases in
+  every reply, its first included;
 * ``none``: it stays honest (measures the honest sites' update cosines over every round).
+
+Each row also prints the attacker's mean share of the aggregate over the rounds it attacked (its aggregation
+weight over the round's total; 0 when rejected; an equal mix of three sites is 0.33).
 
 The reference of each aggregator is the same federation in which site 3 simply **leaves** from round 2 on (same
 start, same round 1 with all three sites, then the two honest sites; same seeds): "final − ref" is what the attack
 costs beyond losing the site. Trainings are cached by (global model, site, round), so rows that end up with the
 same global models (an attacker rejected every round) cost no extra training.
 
-Aggregators: FedAvg with validation (the default server), coordinate-wise median, trimmed mean, Krum (f = 1);
-each also with the direction check off (``min_update_cosine = -1``); every one validates replies. Prints Dice per
+Aggregators: FedAvg with validation and the loss screen on the central set (the default server), FedAvg without
+the loss screen, coordinate-wise median, trimmed mean, Krum (f = 1); each robust rule also with the direction
+check off (``min_update_cosine = -1``); every one validates replies. Prints Dice per
 round, the sites' update cosines and rejections, and the final Dice difference to the reference.
 
     nice -n 10 python bench/robustness.py --quick     # 3 rounds x 3 steps, 32^3 phantoms
@@ -28,6 +42,7 @@ round, the sites' update cosines and rejections, and the final Dice difference t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import tempfile
 import time
@@ -53,6 +68,7 @@ from fedseg.common.nn.model import ModelConfig, build_model
 from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.bn import is_bn_statistic
+from fedseg.server.run.lossscreen import LossScreen, screen_patches
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 
 Attack = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -82,19 +98,79 @@ def _honest(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict
     return trained
 
 
+def _weights_only(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Attack:
+    """An attack that changes the aggregated weights' update ``u`` to ``fn(u, key)``, BatchNorm statistics as
+    trained."""
+
+    def attack(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            k: (glob[k] + fn(v - glob[k], glob[k])).astype(v.dtype)
+            if v.dtype.kind == "f" and not is_bn_statistic(k)
+            else v
+            for k, v in trained.items()
+        }
+
+    return attack
+
+
+def _orthogonal(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keys = [k for k, v in trained.items() if v.dtype.kind == "f" and not is_bn_statistic(k)]
+    update = np.concatenate([(trained[k] - glob[k]).ravel() for k in keys]).astype(np.float64)
+    noise = np.random.default_rng(0).standard_normal(update.size)
+    noise -= update * (noise @ update) / (update @ update)
+    noise *= np.linalg.norm(update) / np.linalg.norm(noise)
+    out, at = dict(trained), 0
+    for k in keys:
+        n = trained[k].size
+        out[k] = (glob[k] + noise[at : at + n].reshape(glob[k].shape)).astype(trained[k].dtype)
+        at += n
+    return out
+
+
+def _bn_var(trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (v * 3).astype(v.dtype) if k.endswith(".running_var") else v for k, v in trained.items()}
+
+
+def little_is_enough(
+    honest: list[dict[str, np.ndarray]], trained: dict[str, np.ndarray], glob: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every aggregated weight at the honest updates' mean minus one standard deviation (BatchNorm as trained)."""
+    out = dict(trained)
+    for k, v in trained.items():
+        if v.dtype.kind == "f" and not is_bn_statistic(k):
+            updates = np.stack([h[k] - glob[k] for h in honest]).astype(np.float64)
+            out[k] = (glob[k] + updates.mean(axis=0) - updates.std(axis=0)).astype(v.dtype)
+    return out
+
+
 LEAVES = "leaves"
-ATTACKS: dict[str, Attack] = {"x100": _x100, "nan": _nan, "sign-flip": _flip, "none": _honest}
-TRAINS = {"x100": False, "nan": False, "sign-flip": True, "none": True}
-#: label -> (strategy name, min_update_cosine)
-AGGREGATORS: dict[str, tuple[str, float]] = {
-    "fedavg+validation": ("fedavg", 0.0),
-    "fedavg+validation (cosine off)": ("fedavg", -1.0),
-    "median": ("median", 0.0),
-    "median (cosine off)": ("median", -1.0),
-    "trimmed-mean": ("trimmed-mean", 0.0),
-    "trimmed-mean (cosine off)": ("trimmed-mean", -1.0),
-    "krum": ("krum", 0.0),
-    "krum (cosine off)": ("krum", -1.0),
+ATTACKS: dict[str, Attack] = {
+    "x100": _x100,
+    "nan": _nan,
+    "sign-flip": _flip,
+    "x1.5": _weights_only(lambda u, g: 1.5 * u),
+    "x3": _weights_only(lambda u, g: 3 * u),
+    "lie": _honest,  # replaced by little_is_enough in federation(): it needs the honest updates
+    "orthogonal": _orthogonal,
+    "label-flip": _honest,
+    "free-rider": lambda trained, glob: dict(glob),
+    "bn-var": _bn_var,
+    "case-liar": _weights_only(lambda u, g: u + 0.01),
+    "none": _honest,
+}
+TRAINS = {"x100": False, "nan": False, "free-rider": False}
+LIAR_CASES = {"free-rider": 100_000, "case-liar": 100_000}
+#: label -> (strategy name, min_update_cosine, loss screen)
+AGGREGATORS: dict[str, tuple[str, float, bool]] = {
+    "fedavg (default)": ("fedavg", 0.0, True),
+    "fedavg no-loss-screen": ("fedavg", 0.0, False),
+    "fedavg no-loss-screen cosine-off": ("fedavg", -1.0, False),
+    "median": ("median", 0.0, False),
+    "median (cosine off)": ("median", -1.0, False),
+    "trimmed-mean": ("trimmed-mean", 0.0, False),
+    "trimmed-mean (cosine off)": ("trimmed-mean", -1.0, False),
+    "krum": ("krum", 0.0, False),
+    "krum (cosine off)": ("krum", -1.0, False),
 }
 
 
@@ -120,14 +196,22 @@ class Sites:
             val, site_manifest(val, str(val / "labels.toml")), task.preprocess, root / "cache" / "v", role="v", use="v"
         )
         self.declared = LocalResult(cases=len(self.cases[-1]), loss=0.5, samples=task.train.batch_size, seconds=1.0)
-        self._cache: dict[tuple[str, int, int], tuple[dict[str, np.ndarray], LocalResult]] = {}
+        self._cache: dict[tuple[str, int, int, bool], tuple[dict[str, np.ndarray], LocalResult]] = {}
 
-    def train(self, glob: ArrayRecord, site: int, rnd: int) -> tuple[dict[str, np.ndarray], LocalResult]:
+    def train(
+        self, glob: ArrayRecord, site: int, rnd: int, flipped: bool = False
+    ) -> tuple[dict[str, np.ndarray], LocalResult]:
+        """Site ``site``'s training of round ``rnd`` from ``glob`` (``flipped``: on its cases with organ labels
+        permuted 1->2->3->4->1)."""
         digest = hashlib.sha256(b"".join(glob[k].data for k in glob)).hexdigest()
-        key = (digest, site, rnd)
+        key = (digest, site, rnd, flipped)
         if key not in self._cache:
             seed = round_seed(self.task.train.seed, rnd, f"site-{site}")
-            arrays, result = train_locally(glob, self.task, self.cases[site - 1], "cpu", seed)
+            cases = self.cases[site - 1]
+            if flipped:
+                permute = np.array([0, 2, 3, 4, 1], np.uint8)
+                cases = [dataclasses.replace(c, label=permute[c.label]) for c in cases if c.label is not None]
+            arrays, result = train_locally(glob, self.task, cases, "cpu", seed)
             self._cache[key] = ({k: a.numpy() for k, a in arrays.items()}, result)
         return self._cache[key]
 
@@ -139,9 +223,25 @@ class Outcome:
     dice: list[float] = field(default_factory=list)
     cosines: list[dict[str, float | None]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
 
-def federation(sites: Sites, name: str, min_cosine: float, attack: str, rounds: int) -> Outcome:
+def _attacked(sites: Sites, glob: ArrayRecord, rnd: int, attack: str) -> tuple[dict[str, np.ndarray], LocalResult]:
+    """Site 3's reply (weights and metrics) under ``attack`` in round ``rnd``."""
+    reference = {k: a.numpy() for k, a in glob.items()}
+    if TRAINS.get(attack, True):
+        trained, result = sites.train(glob, 3, rnd, flipped=attack == "label-flip")
+    else:
+        trained, result = reference, sites.declared
+    if attack == "lie":
+        trained = little_is_enough([sites.train(glob, s, rnd)[0] for s in (1, 2)], trained, reference)
+    else:
+        trained = ATTACKS[attack](trained, reference)
+    return trained, dataclasses.replace(result, cases=LIAR_CASES.get(attack, result.cases))
+
+
+def federation(sites: Sites, name: str, min_cosine: float, loss_screen: bool, attack: str, rounds: int) -> Outcome:
     """One federation of three sites; the last one attacks (or leaves: ``attack = LEAVES``) from round 2."""
     n_sites = 3
     torch.manual_seed(0)
@@ -149,29 +249,36 @@ def federation(sites: Sites, name: str, min_cosine: float, attack: str, rounds: 
     limits = StrategyConfig(name=name, min_update_cosine=min_cosine)  # type: ignore[arg-type]
     cfg = ServerConfig(min_sites=n_sites, strategy=limits)
     inner: FedAvg = build_strategy(cfg)
-    strategy = RecordingStrategy(inner, n_sites, 1, 1.0, limits=cfg.strategy)
+    screen = LossScreen(screen_patches(sites.val, sites.task.train.patch_size, 2), build_model(sites.task.model), 10.0)
+    strategy = RecordingStrategy(
+        inner, n_sites, 1, 1.0, limits=cfg.strategy, loss_screen=screen if loss_screen else None
+    )
     glob = arrays_from_model(model)
     out = Outcome()
     for rnd in range(1, rounds + 1):
         strategy.begin_round(glob)
-        reference = {k: a.numpy() for k, a in glob.items()}
         replies = []
         for site in range(1, n_sites + 1):
             if site == n_sites and rnd >= 2:
                 if attack == LEAVES:
                     continue
-                trained, result = sites.train(glob, site, rnd) if TRAINS[attack] else (reference, sites.declared)
-                trained = ATTACKS[attack](trained, reference)
+                trained, result = _attacked(sites, glob, rnd, attack)
             else:
                 trained, result = sites.train(glob, site, rnd)
+                if site == n_sites:  # a case liar claims its cases from its first reply on
+                    result = dataclasses.replace(result, cases=LIAR_CASES.get(attack, result.cases))
             replies.append(_message(10 + site, trained, result, f"site-{site}"))
+        started = time.perf_counter()
         new, _ = strategy.aggregate_train(rnd, replies)
+        out.seconds.append(time.perf_counter() - started)
         glob = new if new is not None else glob
         load_arrays(model, glob)
         out.dice.append(validate(model, sites.val, sites.task.train.patch_size, "cpu")["dice_mean"])
         stats = strategy.stats[rnd]
         out.cosines.append({s.site: s.update_cosine for s in stats.sites})
         out.rejected.append({r.site: r.reason for r in stats.rejected})
+        if rnd >= 2:
+            out.shares.append(next((s.share or 0.0 for s in stats.sites if s.site == f"site-{n_sites}"), 0.0))
     return out
 
 
@@ -227,19 +334,25 @@ def main() -> None:
         generate_phantoms(root, sites=3, cases_per_site=2, val_cases=1, size=(size, size, size))
         sites = Sites(root, 3, task)
         for label in labels:
-            name, min_cosine = AGGREGATORS[label]
+            name, min_cosine, loss_screen = AGGREGATORS[label]
             for attack in [LEAVES, *attacks]:
-                results[(label, attack)] = federation(sites, name, min_cosine, attack, rounds)
+                results[(label, attack)] = federation(sites, name, min_cosine, loss_screen, attack, rounds)
                 _report(label, attack, results[(label, attack)])
-    header = "| aggregator | site 3 from r2 | " + " | ".join(f"r{r}" for r in range(1, rounds + 1)) + " | final − ref |"
+    rounds_header = " | ".join(f"r{r}" for r in range(1, rounds + 1))
+    header = f"| aggregator | site 3 from r2 | {rounds_header} | final − ref | attacker share | rejected rounds |"
     print(f"\n{rounds} rounds x {steps} steps, {size}^3 phantoms, feature_scale 16, central mean Dice per round")
     print("ref: the same aggregator's federation in which site 3 leaves from round 2\n")
     print(header)
-    print("|" + " --- |" * 2 + " ---: |" * (rounds + 1))
+    print("|" + " --- |" * 2 + " ---: |" * (rounds + 3))
     for (label, attack), outcome in results.items():
         cells = " | ".join(f"{d:.3f}" for d in outcome.dice)
         ref = results[(label, LEAVES)].dice[-1]
-        print(f"| {label} | {attack} | {cells} | {outcome.dice[-1] - ref:+.3f} |")
+        share = f"{np.mean(outcome.shares):.3f}" if attack != LEAVES and outcome.shares else "-"
+        caught = sum("site-3" in r for r in outcome.rejected[1:])
+        print(f"| {label} | {attack} | {cells} | {outcome.dice[-1] - ref:+.3f} | {share} | {caught}/{rounds - 1} |")
+    for label in labels:
+        seconds = [t for (lab, _), o in results.items() if lab == label for t in o.seconds]
+        print(f"{label}: aggregation (screens included) {np.mean(seconds):.2f} s per round on average")
     honest = _honest_cosines(results)
     if honest:
         print(
