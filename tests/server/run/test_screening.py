@@ -3,7 +3,6 @@ within the old combined norm bound, and, with the server's own data, a ×100 sit
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +23,9 @@ from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.lossscreen import LossScreen, masked_cross_entropy, screen_patches
 from fedseg.server.run.replies import update_norm
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
-from tests.server.run.test_rogue_replies import GLOBAL, Weights, honest
+from tests.server.run.test_rogue_replies import GLOBAL, FakeGrid, Weights, honest
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-class FakeGrid:
-    def __init__(self, nodes: Iterable[int]) -> None:
-        self.nodes = list(nodes)
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
 
 
 def one_round(

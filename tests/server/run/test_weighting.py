@@ -5,8 +5,6 @@ moves every one of them. Driven offline through the server's own strategy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -16,6 +14,7 @@ from fedseg.server.config import ServerConfig, StrategyConfig, Weighting
 from fedseg.server.run.bn import pooled_statistics
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 from fedseg.server.run.weighting import aggregation_weights, pin_problem, shares
+from tests.server.run.test_rogue_replies import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -37,14 +36,6 @@ GROUPS = {
     "head": ["final.weight", "final.bias"],
     "batchnorm": ["bn.running_mean", "bn.running_var"],
 }
-
-
-class FakeGrid:
-    def __init__(self, nodes: Iterable[int]) -> None:
-        self.nodes = list(nodes)
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
 
 
 def trained(node: int) -> Weights:
