@@ -46,7 +46,6 @@ The ServerApp runs in its own process (``flwr-serverapp``), so ``fed-server star
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +56,7 @@ from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.device import DeviceName
 from fedseg.common.fl.protocol import BatchNormMode
 from fedseg.common.nn.model import ModelConfig
-from fedseg.common.runtime.processes import host_port
+from fedseg.common.runtime.processes import host_port, is_loopback
 
 #: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
 RUN_CONFIG_KEY = "config-json"
@@ -254,12 +253,7 @@ class ServerConfig(BaseModel):
     @property
     def loopback(self) -> bool:
         """Whether the SuperLink listens on loopback only."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
     @property
     def validation_patch(self) -> tuple[int, int, int]:

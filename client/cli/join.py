@@ -26,6 +26,7 @@ from fedseg.common.engine.device import resolve_device
 from fedseg.common.errors import ConfigError
 from fedseg.common.runtime.events import EventTail
 from fedseg.common.runtime.exporter import EventPump, MetricsEndpoint
+from fedseg.common.runtime.processes import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ def monitored_site(
 
         with EventPump(tail, [metrics.apply, view.on_event], [watch.tick]):
             yield restarted
+
+
+def _check_transport(server: str, root_certificates: Path | None, insecure: bool) -> None:
+    """Refuse plain HTTP to a server that is not on this machine unless ``--insecure`` says so on purpose: the
+    weights and the site's identity would cross the network readable and changeable by anyone on the path."""
+    host = server.rpartition(":")[0]
+    if root_certificates is None and not insecure and not is_loopback(host):
+        raise ConfigError(
+            f"--server {server} is not on this machine and --root-certificates is missing: pass the federation's "
+            "CA certificate for HTTPS (or --insecure to send the weights in plain HTTP on purpose)"
+        )
 
 
 def _check_server(server: str) -> str:
@@ -86,8 +98,15 @@ def join_command(
         int | None, typer.Option("--port", help="Local port of the SuperNode runtime API (default: a free one).")
     ] = None,
     root_certificates: Annotated[
-        Path | None, typer.Option("--root-certificates", help="CA certificate for HTTPS; omit for plain HTTP.")
+        Path | None,
+        typer.Option("--root-certificates", help="CA certificate for HTTPS (required unless the server is loopback)."),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="Allow plain HTTP to a server on another machine (weights readable on the way)."
+        ),
+    ] = False,
     auth_key: Annotated[
         Path | None, typer.Option("--auth-key", help="SuperNode private key when the server enforces node auth.")
     ] = None,
@@ -139,6 +158,7 @@ def join_command(
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
+    _check_transport(server, root_certificates, insecure)
     trusted = parse_trusted(trust_app or []) | {fedseg_fab_hash()}
     for name, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
         if path is not None and not path.is_file():

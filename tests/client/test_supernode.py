@@ -119,6 +119,11 @@ def test_supernode_is_restarted_until_the_limit(tmp_path: Path, monkeypatch: pyt
         (["--server", "h:99999"], "--server must look like HOST:PORT"),
         (["--server", "http://h:9092"], "--server takes HOST:PORT without a scheme or path"),
         (["--trust-app", "abc"], "--trust-app 'abc' is not a FAB hash"),
+        (
+            ["--server", "10.1.2.3:9092"],
+            "--server 10.1.2.3:9092 is not on this machine and --root-certificates is missing",
+        ),
+        (["--server", "fed.example.org:9092"], "pass the federation's CA certificate for HTTPS (or --insecure"),
         (["--root-certificates", "/nonexistent/ca.crt"], "--root-certificates /nonexistent/ca.crt does not exist"),
         (["--device", "gpu"], "device: Value error, must be cpu, cuda, cuda:N or auto, got 'gpu'"),
         pytest.param(
@@ -188,3 +193,11 @@ def test_the_gate_preloads_the_clientapp_and_dynamo_unless_cold() -> None:
     preloaded = [warm[i + 1] for i, arg in enumerate(warm) if arg == "--preload"]
     assert preloaded == ["fedseg.client.app", "torch._dynamo"]
     assert "--preload" not in gate_argv(JoinOptions(server="127.0.0.1:9092", port=5000, warm=False))
+
+
+@pytest.mark.parametrize("server", ["10.1.2.3:9092 --insecure", "[::1]:9092", "localhost:9092"])
+def test_join_cli_allows_plain_http_to_loopback_or_on_purpose(tmp_path: Path, server: str) -> None:
+    address, *flags = server.split()
+    result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path / "nope"), "--server", address, *flags])
+    assert result.exit_code == 1
+    assert "is not a folder" in result.output  # the next check: the transport one let it through
