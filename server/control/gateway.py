@@ -6,6 +6,12 @@ binds the SuperLink to ``127.0.0.1`` on an internal port and runs this gateway o
 app (Starlette on uvicorn) that forwards ``POST /v1/fleet/<name>`` with httpx and answers 404 to every other
 path and 405 to every other method. It terminates TLS when given a certificate and exits when its parent dies.
 
+It is the one process that anyone on the network can talk to before the SuperLink has seen who they are, so it
+bounds what a request can cost it: a body is read as a stream and refused with 413 as soon as its declared or
+streamed size passes ``max_body`` (Flower moves arrays in chunks of at most 5 MiB, so the default 64 MiB leaves
+ample room), and at most ``max_bodies`` bodies are received at once (503 beyond: a few idle uploads cannot hold
+the gateway's memory or all its connections).
+
 Run as ``python -m fedseg.server.control.gateway --listen HOST:PORT --upstream URL [...]``.
 """
 
@@ -37,6 +43,31 @@ FLEET_PATH = re.compile(r"^/v1/fleet/[a-z][a-z-]{0,63}$")
 _DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer"})
 #: Seconds a forwarded Fleet call may take (pull/push of 5 MiB chunks on a slow link).
 UPSTREAM_TIMEOUT = 600.0
+#: The largest request body forwarded (bytes) and the most bodies received at once.
+MAX_BODY = 64 * 2**20
+MAX_BODIES = 32
+
+
+class TooLarge(Exception):
+    """A request body passed the cap."""
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request's body, read as a stream and never past ``cap`` bytes.
+
+    Raises:
+        TooLarge: its Content-Length or the bytes streamed so far exceed ``cap``.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def is_forwarded(method: str, path: str) -> bool:
@@ -44,17 +75,36 @@ def is_forwarded(method: str, path: str) -> bool:
     return method == "POST" and FLEET_PATH.match(path) is not None
 
 
-def build_app(upstream: str, upstream_ca: Path | None = None) -> Starlette:
-    """The gateway ASGI app forwarding Fleet calls to ``upstream`` (``http(s)://127.0.0.1:PORT``)."""
+def build_app(
+    upstream: str, upstream_ca: Path | None = None, max_body: int = MAX_BODY, max_bodies: int = MAX_BODIES
+) -> Starlette:
+    """The gateway ASGI app forwarding Fleet calls to ``upstream`` (``http(s)://127.0.0.1:PORT``), bodies capped
+    at ``max_body`` bytes, at most ``max_bodies`` received at once (module docstring)."""
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(upstream_ca)) if upstream_ca else True
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=UPSTREAM_TIMEOUT)
+    receiving = [0]
+
+    async def body_of(request: Request) -> bytes | Response:
+        if receiving[0] >= max_bodies:
+            return PlainTextResponse("too many uploads at once\n", status_code=503)
+        receiving[0] += 1
+        try:
+            return await read_capped(request, max_body)
+        except TooLarge:
+            log.warning("refused a body over %d bytes for %s", max_body, request.url.path)
+            return PlainTextResponse("request body too large\n", status_code=413)
+        finally:
+            receiving[0] -= 1
 
     async def forward(request: Request) -> Response:
         if not is_forwarded(request.method, request.url.path):
             status = 405 if FLEET_PATH.match(request.url.path) else 404
             return PlainTextResponse("not served here\n", status_code=status)
+        body = await body_of(request)
+        if isinstance(body, Response):
+            return body
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROPPED_HEADERS]
-        outgoing = client.build_request("POST", request.url.path, headers=headers, content=await request.body())
+        outgoing = client.build_request("POST", request.url.path, headers=headers, content=body)
         try:
             answer = await client.send(outgoing, stream=True)
         except httpx.HTTPError as err:
@@ -96,13 +146,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--certfile", type=Path, help="server certificate (TLS on the public side)")
     parser.add_argument("--keyfile", type=Path, help="server private key")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
+    parser.add_argument("--max-body", type=int, default=MAX_BODY, help="largest request body in bytes (413 beyond)")
+    parser.add_argument("--max-bodies", type=int, default=MAX_BODIES, help="bodies received at once (503 beyond)")
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     host, port = _split_listen(args.listen)
     config = uvicorn.Config(
-        build_app(args.upstream, args.upstream_ca),
+        build_app(args.upstream, args.upstream_ca, args.max_body, args.max_bodies),
         host=host,
         port=port,
         ssl_certfile=str(args.certfile) if args.certfile else None,
