@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.runtime.flwrctl import FlowerControl, RunStatus, write_connection
@@ -20,6 +21,7 @@ from fedseg.common.runtime.processes import Child, Supervisor, free_port, host_p
 from fedseg.server.app import EXIT_MARKER, LOG_FILE
 from fedseg.server.config import RunSpec, ServerConfig
 from fedseg.server.control.front import check_exposure, start_gateway
+from fedseg.server.control.lock import check_port_free, hold_output_dir
 from fedseg.server.control.runs import (
     PRIVATE_DIR,
     SPEC_ENV,
@@ -55,6 +57,7 @@ class Server:
     control: FlowerControl
     gateway: Child
     internal_port: int
+    lock: IO[str] | None = None  # held open for the process's lifetime (fedseg.server.control.lock)
 
     @property
     def private_dir(self) -> Path:
@@ -67,10 +70,13 @@ def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
 
     Raises:
         ConfigError: a non-loopback address without TLS and without ``insecure``.
-        FedsegError: a process failed to start.
+        FedsegError: another fed-server holds the output folder, the public port is in use, or a process failed to
+            start.
     """
     check_exposure(cfg)
     private = cfg.output_dir / PRIVATE_DIR
+    lock = hold_output_dir(private)  # before anything in the folder is written
+    check_port_free(cfg.host, cfg.port)
     home = private / "flwr-home"
     port = cfg.internal_port or free_port(INTERNAL_HOST)
     write_connection(home, host_port(INTERNAL_HOST, port), cfg.tls.ca if cfg.tls is not None else None)
@@ -82,7 +88,9 @@ def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
         nodes = register_sites(control, read_sites(cfg.sites_file), private)
         log.info("node authentication on: %d site(s) allowed (%s)", len(nodes), ", ".join(sorted(nodes.values())))
     gateway = start_gateway(sup, cfg, port)
-    return Server(cfg=cfg, superlink=child, executor=executor, control=control, gateway=gateway, internal_port=port)
+    return Server(
+        cfg=cfg, superlink=child, executor=executor, control=control, gateway=gateway, internal_port=port, lock=lock
+    )
 
 
 def submit(server: Server, spec: RunSpec) -> int:

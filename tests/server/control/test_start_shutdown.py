@@ -100,5 +100,5 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         proc = _start(["start", f"output_dir={tmp_path / 'run'}", f"port={port}"], tag)
         output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 1, output
-    assert f"is port {port} in use?" in output
+    assert f"port {port} on 127.0.0.1 is in use" in output
     assert _wait_gone(tag) == []
