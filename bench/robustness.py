@@ -224,6 +224,7 @@ class Outcome:
     cosines: list[dict[str, float | None]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     shares: list[float] = field(default_factory=list)
+    norms: list[dict[str, float | None]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
 
@@ -249,7 +250,9 @@ def federation(sites: Sites, name: str, min_cosine: float, loss_screen: bool, at
     limits = StrategyConfig(name=name, min_update_cosine=min_cosine)  # type: ignore[arg-type]
     cfg = ServerConfig(min_sites=n_sites, strategy=limits)
     inner: FedAvg = build_strategy(cfg)
-    screen = LossScreen(screen_patches(sites.val, sites.task.train.patch_size, 2), build_model(sites.task.model), 10.0)
+    screen = LossScreen(
+        screen_patches(sites.val, sites.task.train.patch_size, 2), build_model(sites.task.model), limits.max_loss_ratio
+    )
     strategy = RecordingStrategy(
         inner, n_sites, 1, 1.0, limits=cfg.strategy, loss_screen=screen if loss_screen else None
     )
@@ -276,6 +279,7 @@ def federation(sites: Sites, name: str, min_cosine: float, loss_screen: bool, at
         out.dice.append(validate(model, sites.val, sites.task.train.patch_size, "cpu")["dice_mean"])
         stats = strategy.stats[rnd]
         out.cosines.append({s.site: s.update_cosine for s in stats.sites})
+        out.norms.append({s.site: s.update_norm for s in stats.sites})
         out.rejected.append({r.site: r.reason for r in stats.rejected})
         if rnd >= 2:
             out.shares.append(next((s.share or 0.0 for s in stats.sites if s.site == f"site-{n_sites}"), 0.0))
@@ -353,6 +357,16 @@ def main() -> None:
     for label in labels:
         seconds = [t for (lab, _), o in results.items() if lab == label for t in o.seconds]
         print(f"{label}: aggregation (screens included) {np.mean(seconds):.2f} s per round on average")
+    ratios = [
+        n / float(np.median([v for v in norms.values() if v]))
+        for (_, attack), o in results.items()
+        if attack in (LEAVES, "none")
+        for norms in o.norms
+        for n in norms.values()
+        if n and len(norms) >= 3
+    ]
+    if ratios:
+        print(f"\nhonest update norms / their round's median: {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)}")
     honest = _honest_cosines(results)
     if honest:
         print(

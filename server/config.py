@@ -144,11 +144,13 @@ class StrategyConfig(BaseModel):
     screen: Literal["loss", "off"] = Field(
         default="loss",
         description="loss: score every reply's model on patches of the central validation set and reject one far "
-        "worse than the best reply (needs validation.data; off without it)",
+        "worse than the round's median (needs validation.data; off without it)",
     )
     screen_cases: int = Field(default=2, ge=1, description="loss screen: validation cases, one patch each")
     max_loss_ratio: float = Field(
-        default=10.0, gt=1, description="loss screen: reject a reply whose loss exceeds this × the best reply's"
+        default=100.0,
+        gt=1,
+        description="loss screen: reject a reply whose loss exceeds this × the round's median (global model included)",
     )
 
 

@@ -297,7 +297,7 @@ class RecordingStrategy(Strategy):
         return ArrayRecord({k: Array(np.array(merged.pop(k), order="C")) for k in ref}), metrics
 
     def _loss_screened(self, run_round: int, screened: Screened, spill: Spill) -> list[Kept]:
-        """The replies whose model is not far worse than the best one on the server's screening data (the others
+        """The replies whose model is not far worse than the round's median on the server's screening data (the others
         appended to ``screened.rejected``), with their screening loss (:mod:`fedseg.server.run.lossscreen`)."""
         screen = self.loss_screen
         if screen is None or not screened.kept:
@@ -308,11 +308,11 @@ class RecordingStrategy(Strategy):
             screen.loss({**self._reference, **spill.load(k.row), **k.reply.arrays}, f)
             for k, f in zip(screened.kept, flags, strict=True)
         ]
-        finite = [v for v in losses if math.isfinite(v)]
-        best = min(finite) if finite else math.inf
+        global_loss = screen.loss(self._reference)
+        reference = screen.reference([global_loss, *losses])
         kept = []
         for k, loss in zip(screened.kept, losses, strict=True):
-            problem = screen.problem(loss, best)
+            problem = screen.problem(loss, reference)
             if problem is None:
                 kept.append(dataclasses.replace(k, screen_loss=loss))
                 continue
@@ -325,7 +325,7 @@ class RecordingStrategy(Strategy):
             run_round,
             time.perf_counter() - started,
             ", ".join(f"{k.reply.site} {v:.4g}" for k, v in zip(screened.kept, losses, strict=True)),
-            screen.loss(self._reference),
+            global_loss,
         )
         return kept
 

@@ -103,7 +103,7 @@ def two_site_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[LossScreen
     )
     torch.manual_seed(0)
     glob = {k: a.numpy() for k, a in arrays_from_model(build_model(model_cfg)).items()}
-    screen = LossScreen(screen_patches(cases(root / "validation", "v"), (32, 32, 32), 2), build_model(model_cfg), 10.0)
+    screen = LossScreen(screen_patches(cases(root / "validation", "v"), (32, 32, 32), 2), build_model(model_cfg), 100.0)
     return screen, task, cases(root / "site-1", "s"), glob
 
 
@@ -139,9 +139,32 @@ def test_two_sites_with_a_scaled_site_end_on_the_honest_sites_model(two_site_set
 
 def test_the_loss_rule_is_hand_computed(two_site_setup: tuple) -> None:  # type: ignore[type-arg]
     screen = two_site_setup[0]
-    assert screen.problem(20.0, 2.0) is None  # exactly 10 x: kept
-    assert screen.problem(25.0, 2.0) == (
-        "its model's loss on the server's screening data is 25, 12.5 x the best reply's 2 (max_loss_ratio 10)"
+    assert LossScreen.reference([0.7, 13.75, float("inf")]) == 13.75  # upper median of the finite ones
+    assert LossScreen.reference([0.7, 0.75, 24.0, 30.0]) == 24.0
+    assert screen.problem(200.0, 2.0) is None  # exactly 100 x: kept
+    assert screen.problem(250.0, 2.0) == (
+        "its model's loss on the server's screening data is 250, 125 x the round's median 2 (max_loss_ratio 100)"
     )
     assert screen.problem(float("inf"), 2.0) == "its model's loss on the server's screening data is not finite"
     assert screen.problem(float("nan"), 2.0) is None  # no voxel of the site's classes: nothing to compare
+
+
+def test_a_well_calibrated_liar_cannot_get_the_honest_sites_rejected(two_site_setup: tuple) -> None:  # type: ignore[type-arg]
+    """A liar whose model has a far lower cross-entropy than the honest, Dice-trained ones: with the best reply as
+    the reference, both honest sites were rejected and the liar's model became the global one."""
+    screen, task, site_cases, glob = two_site_setup
+    record = ArrayRecord({k: Array(v) for k, v in glob.items()})
+    honest_states = [
+        {k: a.numpy() for k, a in train_locally(record, task, site_cases, "cpu", s)[0].items()} for s in (0, 1)
+    ]
+    losses = [screen.loss(h) for h in honest_states]
+    calibrated = dict(glob)  # the untrained model: uniform-ish, far lower cross-entropy than honest Dice training
+    assert screen.loss(calibrated) * 10 < min(losses)  # the attack's premise holds here
+    strategy = RecordingStrategy(build_strategy(ServerConfig(min_sites=3)), 3, 1, 1.0, loss_screen=screen)
+    list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3])))  # type: ignore[arg-type]
+    nudged = {k: (v + 1e-3).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in calibrated.items()}
+    replies = [
+        train_reply(n, w, 2, site=f"site-{n}") for n, w in ((1, honest_states[0]), (2, honest_states[1]), (3, nudged))
+    ]
+    strategy.aggregate_train(1, replies)
+    assert not [r for r in strategy.stats[1].rejected if "screening data" in r.reason]
