@@ -4,14 +4,21 @@ The SuperNode exits when the SuperLink it knew is gone (an in-memory SuperLink t
 heartbeat with HTTP 401), so ``fed-client join`` supervises it: any exit other than our own shutdown restarts
 it after a back-off (1 s doubling to 30 s, reset after a minute of healthy running). Ctrl-C or SIGTERM stops
 it, and its helpers, cleanly.
+
+A SuperNode the SuperLink *refused* (an unlisted key, another CA, node auth without TLS: Flower ends it with an
+``Exit Code: N`` report before the ``SuperNode ID:`` line of a successful activation) is not restarted: a new one
+would be refused the same way. :class:`SupernodeLog` reads both from the SuperNode's log, and
+:func:`run_supernode` stops with the refusal's reason. Connection errors are retried by the SuperNode itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +31,7 @@ from fedseg.common.data.layouts import CaseFiles
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_site
 from fedseg.common.data.sitecheck import SiteReport, check_site
-from fedseg.common.errors import DataError
+from fedseg.common.errors import DataError, FedsegError
 from fedseg.common.runtime.flwrctl import flower_env, flower_executable
 from fedseg.common.runtime.processes import Supervisor, free_port
 
@@ -32,6 +39,81 @@ log = logging.getLogger(__name__)
 
 HEALTHY_SECONDS = 60.0
 MAX_BACKOFF = 30.0
+SUPERNODE_LOG = "supernode.log"
+#: What Flower's SuperNode logs once the SuperLink has registered and activated it (``start_client_internal``).
+ACTIVATED = "SuperNode ID:"
+#: Refusals in a row tolerated once this site has been activated: a SuperLink that restarts in memory lists its
+#: sites' keys a moment after it answers. Before the first activation the first refusal is final.
+REFUSALS_AFTER_ACTIVATION = 5
+#: Flower's exit report (``flwr.supercore.exit.flwr_exit``): ``Exit Code: N``, the reason's lines, a blank line.
+_EXIT_REPORT = re.compile(r"Exit Code: (\d+)\n(.*?)(?:\n\s*\n|\Z)", re.DOTALL)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: A hint for some refusals: (text in Flower's reason, lower case; what the site can do).
+REFUSAL_HINTS = (
+    ("[code: 2004]", "the server does not list this site's key: send site-key.pub to its admin (fed-server sites add)"),
+    ("certificate", "--root-certificates must be the CA that signed the server's certificate (fed-server certs)"),
+    ("ssl", "the server may speak plain HTTP: check --root-certificates against the server's TLS setting"),
+)
+
+
+class SupernodeRefused(FedsegError):
+    """The SuperLink refused this site's SuperNode; restarting it would not help."""
+
+
+def exit_reason(text: str) -> str | None:
+    """Flower's own exit report in a SuperNode's output, on one line (``exit code 305: ...``), or None."""
+    match = _EXIT_REPORT.search(_ANSI.sub("", text))
+    if match is None:
+        return None
+    lines = [line.strip() for line in match.group(2).splitlines() if line.strip()]
+    return f"Flower exit code {match.group(1)}: {' '.join(lines)}"
+
+
+def refusal_hint(reason: str) -> str:
+    """What the site can do about a refusal ("" when there is no advice)."""
+    lowered = reason.lower()
+    return next((hint for needle, hint in REFUSAL_HINTS if needle in lowered), "")
+
+
+class SupernodeLog:
+    """The current SuperNode process's part of its (appended) log: activated yet, or refused and why.
+
+    :meth:`begin` marks where the next process's output starts; :meth:`activated` may be called from another
+    thread (the connection watch) while the process runs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._start = 0
+        self._activated = False
+
+    def begin(self) -> None:
+        """A new SuperNode process starts writing at the current end of the log."""
+        with self._lock:
+            self._start = self.path.stat().st_size if self.path.is_file() else 0
+            self._activated = False
+
+    def text(self) -> str:
+        """What the current process has written so far."""
+        with self._lock:
+            start = self._start
+        if not self.path.is_file():
+            return ""
+        with self.path.open("rb") as file:
+            file.seek(start)
+            return _ANSI.sub("", file.read().decode(errors="replace"))
+
+    def activated(self) -> bool:
+        """Whether the SuperLink has activated the current process (its ``SuperNode ID:`` line)."""
+        if not self._activated and ACTIVATED in self.text():
+            with self._lock:
+                self._activated = True
+        return self._activated
+
+    def refusal(self) -> str | None:
+        """Why the SuperLink refused the current process (Flower's exit report before any activation), or None."""
+        return None if self.activated() else exit_reason(self.text())
 
 
 @dataclass(frozen=True)
@@ -186,28 +268,59 @@ def next_backoff(previous: float, ran_for: float) -> float:
     return min(MAX_BACKOFF, max(1.0, previous * 2))
 
 
+class RefusalCount:
+    """Refusals in a row, and whether one more ends the session (see :data:`REFUSALS_AFTER_ACTIVATION`)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.ever_activated = False
+
+    def final(self, node_log: SupernodeLog) -> str | None:
+        """Count the SuperNode process that just ended; its refusal's reason when no restart should follow."""
+        reason = node_log.refusal()
+        self.ever_activated = self.ever_activated or node_log.activated()
+        self.in_a_row = self.in_a_row + 1 if reason else 0
+        allowed = REFUSALS_AFTER_ACTIVATION if self.ever_activated else 1
+        return reason if reason and self.in_a_row >= allowed else None
+
+
+def refused_error(site: SiteConfig, opts: JoinOptions, reason: str, node_log: SupernodeLog) -> SupernodeRefused:
+    """The one-line error for a refused SuperNode: Flower's reason, a hint, and where the full log is."""
+    hint = refusal_hint(reason)
+    return SupernodeRefused(
+        f"site {site.site}: the server at {opts.server} refused this SuperNode ({reason}){'; ' + hint if hint else ''}"
+        f"; not restarting it (full output in {node_log.path})"
+    )
+
+
 def run_supernode(
     site: SiteConfig,
     opts: JoinOptions,
     sleep: Callable[[float], None] = time.sleep,
     on_restart: Callable[[int], None] | None = None,
+    node_log: SupernodeLog | None = None,
 ) -> int:
     """Run the SuperNode until interrupted (or ``opts.max_restarts`` is exhausted); return how often it restarted.
 
-    ``on_restart`` is called with the restart count before each restart (telemetry).
+    ``on_restart`` is called with the restart count before each restart (telemetry); ``node_log`` follows the
+    SuperNode's output (default: a new one on ``<workdir>/logs/supernode.log``).
 
     Raises:
         KeyboardInterrupt: Ctrl-C or SIGTERM (after the SuperNode has been stopped).
+        SupernodeRefused: the SuperLink refused the SuperNode (the message quotes Flower's reason).
     """
     node_config = write_node_config(site, site.workdir / NODE_CONFIG_FILE)
     argv = supernode_argv(opts, node_config)
     env = flower_env(site.workdir / "flwr-home", {POLL_ENV: str(opts.poll_seconds)})
+    node_log = node_log if node_log is not None else SupernodeLog(site.log_dir / SUPERNODE_LOG)
+    refusals = RefusalCount()
     restarts = 0
     backoff = 0.5
     with Supervisor() as sup:
         while True:
             started = time.monotonic()
-            child = sup.start("supernode", argv, env=env, log_path=site.log_dir / "supernode.log")
+            node_log.begin()
+            child = sup.start("supernode", argv, env=env, log_path=node_log.path)
             gate_cmd = gate_argv(opts, site.workdir / "tokens", site.workdir / EVENTS_FILE)
             gate = sup.start("gate", gate_cmd, env=env, log_path=site.log_dir / "gate.log")
             log.info("site %s: SuperNode (pid %d) connecting to %s", site.site, child.pid, opts.server)
@@ -216,6 +329,9 @@ def run_supernode(
             sup.stop(child)
             sup.stop(gate)
             reap_orphans()
+            reason = refusals.final(node_log)
+            if reason is not None:
+                raise refused_error(site, opts, reason, node_log)
             if opts.max_restarts is not None and restarts >= opts.max_restarts:
                 log.error("site %s: SuperNode exited with code %s; no restarts left", site.site, code)
                 return restarts

@@ -16,7 +16,14 @@ from fedseg.client.cli.live import SiteProgress
 from fedseg.client.policy import site_policy
 from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, POLL_RANGE
 from fedseg.client.site import SiteConfig, resolve_labels
-from fedseg.client.supernode import JoinOptions, check_and_prepare, default_port, run_supernode
+from fedseg.client.supernode import (
+    SUPERNODE_LOG,
+    JoinOptions,
+    SupernodeLog,
+    check_and_prepare,
+    default_port,
+    run_supernode,
+)
 from fedseg.client.telemetry import EVENTS_FILE, ConnectionWatch, SiteMetrics
 from fedseg.client.trust import fedseg_fab_hash, parse_trusted
 from fedseg.common.cli.shell import DEFAULT_DEVICE, DEVICE_HELP, guarded
@@ -31,13 +38,40 @@ from fedseg.common.runtime.processes import is_loopback
 log = logging.getLogger(__name__)
 
 
+class ActivationWatch(ConnectionWatch):
+    """A :class:`ConnectionWatch` that says "connected" only once the SuperLink has activated the SuperNode.
+
+    A server that merely answers TCP may still refuse the site (an unlisted key, another CA); until the current
+    SuperNode process logged its activation the state stays "connecting".
+    """
+
+    def __init__(
+        self, server: str, metrics: SiteMetrics, node_log: SupernodeLog, on_change: Callable[[str], None]
+    ) -> None:
+        super().__init__(server, metrics, on_change=on_change)
+        self.node_log = node_log
+        self._was_activated = False
+
+    def probe(self) -> bool:
+        """Activated, and the server still answers."""
+        return self.node_log.activated() and super().probe()
+
+    def tick(self) -> None:
+        """Probe at once when the SuperNode has just been activated, otherwise when due."""
+        activated = self.node_log.activated()
+        if activated and not self._was_activated:
+            self._next = float("-inf")
+        self._was_activated = activated
+        super().tick()
+
+
 @contextlib.contextmanager
 def monitored_site(
-    cfg: SiteConfig, server: str, skipped: int, host: str, port: int | None
+    cfg: SiteConfig, server: str, skipped: int, host: str, port: int | None, node_log: SupernodeLog
 ) -> Iterator[Callable[[int], None]]:
     """Metrics (served on ``host:port`` when a port is given) and live progress while the block runs.
 
-    Yields the callback to give :func:`run_supernode` as ``on_restart``.
+    Yields the callback to give :func:`run_supernode` as ``on_restart``; ``node_log`` tells when it is connected.
     """
     registry = CollectorRegistry()
     metrics = SiteMetrics(registry, cfg.site, cfg.device)
@@ -45,7 +79,7 @@ def monitored_site(
     tail = EventTail(cfg.workdir / EVENTS_FILE)
     tail.reset()
     with SiteProgress(cfg.site, server) as view, MetricsEndpoint(registry, host, port):
-        watch = ConnectionWatch(server, metrics, on_change=view.on_state)
+        watch = ActivationWatch(server, metrics, node_log, on_change=view.on_state)
 
         def restarted(count: int) -> None:
             metrics.restarts.inc()
@@ -159,6 +193,8 @@ def join_command(
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
     _check_transport(server, root_certificates, insecure)
+    if auth_key is not None and root_certificates is None:
+        raise ConfigError("--auth-key needs --root-certificates: node authentication works over HTTPS only")
     trusted = parse_trusted(trust_app or []) | {fedseg_fab_hash()}
     for name, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
         if path is not None and not path.is_file():
@@ -199,8 +235,9 @@ def join_command(
     if limits:
         console.print(f"site [bold]{escape(site)}[/] policy: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     console.print(f"site [bold]{escape(site)}[/] runs only these apps (FAB hash): {', '.join(sorted(trusted))}")
+    node_log = SupernodeLog(cfg.log_dir / SUPERNODE_LOG)
     try:
-        with monitored_site(cfg, opts.server, len(report.skipped), metrics_host, metrics_port) as restarted:
-            run_supernode(cfg, opts, on_restart=restarted)
+        with monitored_site(cfg, opts.server, len(report.skipped), metrics_host, metrics_port, node_log) as restarted:
+            run_supernode(cfg, opts, on_restart=restarted, node_log=node_log)
     except KeyboardInterrupt:
         console.print(f"site [bold]{escape(site)}[/] left the federation")

@@ -1,12 +1,15 @@
 """Known sites only: with TLS off loopback, node authentication is on by default and only listed keys connect.
 
 The server exposes 127.0.0.2 with certificates from ``fed-server certs`` and one allowed site. A SuperNode with an
-unlisted key is refused by the SuperLink (it exits); the listed site's SuperNode connects (the control).
+unlisted key is refused by the SuperLink (it exits); the listed site's SuperNode connects (the control). A
+``fed-client join`` with an unlisted key stops with the SuperLink's reason and never says "connected".
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from fedseg.client.keys import make_site_key
 from fedseg.client.supernode import JoinOptions, supernode_argv
 from fedseg.common.runtime.flwrctl import CONNECTION, flower_env
 from fedseg.common.runtime.processes import Child, Supervisor, free_port
+from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.app import registered_sites
 from fedseg.server.config import RunSpec, ServerConfig, TLSConfig
 from fedseg.server.control.certs import make_certificates
@@ -92,3 +96,28 @@ def test_an_unlisted_site_key_is_refused_and_a_listed_one_connects(setup: Setup)
     assert good.process.poll() is None, good.log_tail(5)
     online = _online(setup)
     assert len(online) == 1, online
+
+
+def test_join_with_an_unlisted_key_stops_with_the_reason_and_never_says_connected(setup: Setup) -> None:
+    data = setup.tmp / "join-data"
+    generate_phantoms(data, sites=1, cases_per_site=2, val_cases=0, size=(16, 16, 16))
+    make_site_key(setup.tmp / "rogue-join")
+    workdir = setup.tmp / "rogue-join-work"
+    args = ["join", "--site", "rogue", "--data", str(data / "site-1"), "--server", setup.server.cfg.address,
+            "--root-certificates", str(setup.ca), "--auth-key", str(setup.tmp / "rogue-join" / "site-key"),
+            "--workdir", str(workdir), "--cold-start"]  # fmt: skip
+    cli = "from fedseg.client.cli.main import main; main()"
+    env = dict(os.environ, COLUMNS="400", OMP_NUM_THREADS="1")
+    # waits for the process to exit; the old join restarted the refused SuperNode until this timeout
+    done = subprocess.run([sys.executable, "-c", cli, *args], capture_output=True, text=True, env=env, timeout=120)
+    output = done.stdout + done.stderr
+    supernode_log = (workdir / "logs" / "supernode.log").read_text(errors="replace")
+    assert "Failed to activate SuperNode" in supernode_log  # the attack fired: the SuperLink refused the key
+    assert done.returncode == 1, output
+    assert "connected" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    assert f"the server at {setup.server.cfg.address} refused this SuperNode (Flower exit code 305:" in errors[0]
+    assert "[code: 2004] Failed to activate SuperNode." in errors[0]
+    assert "Traceback" not in output
+    assert supernode_log.count("Starting Flower SuperNode") == 1  # not restarted

@@ -16,8 +16,11 @@ from fedseg.client import supernode as join_module
 from fedseg.client.cli.main import app
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels
 from fedseg.client.supernode import (
+    REFUSALS_AFTER_ACTIVATION,
     JoinOptions,
+    SupernodeRefused,
     check_and_prepare,
+    exit_reason,
     gate_argv,
     next_backoff,
     run_supernode,
@@ -201,3 +204,69 @@ def test_join_cli_allows_plain_http_to_loopback_or_on_purpose(tmp_path: Path, se
     result = runner.invoke(app, ["join", "--site", "s1", "--data", str(tmp_path / "nope"), "--server", address, *flags])
     assert result.exit_code == 1
     assert "is not a folder" in result.output  # the next check: the transport one let it through
+
+
+#: Flower 1.42's report for a SuperNode whose key the SuperLink does not list (from a real run, colours included).
+UNLISTED_KEY_REPORT = (
+    "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode\n"
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305\n"
+    "Failed to initialize the connection to the SuperLink.\n"
+    "[code: 2004] Failed to activate SuperNode.\n"
+    "The SuperNode could not establish a connection to the SuperLink.\n"
+    "\n"
+    "For more information, visit: <https://flower.ai/docs/framework/1.42/en/ref-exit-codes/305.html>\n"
+)
+ACTIVATED_LINE = "\x1b[92mINFO \x1b[0m:      SuperNode ID: 4744119659584677191\n"
+
+
+def _fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *outputs: str) -> Path:
+    """A SuperNode stand-in whose n-th start prints ``outputs[n]`` (the last one again after that), then exits 1."""
+    fake, count = tmp_path / "fake-supernode", tmp_path / "starts"
+    script = (
+        f"import pathlib, sys\nc = pathlib.Path({str(count)!r})\nn = len(c.read_text()) if c.exists() else 0\n"
+        f"c.write_text('x' * (n + 1))\nout = {list(outputs)!r}\nsys.stdout.write(out[min(n, len(out) - 1)])\n"
+        "sys.exit(1)\n"
+    )
+    fake.write_text(f"#!{sys.executable}\n{script}")
+    fake.chmod(0o755)
+    monkeypatch.setattr(join_module, "supernode_command", lambda: [str(fake)])
+    return count
+
+
+def test_flower_exit_report_is_read_as_one_line() -> None:
+    assert exit_reason(UNLISTED_KEY_REPORT) == (
+        "Flower exit code 305: Failed to initialize the connection to the SuperLink. [code: 2004] Failed to "
+        "activate SuperNode. The SuperNode could not establish a connection to the SuperLink."
+    )
+    assert exit_reason(ACTIVATED_LINE + "INFO: SuperNode terminated gracefully.\n") is None
+
+
+def test_a_refused_supernode_is_not_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts = _fake_supernode(tmp_path, monkeypatch, UNLISTED_KEY_REPORT)
+    site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
+    waits: list[float] = []
+    with pytest.raises(SupernodeRefused) as refused:
+        run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=3), sleep=waits.append)
+    assert starts.read_text() == "x" and waits == []  # the attack fired once, and no restart followed
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("site s1: the server at 127.0.0.1:1 refused this SuperNode (Flower exit code 305: ")
+    assert "[code: 2004] Failed to activate SuperNode." in message
+    assert "fed-server sites add" in message and str(tmp_path / "work" / "logs" / "supernode.log") in message
+
+
+def test_a_site_once_activated_rides_out_a_few_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # connected, then the SuperLink restarts and lists the key a moment later: refused twice, then connected again
+    outputs = [ACTIVATED_LINE, UNLISTED_KEY_REPORT, UNLISTED_KEY_REPORT, ACTIVATED_LINE]
+    starts = _fake_supernode(tmp_path, monkeypatch, *outputs)
+    site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
+    assert run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2, max_restarts=3), sleep=lambda _: None) == 3
+    assert starts.read_text() == "xxxx"
+
+
+def test_a_revoked_site_stops_after_refusals_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts = _fake_supernode(tmp_path, monkeypatch, ACTIVATED_LINE, UNLISTED_KEY_REPORT)
+    site = SiteConfig(site="s1", data=tmp_path, workdir=tmp_path / "work")
+    with pytest.raises(SupernodeRefused, match="Failed to activate SuperNode"):
+        run_supernode(site, JoinOptions(server="127.0.0.1:1", port=2), sleep=lambda _: None)
+    assert len(starts.read_text()) == 1 + REFUSALS_AFTER_ACTIVATION
