@@ -8,9 +8,13 @@ path and 405 to every other method. It terminates TLS when given a certificate a
 
 It is the one process that anyone on the network can talk to before the SuperLink has seen who they are, so it
 bounds what a request can cost it: a body is read as a stream and refused with 413 as soon as its declared or
-streamed size passes ``max_body`` (Flower moves arrays in chunks of at most 5 MiB, so the default 64 MiB leaves
-ample room), and at most ``max_bodies`` bodies are received at once (503 beyond: a few idle uploads cannot hold
-the gateway's memory or all its connections).
+streamed size passes ``max_body``, and at most ``max_bodies`` bodies are received at once (503, which Flower's
+SuperNode retries with backoff: a few idle uploads cannot hold the gateway's memory or all its connections). The
+cap is fixed, not derived from the model: the gateway starts before any run and does not know it, and need not,
+since Flower 1.42 cuts every array into objects of at most 5 MiB (``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``), one
+request each, whatever the model's size; 64 MiB leaves room for a site that raises that chunk size. Uploads
+being received hold at most ``max_bodies * max_body`` bytes (2 GiB at the defaults; lower either on a small host).
+A client that disconnects mid-body is logged in one line, not a traceback.
 
 Run as ``python -m fedseg.server.control.gateway --listen HOST:PORT --upstream URL [...]``.
 """
@@ -31,7 +35,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -86,13 +90,16 @@ def build_app(
 
     async def body_of(request: Request) -> bytes | Response:
         if receiving[0] >= max_bodies:
-            return PlainTextResponse("too many uploads at once\n", status_code=503)
+            return PlainTextResponse("too many uploads at once\n", status_code=503, headers={"Retry-After": "1"})
         receiving[0] += 1
         try:
             return await read_capped(request, max_body)
         except TooLarge:
             log.warning("refused a body over %d bytes for %s", max_body, request.url.path)
             return PlainTextResponse("request body too large\n", status_code=413)
+        except ClientDisconnect:
+            log.info("a client left mid-upload on %s", request.url.path)
+            return PlainTextResponse("", status_code=400)  # nobody is left to read it
         finally:
             receiving[0] -= 1
 
