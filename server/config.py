@@ -13,7 +13,7 @@ Example ``server.toml`` (every key optional; relative paths are relative to the 
     [strategy]
     name = "fedprox"          # fedavg fedprox fedadam fedyogi median trimmed-mean krum multi-krum bulyan
     proximal_mu = 0.01
-    max_update_ratio = 10     # reject updates longer than 10 x the round's median update norm (0 = off)
+    max_update_ratio = 2.5    # reject updates longer than 2.5 x the round's median update norm (0 = off)
     min_update_cosine = 0     # reject an update pointing away from most other updates (-1 = off)
     clip_norm = 0             # clip every accepted update to this L2 norm (0 = off)
     bn = "pooled"             # BatchNorm: pooled by the server, or "local" (FedBN: each site keeps its own)
@@ -103,7 +103,7 @@ class StrategyConfig(BaseModel):
     )
     krum_select: int = Field(default=2, ge=1, description="multi-krum: replies averaged")
     max_update_ratio: float = Field(
-        default=10.0, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
+        default=2.5, ge=0, description="reject ‖w_site − w_global‖ above this × the round's median; 0 = off"
     )
     max_update_norm: float = Field(default=0.0, ge=0, description="absolute bound on ‖w_site − w_global‖; 0 = off")
     min_update_ratio: float = Field(
