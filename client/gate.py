@@ -41,6 +41,8 @@ POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 POLL_SECONDS = "0.2"
 #: What each ClientApp process runs (Flower's ``flwr-clientapp`` main; the fork server imports its module too).
 CLIENTAPP_ENTRY = "flwr.supernode.cli:flwr_clientapp"
+#: Logged when Flower's SuperExec loop has built its app launcher, and it is ours: proof the gate is in the path.
+GATE_ACTIVE = "gate active: Flower's SuperExec launches tasks through fedseg.client.gate.GatedPlugin"
 
 
 class GatedPlugin(AutoExecPlugin):
@@ -50,6 +52,10 @@ class GatedPlugin(AutoExecPlugin):
     refused: ClassVar[set[int]] = set()
     #: The site's event file: a ``launch`` event per started process (the round anatomy's spawn mark).
     events: ClassVar[EventWriter] = EventWriter(None)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        log.info("%s; trusted apps: %s", GATE_ACTIVE, ", ".join(sorted(h[:12] for h in self.trusted)))
 
     def launch_task(self, token: str, task: Task) -> LaunchResult:
         """Launch the task's app process only if its app is trusted."""
@@ -99,7 +105,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         return TokenFileExecutor(tokens, frozenset(GatedPlugin.supported_task_types), forkserver=warm)
 
     superexec.get_executor = executor  # type: ignore[attr-defined]  # ... and builds its executor through this one
-    log.info("executor up; trusted apps: %s", ", ".join(sorted(h[:12] for h in GatedPlugin.trusted)))
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,
         insecure=True,

@@ -1,8 +1,12 @@
-"""The gate notes each ClientApp process it starts (the round anatomy's spawn mark), and none it refuses."""
+"""The gate notes each ClientApp process it starts (the round anatomy's spawn mark), and none it refuses; and
+`fed-client join` runs its SuperNode only next to an active gate."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +16,10 @@ from flwr.supercore.superexec.executor import LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 
 from fedseg.client import gate
-from fedseg.client.gate import GatedPlugin
+from fedseg.client.gate import GATE_ACTIVE, GatedPlugin
+from fedseg.client.trust import fedseg_fab_hash
 from fedseg.common.runtime.events import EventTail, EventWriter
+from fedseg.common.runtime.processes import descendants, free_port
 
 TRUSTED = "ab" * 32
 
@@ -48,3 +54,43 @@ def test_the_gate_polls_every_fifth_of_a_second_unless_told(tmp_path: Path, monk
     monkeypatch.setenv(gate.POLL_ENV, "2.5")
     gate.main(["--runtime-api-address", "127.0.0.1:1"])
     assert seen == ["0.2", "2.5"]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _option(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == name]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_join_runs_the_supernode_only_next_to_an_active_gate(phantom_root: Path, tmp_path: Path) -> None:
+    """The launch path of `fed-client join` (no SuperLink needed: the SuperNode retries while the gate comes up)."""
+    workdir, port = tmp_path / "work", free_port()
+    cli = "from fedseg.client.cli.main import main; main()"
+    args = ["join", "--site", "s1", "--data", str(phantom_root / "site-1"), "--server", f"127.0.0.1:{free_port()}",
+            "--workdir", str(workdir), "--port", str(port), "--cold-start"]  # fmt: skip
+    join = subprocess.Popen([sys.executable, "-c", cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gate_log = workdir / "logs" / "gate.log"
+    try:
+        deadline = time.monotonic() + 60
+        while GATE_ACTIVE not in (gate_log.read_text() if gate_log.is_file() else "") and join.poll() is None:
+            assert time.monotonic() < deadline, "no gate became active next to the SuperNode"
+            time.sleep(0.1)
+        assert join.poll() is None, "join exited"
+        tree = {pid: _cmdline(pid) for pid in descendants(join.pid)}
+    finally:
+        join.terminate()
+        join.wait(timeout=60)
+    supernodes = [argv for argv in tree.values() if argv[1:3] == ["-m", "fedseg.client.pollnode"]]
+    gates = [argv for argv in tree.values() if argv[1:3] == ["-m", "fedseg.client.gate"]]
+    assert len(supernodes) == 1 and len(gates) == 1, tree
+    assert _option(supernodes[0], "--isolation") == ["process"]  # Flower's own, ungated SuperExec is not started
+    assert _option(supernodes[0], "--port") == [str(port)]
+    assert _option(gates[0], "--runtime-api-address") == [f"127.0.0.1:{port}"]  # the gate serves that SuperNode
+    assert _option(gates[0], "--trust") == [fedseg_fab_hash()]
+    assert not [argv for argv in tree.values() if any("superexec" in arg for arg in argv)], tree
