@@ -1,8 +1,10 @@
-"""Which Flower strategy aggregates: ``[strategy] name`` in ``server.toml`` mapped to Flower's own classes."""
+"""Which Flower strategy aggregates: ``[strategy] name`` in ``server.toml`` mapped to Flower's own classes, and the
+one place that says how each family of strategies is driven (:class:`Family`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypedDict
 
 from flwr.serverapp.strategy import (
@@ -15,10 +17,41 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
     MultiKrum,
+    Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.fl.protocol import ARRAYS_KEY, WEIGHT_KEY
 from fedseg.server.config import ServerConfig, StrategyConfig
+from fedseg.server.run.bn import Pooling
+
+
+@dataclass(frozen=True)
+class Family:
+    """How :class:`~fedseg.server.run.strategy.RecordingStrategy` drives a strategy.
+
+    Attributes:
+        mean: its aggregate is the weighted mean itself (FedAvg, FedProx): computed here, slice by slice.
+        streams: it needs only that mean (the above, and FedAdam/FedYogi, which start from it): one reply.
+        class_aware_head: the output head is averaged class-aware (the averaging rules whose head rows are means).
+        server_optimizer: it keeps server-side moments over the weights it aggregates (FedOpt).
+        bn_pooling: how BatchNorm statistics are pooled: weighted under the averaging rules, robustly otherwise.
+    """
+
+    mean: bool
+    streams: bool
+    class_aware_head: bool
+    server_optimizer: bool
+    bn_pooling: Pooling
+
+
+def family_of(strategy: Strategy) -> Family:
+    """The family of a Flower strategy (by its exact class: a subclass may aggregate otherwise)."""
+    mean = type(strategy) in (FedAvg, FedProx)
+    optimizer = isinstance(strategy, FedOpt)
+    streams = mean or optimizer
+    pooling: Pooling = "trimmed" if isinstance(strategy, FedTrimmedAvg) else "mean" if streams else "median"
+    return Family(mean=mean, streams=streams, class_aware_head=mean, server_optimizer=optimizer, bn_pooling=pooling)
 
 
 class _Sampling(TypedDict):

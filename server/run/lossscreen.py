@@ -28,8 +28,10 @@ on the server (``bench/robustness.py`` prints it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +42,10 @@ from torch.nn import functional
 
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.data.sampling import crop_padded
+from fedseg.common.fl.protocol import annotated_of
+from fedseg.server.run.replies import Rejected
+from fedseg.server.run.screen import Kept, Screened
+from fedseg.server.run.spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +136,41 @@ class LossScreen:
                 f"{loss / reference:.3g} x the round's median {reference:.4g} (max_loss_ratio {self.max_ratio:g})"
             )
         return None
+
+
+def screen_replies(
+    screen: LossScreen, reference: Mapping[str, NDArray], screened: Screened, spill: Spill, run_round: int
+) -> list[Kept]:
+    """The replies of ``screened`` whose model is not far worse than the round's median on the screening data
+    (the others appended to ``screened.rejected``, with their reason logged), each with its screening loss.
+
+    Args:
+        reference: the round's global weights (each reply's aggregated weights from ``spill`` and its small
+            arrays are laid over them).
+    """
+    if not screened.kept:
+        return screened.kept
+    started = time.perf_counter()
+    flags = [annotated_of(k.reply.message.content) for k in screened.kept]
+    losses = [
+        screen.loss({**reference, **spill.load(k.row), **k.reply.arrays}, f)
+        for k, f in zip(screened.kept, flags, strict=True)
+    ]
+    global_loss = screen.loss(reference)
+    bar = screen.reference([global_loss, *losses])
+    kept = []
+    for k, loss in zip(screened.kept, losses, strict=True):
+        problem = screen.problem(loss, bar)
+        if problem is None:
+            kept.append(dataclasses.replace(k, screen_loss=loss))
+            continue
+        screened.rejected.append(Rejected(k.reply.node, k.reply.site, problem))
+        log.warning("round %d: rejected the reply of %s (node %d): %s", run_round, k.reply.site, k.reply.node, problem)
+    log.info(
+        "round %d: loss screen in %.1f s: %s (the global model's %.4g)",
+        run_round,
+        time.perf_counter() - started,
+        ", ".join(f"{k.reply.site} {v:.4g}" for k, v in zip(screened.kept, losses, strict=True)),
+        global_loss,
+    )
+    return kept

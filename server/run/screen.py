@@ -43,7 +43,7 @@ from fedseg.server.run.replies import (
 )
 from fedseg.server.run.spill import Spill
 from fedseg.server.run.transport import decoded_weights
-from fedseg.server.run.weighting import pin_problem
+from fedseg.server.run.weighting import aggregation_weights, pin_problem
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +217,11 @@ def _split(items: list[Kept], problems: Sequence[str | None], rejected: list[Rej
     """The items without a problem; the others appended to ``rejected`` with theirs."""
     rejected += [Rejected(k.reply.node, k.reply.site, p) for k, p in zip(items, problems, strict=True) if p]
     return [k for k, p in zip(items, problems, strict=True) if p is None]
+
+
+def with_weights(kept: list[Kept], limits: StrategyConfig, pins: Mapping[str, int]) -> list[Kept]:
+    """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`)."""
+    weights = aggregation_weights(
+        [k.reply.cases for k in kept], limits.weighting, limits.max_weight_ratio, [k.reply.site in pins for k in kept]
+    )
+    return [dataclasses.replace(k, weight=w) for k, w in zip(kept, weights, strict=True)]

@@ -10,6 +10,9 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
   message go, so the server's memory does not grow with the number of sites; it bounds its update norm and, with
   three or more replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad
   reply is dropped with its reason recorded, never aborting the round;
+* with central data, it rejects a reply whose model is far worse on it (:mod:`fedseg.server.run.lossscreen`);
+* it weights each accepted reply by its capped or pinned cases (:mod:`fedseg.server.run.weighting`), the same
+  weight everywhere one is used;
 * it optionally clips each accepted update to ``clip_norm``;
 * it gives the chosen strategy only the floating-point weights: BatchNorm running statistics are pooled by
   :mod:`fedseg.server.run.bn` (under ``bn = "local"`` every BatchNorm tensor, γ and β too, keeps the global value:
@@ -21,14 +24,13 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
   head class-aware under FedAvg/FedProx (:mod:`fedseg.server.run.headavg`) and sends cross-site validation
   messages when due (:mod:`fedseg.server.run.crosssite`).
 
-(A little over 300 lines because every one of these hooks meets Flower's ``Strategy`` interface here; each
-hook's logic lives in its own module.)
+How the chosen strategy is driven (the mean computed here, the mean handed over, or every reply) is its
+:class:`~fedseg.server.run.choice.Family`, decided in one place. Each hook's logic lives in its own module.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -39,25 +41,25 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedseg.common.errors import FedsegError
 from fedseg.common.fl.batchnorm import batchnorm_keys
-from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport, annotated_of
+from fedseg.common.fl.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, Transport
 from fedseg.server.config import StrategyConfig
 from fedseg.server.run import headavg
-from fedseg.server.run.bn import Pooling, is_bn_statistic, pooled_statistics
-from fedseg.server.run.choice import build_strategy
+from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
+from fedseg.server.run.choice import build_strategy, family_of
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
 from fedseg.server.run.history import Rejection, SiteRound
-from fedseg.server.run.lossscreen import LossScreen
-from fedseg.server.run.replies import Rejected, SiteRegistry
-from fedseg.server.run.screen import Kept, RoundScreen, Screened
+from fedseg.server.run.lossscreen import LossScreen, screen_replies
+from fedseg.server.run.replies import SiteRegistry
+from fedseg.server.run.screen import Kept, RoundScreen, with_weights
 from fedseg.server.run.spill import Spill
 from fedseg.server.run.state import StrategyState, moments_of, restore_moments
 from fedseg.server.run.transport import encode_messages
-from fedseg.server.run.weighting import aggregation_weights, shares
+from fedseg.server.run.weighting import shares
 
 __all__ = ["RecordingStrategy", "RoundStats", "build_strategy", "wait_for_sites"]
 
@@ -186,9 +188,7 @@ class RecordingStrategy(Strategy):
         self.stats: dict[int, RoundStats] = {}
         self.registry = SiteRegistry()
         self._transport: Transport = "fp32"
-        self.plain_mean = type(inner) in (FedAvg, FedProx)  # their aggregate is the case-weighted mean
-        self.class_aware_head = self.plain_mean  # see fedseg.server.run.headavg
-        self.streams = self.plain_mean or isinstance(inner, FedOpt)  # FedOpt starts from that mean (see _inputs)
+        self.family = family_of(inner)
         self.cross_site = cross_site
         self._reference: dict[str, NDArray] = {}
 
@@ -229,7 +229,7 @@ class RecordingStrategy(Strategy):
     def begin_round(self, arrays: ArrayRecord) -> None:
         """Take ``arrays`` as the round's global model that replies are checked and aggregated against."""
         self._reference = {k: a.numpy() for k, a in arrays.items()}
-        if isinstance(self.inner, FedOpt):  # its pseudo-gradient covers only what it aggregates
+        if isinstance(self.inner, FedOpt):  # its pseudo-gradient covers only what it aggregates (Family)
             self.inner.current_arrays = {k: self._reference[k] for k in self._weight_keys}
 
     def aggregate_train(
@@ -245,7 +245,9 @@ class RecordingStrategy(Strategy):
             for reply in replies:
                 screen.intake(reply)
             screened = screen.finish(run_round)
-            kept = self._weighted(self._loss_screened(run_round, screened, spill))
+            if self.loss_screen is not None:
+                screened.kept = screen_replies(self.loss_screen, self._reference, screened, spill, run_round)
+            kept = with_weights(screened.kept, self.limits, self.pins)
             portions = shares([k.weight for k in kept])
             stats.sites = [site_round(k, share) for k, share in zip(kept, portions, strict=True)]
             stats.rejected = [Rejection(site=r.site, reason=r.reason) for r in screened.rejected]
@@ -268,7 +270,7 @@ class RecordingStrategy(Strategy):
         statistics (under ``bn = "local"`` the global BatchNorm unchanged), in the model's dtypes."""
         ref = self._reference
         keys = self._weight_keys
-        if self.plain_mean:  # FedAvg/FedProx aggregate to the case-weighted mean itself
+        if self.family.mean:  # FedAvg/FedProx aggregate to the weighted mean itself
             mean = self._mean(kept, spill)
             arrays = {k: mean.pop(k) for k in keys}
             metrics: MetricRecord | None = self._metrics(kept)
@@ -281,9 +283,9 @@ class RecordingStrategy(Strategy):
         merged = dict(ref)
         if self.limits.bn == "pooled":
             sites, weights = [k.reply.arrays for k in kept], [k.weight for k in kept]
-            merged.update(pooled_statistics(sites, weights, ref, self.bn_pooling, self.limits.trim_beta))
+            merged.update(pooled_statistics(sites, weights, ref, self.family.bn_pooling, self.limits.trim_beta))
         merged.update({k: arrays.pop(k).astype(ref[k].dtype, copy=False) for k in keys})
-        if self.class_aware_head:
+        if self.family.class_aware_head:
             heads = [(k.reply.arrays, k.weight, k.reply.message) for k in kept]
             merged.update(headavg.head_of_accepted(merged, ref, heads))
         bad = [k for k, v in merged.items() if v.dtype.kind == "f" and not bool(np.isfinite(v).all())]
@@ -295,56 +297,6 @@ class RecordingStrategy(Strategy):
             )
             return None, None
         return ArrayRecord({k: Array(np.array(merged.pop(k), order="C")) for k in ref}), metrics
-
-    def _loss_screened(self, run_round: int, screened: Screened, spill: Spill) -> list[Kept]:
-        """The replies whose model is not far worse than the round's median on the server's screening data (the others
-        appended to ``screened.rejected``), with their screening loss (:mod:`fedseg.server.run.lossscreen`)."""
-        screen = self.loss_screen
-        if screen is None or not screened.kept:
-            return screened.kept
-        started = time.perf_counter()
-        flags = [annotated_of(k.reply.message.content) for k in screened.kept]
-        losses = [
-            screen.loss({**self._reference, **spill.load(k.row), **k.reply.arrays}, f)
-            for k, f in zip(screened.kept, flags, strict=True)
-        ]
-        global_loss = screen.loss(self._reference)
-        reference = screen.reference([global_loss, *losses])
-        kept = []
-        for k, loss in zip(screened.kept, losses, strict=True):
-            problem = screen.problem(loss, reference)
-            if problem is None:
-                kept.append(dataclasses.replace(k, screen_loss=loss))
-                continue
-            screened.rejected.append(Rejected(k.reply.node, k.reply.site, problem))
-            log.warning(
-                "round %d: rejected the reply of %s (node %d): %s", run_round, k.reply.site, k.reply.node, problem
-            )
-        log.info(
-            "round %d: loss screen in %.1f s: %s (the global model's %.4g)",
-            run_round,
-            time.perf_counter() - started,
-            ", ".join(f"{k.reply.site} {v:.4g}" for k, v in zip(screened.kept, losses, strict=True)),
-            global_loss,
-        )
-        return kept
-
-    def _weighted(self, kept: list[Kept]) -> list[Kept]:
-        """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`)."""
-        weights = aggregation_weights(
-            [k.reply.cases for k in kept],
-            self.limits.weighting,
-            self.limits.max_weight_ratio,
-            [k.reply.site in self.pins for k in kept],
-        )
-        return [dataclasses.replace(k, weight=w) for k, w in zip(kept, weights, strict=True)]
-
-    @property
-    def bn_pooling(self) -> Pooling:
-        """How BatchNorm statistics are pooled: weighted under the averaging rules, robustly under a robust one."""
-        if isinstance(self.inner, FedTrimmedAvg):
-            return "trimmed"
-        return "mean" if self.streams else "median"
 
     def _mean(self, kept: list[Kept], spill: Spill) -> dict[str, NDArray]:
         """The replies' weighted mean of the (clipped) weights, slice by slice from the spill: what Flower's
@@ -360,7 +312,7 @@ class RecordingStrategy(Strategy):
     def _inputs(self, kept: list[Kept], spill: Spill) -> list[Message]:
         """What the inner strategy aggregates: a FedOpt strategy (FedAdam, FedYogi) the streamed mean as one reply
         (it starts from that mean), a robust rule every reply's (clipped) weights."""
-        if self.streams:
+        if self.family.streams:
             metrics = {WEIGHT_KEY: sum(k.weight for k in kept), **self._metrics(kept)}
             return [self._as_reply(kept[0].reply.message, self._mean(kept, spill), metrics)]
         scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]

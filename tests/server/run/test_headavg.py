@@ -72,7 +72,7 @@ def test_strategy_applies_it_for_fedavg_and_fedprox(
     )  # type: ignore[arg-type]
     arrays = ArrayRecord({k: Array(v) for k, v in _weights(-1.0).items()})
     list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))  # type: ignore[arg-type]
-    assert strategy.class_aware_head is class_aware
+    assert strategy.family.class_aware_head is class_aware
     if not class_aware:
         return
     new, _ = strategy.aggregate_train(1, [_reply(reply, 1, 1.0, 1, A_FLAGS), _reply(reply, 2, 5.0, 3, B_FLAGS)])
