@@ -58,14 +58,6 @@ def test_the_control_join_does_start_the_supernode(
     assert len(no_supernode) == 1
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_connected_only_once_the_supernode_is_activated(tmp_path: Path) -> None:
     port = free_port()
     node_log = SupernodeLog(tmp_path / "supernode.log")
@@ -75,19 +67,19 @@ def test_connected_only_once_the_supernode_is_activated(tmp_path: Path) -> None:
         file.write("INFO:      Starting Flower SuperNode\n")
     changes: list[str] = []
     metrics = SiteMetrics(CollectorRegistry(), "s", "cpu")
-    clock = Clock()
+    now = [0.0]
     watch = join_cli.ActivationWatch(f"127.0.0.1:{port}", metrics, node_log, on_change=changes.append)
-    watch.clock = clock
+    watch.clock = lambda: now[0]
     with socket.socket() as listener:  # the server answers TCP all along
         listener.bind(("127.0.0.1", port))
         listener.listen()
         watch.tick()
-        clock.now = 10.0
+        now[0] = 10.0
         watch.tick()
         assert changes == ["connecting"]  # it answers, but has not activated this SuperNode
         with node_log.path.open("a") as file:
             file.write("\x1b[92mINFO \x1b[0m:      SuperNode ID: 4744119659584677191\n")
-        clock.now = 10.5  # not due for a probe yet: the activation is told at once
+        now[0] = 10.5  # not due for a probe yet: the activation is told at once
         watch.tick()
     assert changes == ["connecting", "connected"]
     assert metrics.current_state == "connected"
