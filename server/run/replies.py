@@ -80,13 +80,23 @@ class SiteRegistry:
         """Bind each registered node id to its key's site name for good (a resumed run's pins follow the name)."""
         self.locked = dict(registered)
         for node, site in self.locked.items():
-            for other, name in list(self.names.items()):
-                if other != node and name == site:
-                    del self.names[other]
-                    if node not in self.cases and other in self.cases:
-                        self.cases[node] = self.cases[other]
-                    self.cases.pop(other, None)
-            self.names[node] = site
+            self.hand_over(site, node)
+
+    def hand_over(self, site: str, node: int) -> None:
+        """Give ``site``'s name and its declared-cases pin to ``node``: the one rule for a site that comes back as
+        a new node (a restarted ``fed-client join``, a registered key on a resumed run)."""
+        for other in [o for o, name in self.names.items() if name == site and o != node]:
+            del self.names[other]
+            if other in self.cases:
+                self.cases.setdefault(node, self.cases.pop(other))
+        self.names[node] = site
+
+    def declared(self, node: int, site: str) -> int | None:
+        """The cases pinned for ``node``, or for the node that last carried ``site`` (None: not pinned yet)."""
+        if node in self.cases:
+            return self.cases[node]
+        owner = next((n for n, name in self.names.items() if name == site), None)
+        return self.cases.get(owner) if owner is not None else None
 
     def identity_problem(self, node: int, site: str, present: Collection[int]) -> str | None:
         """Why ``node`` may not call itself ``site`` (None when it may).
@@ -114,11 +124,7 @@ class SiteRegistry:
 
     def pin(self, node: int, site: str, cases: int) -> None:
         """Remember ``node``'s name and declared cases (first time only; a rejoined site keeps its old cap)."""
-        for other, name in list(self.names.items()):
-            if other != node and name == site:
-                del self.names[other]
-                self.cases[node] = self.cases.pop(other, cases)
-        self.names.setdefault(node, site)
+        self.hand_over(site, node)
         self.cases.setdefault(node, cases)
 
     def to_json(self) -> dict[str, dict[str, object]]:
@@ -243,10 +249,7 @@ def check_identity(reply: Accepted, registry: SiteRegistry, present: Collection[
     problem = registry.identity_problem(reply.node, reply.site, present)
     if problem is not None:
         return problem
-    declared = registry.cases.get(reply.node)
-    if declared is None:  # a rejoined site inherits the cap its name declared
-        owner = next((n for n, name in registry.names.items() if name == reply.site), None)
-        declared = registry.cases.get(owner) if owner is not None else None
+    declared = registry.declared(reply.node, reply.site)  # a rejoined site inherits the cap its name declared
     if declared is not None and reply.cases > declared:
         return f"{WEIGHT_KEY} {reply.cases} exceeds the {declared} cases this site declared first"
     registry.pin(reply.node, reply.site, reply.cases)
