@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 from rich.markup import escape
@@ -16,31 +16,41 @@ from fedseg.common.runtime.processes import Supervisor
 from fedseg.server.cli.live import LiveRounds, summary_lines
 from fedseg.server.config import RunSpec
 from fedseg.server.configfile import load_server_config
-from fedseg.server.control.launch import run_to_end, start_server
+from fedseg.server.control.launch import claim, run_to_end, start_server
 from fedseg.server.control.monitor import monitored
 from fedseg.server.control.report import write_report
 from fedseg.server.control.runs import new_spec, resume_spec
 
 
-def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str]) -> RunSpec:
-    """The run that ``start`` should execute: a new one from ``config``, or the continuation of ``resume``.
+def run_spec_for(config: Path | None, resume: Path | None, overrides: list[str]) -> tuple[RunSpec, IO[str]]:
+    """The run that ``start`` should execute (a new one from ``config``, or the continuation of ``resume``) and
+    the lock on its output folder, taken (:func:`claim`) before the folder is judged or written: a second start on
+    a running server's folder is told so, not that the folder "already holds a run".
 
     Raises:
         ConfigError: both or an invalid value were given, or validation.device is not on this machine.
+        FedsegError: another fed-server runs in the output folder, or a port is in use.
     """
     if config is not None and resume is not None:
         raise ConfigError("pass either --config (new run) or --resume RUN_DIR (continue a run), not both")
-    spec = resume_spec(resume, overrides) if resume is not None else new_spec(load_server_config(config, overrides))
-    if spec.config.validation.data is not None:
-        resolve_device(spec.config.validation.device, "validation.device")
-    return spec
+    resumed = resume_spec(resume, overrides) if resume is not None else None
+    cfg = resumed.config if resumed is not None else load_server_config(config, overrides)
+    if cfg.validation.data is not None:
+        resolve_device(cfg.validation.device, "validation.device")
+    lock = claim(cfg)
+    try:
+        return resumed or new_spec(cfg), lock
+    except BaseException:
+        lock.close()
+        raise
 
 
-def run_and_report(spec: RunSpec) -> None:
-    """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary."""
+def run_and_report(spec: RunSpec, lock: IO[str]) -> None:
+    """Start the SuperLink, run ``spec`` to the end with a live table, stop everything, print a summary; ``lock``
+    (from :func:`run_spec_for`) is released once every process has stopped."""
     cfg = spec.config
-    with Supervisor() as sup:
-        server = start_server(sup, cfg)
+    with lock, Supervisor() as sup:
+        server = start_server(sup, cfg, lock)
         ca = f" --root-certificates {cfg.tls.ca.name}" if cfg.tls is not None else ""
         console.print(
             f"Fleet API (only) on [bold]{escape(cfg.address)}[/], control on loopback; sites join with "
@@ -85,4 +95,4 @@ def start_command(
     extra = [f"metrics.port={metrics_port}"] if metrics_port is not None else []
     if insecure:
         extra.append("insecure=true")
-    run_and_report(run_spec_for(config, resume, [*(overrides or []), *extra]))
+    run_and_report(*run_spec_for(config, resume, [*(overrides or []), *extra]))

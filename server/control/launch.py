@@ -65,18 +65,43 @@ class Server:
         return self.cfg.output_dir / PRIVATE_DIR
 
 
-def start_server(sup: Supervisor, cfg: ServerConfig) -> Server:
-    """Start the SuperLink on loopback and the fleet-only gateway on ``cfg.address`` under ``sup``.
+def claim(cfg: ServerConfig) -> IO[str]:
+    """Make ``cfg``'s output folder and ports this process's, before anything is written there: refuse insecure
+    exposure, lock the folder, check the public (and a configured internal) port is free.
+
+    Keep the returned file open to hold the lock (:func:`start_server` keeps it on its :class:`Server`); it is
+    closed again when a check fails.
 
     Raises:
         ConfigError: a non-loopback address without TLS and without ``insecure``.
-        FedsegError: another fed-server holds the output folder, the public port is in use, or a process failed to
-            start.
+        FedsegError: another fed-server holds the folder, or a port is in use.
     """
     check_exposure(cfg)
+    lock = hold_output_dir(cfg.output_dir / PRIVATE_DIR)
+    try:
+        check_port_free(cfg.host, cfg.port)
+        if cfg.internal_port:  # else a free one is picked; a busy one would let another SuperLink answer /health
+            check_port_free(INTERNAL_HOST, cfg.internal_port, "internal_port")
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def start_server(sup: Supervisor, cfg: ServerConfig, claimed: IO[str] | None = None) -> Server:
+    """Start the SuperLink on loopback and the fleet-only gateway on ``cfg.address`` under ``sup``.
+
+    Args:
+        sup: the supervisor of the processes.
+        cfg: the server's configuration.
+        claimed: the lock :func:`claim` returned for ``cfg`` (claimed here when None).
+
+    Raises:
+        ConfigError: a non-loopback address without TLS and without ``insecure``.
+        FedsegError: another fed-server holds the output folder, a port is in use, or a process failed to start.
+    """
+    lock = claimed if claimed is not None else claim(cfg)  # before anything in the folder is written
     private = cfg.output_dir / PRIVATE_DIR
-    lock = hold_output_dir(private)  # before anything in the folder is written
-    check_port_free(cfg.host, cfg.port)
     home = private / "flwr-home"
     port = cfg.internal_port or free_port(INTERNAL_HOST)
     write_connection(home, host_port(INTERNAL_HOST, port), cfg.tls.ca if cfg.tls is not None else None)

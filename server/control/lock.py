@@ -44,8 +44,9 @@ def hold_output_dir(private: Path) -> IO[str]:
     return handle
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Refuse at once when ``host:port`` cannot be bound (another server, or any other program, has it).
+def check_port_free(host: str, port: int, setting: str = "port") -> None:
+    """Refuse at once when ``host:port`` cannot be bound (another server, or any other program, has it);
+    ``setting`` is the server.toml key that moves it.
 
     Raises:
         FedsegError: the port is in use or the address is not this machine's.
@@ -56,5 +57,5 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host.strip("[]"), port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise FedsegError(f"port {port} on {host} is in use (another fed-server?); set port=... ") from None
+                raise FedsegError(f"port {port} on {host} is in use (another fed-server?); set {setting}=...") from None
             raise FedsegError(f"cannot listen on {host}:{port}: {err.strerror}") from None
