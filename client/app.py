@@ -14,17 +14,19 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseg.client.crosssite import score_cases
+from fedseg.client.crosssite import Scores, score_cases
 from fedseg.client.localbn import own_start
+from fedseg.client.policy import Review
 from fedseg.client.simulated import site_for
 from fedseg.client.site import load_training_cases
 from fedseg.client.telemetry import EVENTS_FILE, RoundReporter, note_exit
-from fedseg.client.training import TrainingDiverged, deadline, train_locally
+from fedseg.client.training import BudgetExceeded, TrainingDiverged, Watchdog, train_locally
 from fedseg.common.engine.device import resolve_device
 from fedseg.common.fl.packing import unpacked
 from fedseg.common.fl.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LocalResult,
     evaluate_content,
     failure_content,
     read_task,
@@ -43,53 +45,57 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's data and reply with weights and aggregate metrics."""
+    """Train the received global model on this site's data and reply with weights and aggregate metrics.
+
+    The site's policy first clamps the task or refuses it (a failure reply saying why); the work, from loading the
+    cases to encoding the weights, then runs under the task's :class:`Watchdog` (see :mod:`fedseg.client.policy`).
+    """
+    arrived = time.monotonic()
     site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
     report: RoundReporter | None = None
+    notes: tuple[str, ...] = ()
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         task, server_round = read_task(config)
-        task, clamped = site.policy.clamp(task)
+        review = site.policy.review(task)
+        task, notes = review.task, review.notes
         log.info("site %s round %d: training (%d steps)", site.site, server_round, task.train.total_steps)
-        report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
+        reporter = report = RoundReporter(EventWriter(site.workdir / EVENTS_FILE), server_round)
         report.start(task.train.total_steps, process_started=process_started())
         note_exit(report)
-        if clamped:
-            log.warning(
-                "site %s round %d: site policy lowered the task: %s", site.site, server_round, "; ".join(clamped)
-            )
-            report.policy(clamped)
+        _say_policy(site.site, server_round, review, report)
+        if review.refusal is not None:
+            report.end(ok=False)
+            return Message(failure_content(site.site, review.refusal, (*notes, review.refusal)), reply_to=msg)
+        watchdog = Watchdog(review.seconds, review.limit, arrived)
         arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
-        with deadline(task.deadline):
+
+        def work() -> tuple[ArrayRecord, LocalResult]:
+            watchdog.stage = "preparing the cases"
             cases = load_training_cases(site, task.preprocess)
-            report.phase("load", time.monotonic() - report.started)
-            report.cases(len(cases))
+            reporter.phase("load", time.monotonic() - reporter.started)
+            reporter.cases(len(cases))
             seed = round_seed(task.train.seed, server_round, site.site)
             device = resolve_device(site.device)
-            new_arrays, result = train_locally(
-                arrays,
-                task,
-                cases,
-                device,
-                seed,
-                on_step=report.step,
-                state=context.state,
-                time_limit=site.max_seconds,
+            return train_locally(
+                arrays, task, cases, device, seed, on_step=reporter.step, state=context.state, watchdog=watchdog
             )
+
+        new_arrays, result = watchdog.run(work)
         if result.policy:
             log.warning("site %s round %d: %s", site.site, server_round, "; ".join(result.policy))
             report.policy(result.policy)
-        result = dataclasses.replace(result, policy=(*clamped, *result.policy))
+        result = dataclasses.replace(result, policy=(*notes, *result.policy))
         report.phase("train", result.seconds)
         report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, BudgetExceeded) as err:
         log.error("site %s: %s; replying with the failure instead of weights", site.site, err)
         if report is not None:
             report.end(ok=False)
-        return Message(failure_content(site.site, str(err)), reply_to=msg)
+        return Message(failure_content(site.site, str(err), notes), reply_to=msg)
     except Exception:
         log.exception("site %s: training failed", site.site)
         if report is not None:
@@ -103,25 +109,61 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Cross-site validation: score the received global model on this site's labelled cases, aggregates only.
 
-    Under ``bn = "local"`` the site scores it with its own BatchNorm tensors (the ones it trains with).
+    Under ``bn = "local"`` the site scores it with its own BatchNorm tensors (the ones it trains with). The site's
+    policy may refuse it (patch, network, spacing, ``cross_site = false``); the scoring runs under the task's
+    :class:`Watchdog` and stops before a case that would not end in time (the reply says how many were scored).
     """
+    arrived = time.monotonic()
     site = site_for(context.node_config, context.run_config)
     handler = log_to_file(site.log_dir / "clientapp.log")
+    notes: tuple[str, ...] = ()
     try:
         config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         task, server_round = read_task(config)
-        with deadline(task.deadline):
+        review = site.policy.review(task, evaluate=True)
+        task, notes = review.task, review.notes
+        _say_policy(site.site, server_round, review, None)
+        if review.refusal is not None:
+            return Message(failure_content(site.site, review.refusal, (*notes, review.refusal)), reply_to=msg)
+        watchdog = Watchdog(review.seconds, review.limit, arrived)
+        arrays: ArrayRecord = msg.content.array_records[ARRAYS_KEY]
+
+        def work() -> tuple[Scores, int]:
+            watchdog.stage = "preparing the cases"
             cases = load_training_cases(site, task.preprocess)
             model = build_model(task.model)
-            received = unpacked(msg.content.array_records[ARRAYS_KEY], model.state_dict(), task.transport)
+            received = unpacked(arrays, model.state_dict(), task.transport)
             load_arrays(model, own_start(received, context.state) if task.bn == "local" else received)
-            scores = score_cases(model, cases, task.train.patch_size, resolve_device(site.device))
+            left = watchdog.enter(model, f"scoring {len(cases)} cases")
+            scored = score_cases(model, cases, task.train.patch_size, resolve_device(site.device), left)
+            watchdog.settle()
+            return scored, len(cases)
+
+        scored, total = watchdog.run(work)
+        if scored.cases < total:
+            stopped = f"scored {scored.cases} of {total} cases in {watchdog.elapsed():.1f} s ({watchdog.limit})"
+            log.warning("site %s round %d: %s", site.site, server_round, stopped)
+            notes = (*notes, stopped)
         log.info(
-            "site %s round %d: cross-site scores of the global model on %d cases", site.site, server_round, len(cases)
+            "site %s round %d: cross-site scores of the global model on %d cases", site.site, server_round, scored.cases
         )
-        return Message(evaluate_content(scores, len(cases), site.site), reply_to=msg)
+        return Message(evaluate_content(scored.scores, scored.cases, site.site, notes), reply_to=msg)
+    except BudgetExceeded as err:
+        log.error("site %s: %s; replying with the failure instead of scores", site.site, err)
+        return Message(failure_content(site.site, str(err), notes), reply_to=msg)
     except Exception:
         log.exception("site %s: cross-site validation failed", site.site)
         raise
     finally:
         detach(handler)
+
+
+def _say_policy(site: str, server_round: int, review: Review, report: RoundReporter | None) -> None:
+    """Log (and report to ``join``'s terminal) what the site's policy did to a task: clamps, a refusal."""
+    if review.notes:
+        log.warning("site %s round %d: site policy lowered the task: %s", site, server_round, "; ".join(review.notes))
+    if review.refusal is not None:
+        log.error("site %s round %d: %s; replying with the reason", site, server_round, review.refusal)
+    said = (*review.notes, review.refusal) if review.refusal is not None else review.notes
+    if said and report is not None:
+        report.policy(said)

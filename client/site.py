@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from fedseg.client.policy import SitePolicy
+from fedseg.client.policy import SitePolicy, TaskCaps
 from fedseg.common.data.manifest import SITE_MANIFEST, LabelManifest, site_manifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import prepare_labelled
@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 NODE_CONFIG_FILE = "node-config.toml"
 
 
-class SiteConfig(BaseModel):
+class SiteConfig(TaskCaps):
     """Where a site's data is and how it trains; stored in the SuperNode's node-config.
+
+    Besides the attributes below it holds the site policy's caps on a round's task (:class:`TaskCaps`:
+    ``max_steps``, ``max_seconds``, ``max_patch_voxels`` ..., see :mod:`fedseg.client.policy`).
 
     Attributes:
         site: the site's name (reported to the server with its metrics).
@@ -35,7 +38,6 @@ class SiteConfig(BaseModel):
         labels: label manifest file or built-in name; None = data already in global numbering.
         workdir: the site's private folder (cache, logs, Flower home).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        max_steps, max_seconds, max_batch: the site policy's caps on a round's task (:mod:`fedseg.client.policy`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -45,14 +47,11 @@ class SiteConfig(BaseModel):
     labels: str | None = None
     workdir: Path
     device: DeviceName = "cpu"
-    max_steps: int | None = Field(default=None, ge=1)
-    max_seconds: float | None = Field(default=None, gt=0)
-    max_batch: int | None = Field(default=None, ge=1)
 
     @property
     def policy(self) -> SitePolicy:
         """The caps a round's task must fit (devices were checked when ``join`` started)."""
-        return SitePolicy(max_steps=self.max_steps, max_seconds=self.max_seconds, max_batch=self.max_batch)
+        return SitePolicy.model_validate(self.model_dump(include=set(TaskCaps.model_fields)))
 
     @property
     def cache_dir(self) -> Path:
@@ -95,8 +94,10 @@ def site_from_node_config(node_config: Mapping[str, object]) -> SiteConfig:
 
 
 def write_node_config(site: SiteConfig, path: Path) -> Path:
-    """Write the node-config TOML that ``flower-supernode --node-config`` reads."""
-    values = {k: str(v) for k, v in site.model_dump().items() if v is not None}
+    """Write the node-config TOML that ``flower-supernode --node-config`` reads (the site first, then its caps)."""
+    caps = set(TaskCaps.model_fields)
+    fields = sorted(site.model_dump().items(), key=lambda item: item[0] in caps)
+    values = {k: str(v) for k, v in fields if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(values), encoding="utf-8")
     return path

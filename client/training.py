@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
+from torch import nn
 
 from fedseg.client.localbn import keep_own, own_start, shared_only
 from fedseg.common.data.preprocess import PreparedCase
@@ -22,33 +22,149 @@ from fedseg.common.nn.model import build_model
 
 log = logging.getLogger(__name__)
 
+#: A training progress callback: (step, total, loss, patches/s).
+StepCallback = Callable[[int, int, float, float], None]
+
 
 class TrainingDiverged(RuntimeError):
     """More local steps than ``max_skipped_steps`` had a non-finite loss or gradient: the site sends no weights."""
 
 
-class DeadlineExceeded(TimeoutError):
-    """Local training ran past the server's round timeout (its reply would be dropped anyway)."""
+class BudgetExceeded(TimeoutError):
+    """The task's time budget (the site's ``max_seconds`` or the round's deadline) ran out: no reply from this work."""
 
 
-def _raise_deadline(signum: int, frame: FrameType | None) -> None:
-    raise DeadlineExceeded("local training passed the server's round timeout; the server has moved on")
+#: Name of the thread a task's work runs on (see :class:`Watchdog`).
+WORKER_THREAD = "fedseg-task"
+#: Longest grace between the budget and the hard stop (see :attr:`Watchdog.grace`).
+MAX_GRACE = 30.0
+
+T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`DeadlineExceeded` inside the block after ``seconds`` (main thread on POSIX; else no-op)."""
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-    previous = signal.signal(signal.SIGALRM, _raise_deadline)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+class Watchdog:
+    """A task's wall-clock budget from its arrival, enforced even inside a step that never ends.
+
+    Why a thread: a check between steps cannot stop one step that runs for minutes (a 512³ patch), and a signal
+    (``SIGALRM``) cannot either, since Python runs its handler only between bytecodes, i.e. after the running
+    torch operation returns. A child process could be killed, but the ClientApp is a forked, threaded process
+    (Flower's heartbeat), so a fork might inherit a held lock, a fresh process pays the imports again, and the
+    weights would have to travel back. So :meth:`run` runs the work (preprocessing included) on a worker thread
+    and waits for it at most ``seconds`` + :attr:`grace`: torch, SimpleITK and numpy release the GIL in their
+    long calls, so the handler wakes on time and replies whatever the worker is doing.
+
+    The abandoned worker is cancelled too: :meth:`enter` puts a forward pre-hook on every module of the model and
+    a gradient hook on every parameter, which raise at the next module the worker enters or the next gradient it
+    computes, so it stops within about one layer's forward or backward and the CPU is free again. One still
+    preprocessing has no hook: it finishes the cases (their cache files are written atomically) and stops before
+    its model's first step. The worker is not a daemon thread: an exiting interpreter waits for it (Flower's exit
+    forces the ClientApp out 5 s after the reply in any case, a forked one leaves at once), since a daemon thread
+    still inside torch at interpreter shutdown aborts the process ("FATAL: exception not rethrown").
+
+    Within the budget the work stops itself: training before a step that would end past it
+    (:class:`~fedseg.common.engine.train.TimeLimit`), replying with the weights trained so far. Once the
+    work has finished its loop it calls :meth:`settle` and is then waited for (encoding the weights is bounded
+    by the policy's model size); a worker that the watchdog has already given up cannot settle, so it never
+    writes the site's state after the handler has replied.
+
+    Args:
+        seconds: the budget.
+        limit: what sets it, as messages say it (``max_seconds 900``, ``deadline 3600 s``).
+        started: :func:`time.monotonic` instant the task arrived (default: now).
+    """
+
+    def __init__(self, seconds: float, limit: str, started: float | None = None) -> None:
+        self.seconds = seconds
+        self.limit = limit
+        self.started = time.monotonic() if started is None else started
+        self.stage = "starting"
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._settled = False
+
+    @property
+    def grace(self) -> float:
+        """Seconds past the budget before the hard stop: 1 s + 5 % of the budget, at most :data:`MAX_GRACE`."""
+        return min(MAX_GRACE, 1.0 + 0.05 * self.seconds)
+
+    def elapsed(self) -> float:
+        """Seconds since the task arrived."""
+        return time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        """Seconds of the budget left (negative once it has passed)."""
+        return self.seconds - self.elapsed()
+
+    def message(self) -> str:
+        """Why the work was stopped, in one line."""
+        return f"stopped by the site's time limit ({self.limit}) after {self.elapsed():.1f} s, while {self.stage}"
+
+    def check(self) -> None:
+        """Raise :class:`BudgetExceeded` in an abandoned worker."""
+        if self._cancelled:
+            raise BudgetExceeded(self.message())
+
+    def enter(self, model: nn.Module, stage: str) -> float:
+        """The work's loop over ``model`` starts (it is now at ``stage``): make every module of ``model`` (forward)
+        and every parameter (backward) raise :class:`BudgetExceeded` once the work is abandoned; returns the seconds
+        left for the loop.
+
+        Raises:
+            BudgetExceeded: nothing is left (the stage before took it all).
+        """
+        self.check()
+        left = self.remaining()
+        if left <= 0:
+            raise BudgetExceeded(self.message())
+        for module in model.modules():
+            module.register_forward_pre_hook(lambda _module, _args: self.check())
+        for param in model.parameters():
+            param.register_hook(lambda _grad: self.check())  # type: ignore[no-untyped-call]  # untyped in torch
+        self.stage = stage
+        return left
+
+    def progress(self, on_step: Callable[[int, int, float, float], None] | None) -> StepCallback:
+        """``on_step`` (may be None) that also keeps :attr:`stage` current and is silent once abandoned."""
+
+        def step(done: int, total: int, loss: float, speed: float) -> None:
+            self.check()
+            self.stage = f"training (step {done + 1} of {total})"
+            if on_step is not None:
+                on_step(done, total, loss, speed)
+
+        return step
+
+    def settle(self) -> None:
+        """The work's loop is over: from now on it is waited for. Raises :class:`BudgetExceeded` if abandoned."""
+        with self._lock:
+            self.check()
+            self._settled = True
+
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on a worker thread, its result or exception, or :class:`BudgetExceeded` at the hard stop."""
+        done = threading.Event()
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as err:  # handed to the waiting thread (or dropped, once abandoned)
+                failure.append(err)
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name=WORKER_THREAD).start()
+        if not done.wait(max(0.0, self.remaining() + self.grace)):
+            with self._lock:
+                self._cancelled = not self._settled
+            if self._cancelled:
+                log.warning("%s; the work is abandoned", self.message())
+                raise BudgetExceeded(self.message())
+            done.wait()
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
 
 def train_locally(
@@ -57,9 +173,9 @@ def train_locally(
     cases: Sequence[PreparedCase],
     device: torch.device | str,
     seed: int,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    on_step: StepCallback | None = None,
     state: RecordDict | None = None,
-    time_limit: float | None = None,
+    watchdog: Watchdog | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
 
@@ -72,8 +188,9 @@ def train_locally(
         on_step: progress callback (step, total, loss, patches/s), e.g. the site's telemetry.
         state: the site's ``context.state``; under ``task.bn == "local"`` it keeps the site's own BatchNorm
             tensors across rounds (:mod:`fedseg.client.localbn`). None: BatchNorm as received, nothing kept.
-        time_limit: the site's ``max_seconds``: training stops after the step that passes it, and the weights
-            trained so far are returned (the result's ``policy`` says so).
+        watchdog: the task's time budget (run this function under its :meth:`Watchdog.run`): training stops
+            before a step that would end past it, and the weights trained so far are returned (the result's
+            ``policy`` says so). None: no time limit.
 
     Returns:
         The trained weights (in ``task.transport`` precision, packed when ``task.packed``; under ``bn = "local"``
@@ -82,13 +199,20 @@ def train_locally(
     Raises:
         IncompatibleModelError: the weights do not fit ``task.model``.
         TrainingDiverged: more than ``task.train.max_skipped_steps`` steps were skipped as non-finite.
+        BudgetExceeded: the budget was used up before training, or the watchdog has given this work up.
     """
     own_bn = state if task.bn == "local" else None
     model = build_model(task.model)
     arrays = unpacked(arrays, model.state_dict(), task.transport)
     load_arrays(model, own_start(arrays, own_bn) if own_bn is not None else arrays)
     cfg = task.train.model_copy(update={"seed": seed})
+    time_limit = None
+    if watchdog is not None:
+        time_limit = watchdog.enter(model, f"training (step 1 of {cfg.total_steps})")
+        on_step = watchdog.progress(on_step)
     report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
+    if watchdog is not None:
+        watchdog.settle()
     if report.skipped_steps > cfg.max_skipped_steps:
         raise TrainingDiverged(
             f"{report.skipped_steps} of {report.steps} local steps had a non-finite loss or gradient "
@@ -104,9 +228,9 @@ def train_locally(
     )
     annotated = tuple(any(c < len(k.annotated) and k.annotated[c] for k in cases) for c in range(task.model.n_classes))
     stopped: tuple[str, ...] = ()
-    if report.time_limited and time_limit is not None:
+    if report.time_limited and watchdog is not None:
         where = f"step {report.steps} of {cfg.total_steps}"
-        stopped = (f"stopped at {where} after {report.seconds:.1f} s (max_seconds {time_limit:g})",)
+        stopped = (f"stopped at {where} after {watchdog.elapsed():.1f} s ({watchdog.limit})",)
     result = LocalResult(
         cases=len(cases),
         loss=report.mean_loss,

@@ -43,7 +43,8 @@ class TrainReport:
         skipped_steps: steps whose loss or gradients were not finite: no update was applied.
         fp32_retries: steps not finite under bf16 autocast and computed again in fp32 (see
             :mod:`fedseg.common.engine.step`); those that were finite then count as normal steps.
-        time_limited: the loop stopped before the budget because ``time_limit`` seconds had passed.
+        time_limited: the loop stopped before the budget because one more step would have ended past
+            ``time_limit`` seconds.
         seconds: wall time of the loop, validation included.
         val_seconds: the part of ``seconds`` spent validating.
         dice: per-class Dice of the last validation (``validate`` keys), ``None`` if not validated.
@@ -68,6 +69,38 @@ class TrainReport:
         """Training throughput in patches per second (validation time excluded)."""
         train_seconds = self.seconds - self.val_seconds
         return self.samples / train_seconds if train_seconds > 0 else 0.0
+
+
+class TimeLimit:
+    """A time limit for a loop of similar, long items (training steps, cases scored): whether one more fits.
+
+    ``seconds`` count from construction (None = no limit). Checking "has the limit passed?" after an item lets the
+    last one run past the limit by a whole item; a site's ``max_seconds`` is a promise about when its reply leaves.
+    So :meth:`exhausted` judges *before* an item whether it would end in time, by the longest item so far (the
+    first, which pays for warm-up, is usually the longest: the guess errs on the early side). Call :meth:`mark` as
+    the first item starts and :meth:`lap` as each item ends; the first item always runs (nothing to judge by).
+    """
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.start = clock()
+        self.longest = 0.0
+        self._lap = self.start
+
+    def mark(self) -> None:
+        """An item starts now."""
+        self._lap = self.clock()
+
+    def lap(self) -> None:
+        """An item ended now (the next one starts now)."""
+        now = self.clock()
+        self.longest = max(self.longest, now - self._lap)
+        self._lap = now
+
+    def exhausted(self) -> bool:
+        """Whether one more item, as long as the longest so far, would end past the limit."""
+        return self.seconds is not None and self.clock() - self.start + self.longest > self.seconds
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -166,8 +199,10 @@ def train_model(
         schedule: ``(steps already taken, total steps)`` of a learning-rate schedule that spans several calls
             (``fed-eval train`` calls once per epoch); defaults to ``(0, cfg.total_steps)``.
         on_step: called after every step with (step, total, loss, patches/s).
-        time_limit: stop after the first step that ends this many seconds after the start (a site's
-            ``max_seconds``); None = run the whole budget.
+        time_limit: seconds from the call (set-up included) the loop must end by (what is left of a site's
+            ``max_seconds``): it stops before a step that, as long as the longest step so far, would end past it
+            (:class:`TimeLimit`; the first step always runs). None = run the
+            whole budget.
 
     Returns:
         A :class:`TrainReport`.
@@ -175,6 +210,7 @@ def train_model(
     Raises:
         DataError: no cases, or a case without a label (from :class:`PatchSampler`).
     """
+    limit = TimeLimit(time_limit)
     device = torch.device(device)
     seed_everything(cfg.seed)
     model.to(device)
@@ -203,6 +239,7 @@ def train_model(
     report = TrainReport(mean_loss=float("nan"), samples=0, steps=0, seconds=0.0)
     start = time.perf_counter()
     model.train()
+    limit.mark()
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total, loss=float("nan"), speed=0.0)
         for step, batch in enumerate(sampler, start=1):
@@ -230,11 +267,12 @@ def train_model(
                 report.val_history.append((step, report.dice))
                 log.info("step %d: validation %s", step, _format_dice(report.dice))
                 model.train()
+            limit.lap()
             if step >= total:
                 break
-            if time_limit is not None and time.perf_counter() - start >= time_limit:
+            if limit.exhausted():
                 report.time_limited = True
-                log.info("stopped after %d of %d steps: the %.0f s time limit has passed", step, total, time_limit)
+                log.info("stopped after %d of %d steps: one more would pass the %g s limit", step, total, time_limit)
                 break
     report.seconds = time.perf_counter() - start
     finite = [x for x in report.loss_history if math.isfinite(x)]

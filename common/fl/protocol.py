@@ -7,10 +7,12 @@ weight ``num-examples`` (training cases) and aggregate numbers only, and a Confi
 site name and ``annotated``, one flag per global class (background first): the classes the site labels, used
 for class-aware averaging of the output head. A site whose local training failed on purpose (too many
 non-finite steps) replies with only the ``site`` ConfigRecord, carrying the reason under ``failure``
-(:func:`failure_content`). A site whose policy lowered the task (fewer steps, a smaller batch, a time limit)
-says so under ``policy`` in the ``site`` record (:func:`policy_note`). No image, label or per-case value ever
-leaves a site. Under ``bn = "local"`` (FedBN) the BatchNorm entries of a reply are the ones the site received:
-its own stay in its Flower context (:mod:`fedseg.client.localbn`).
+(:func:`failure_content`); so does a site whose policy refuses the task, or whose time limit stopped the work
+before it had anything to send. A site whose policy lowered the task (fewer steps, a smaller batch, a shorter
+deadline, a time limit) says so under ``policy`` in the ``site`` record (:func:`policy_note`), in train, failure
+and evaluate replies alike. No image, label or per-case value ever leaves a site. Under ``bn = "local"`` (FedBN)
+the BatchNorm entries of a reply are the ones the site received: its own stay in its Flower context
+(:mod:`fedseg.client.localbn`).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ BatchNormMode = Literal["pooled", "local"]
 class TrainTask(BaseModel):
     """What a site must do in a round: build this model, preprocess like this, train with this budget.
 
-    ``deadline`` is the server's round timeout: a reply later than that is dropped, so the site stops
-    training (and its ClientApp process) once it has passed.
+    ``deadline`` is the server's round timeout: a reply later than that is dropped, so the site replies by then
+    (its policy may lower it; :class:`fedseg.client.training.Watchdog` enforces it).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -136,17 +138,26 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
             "train-seconds": result.seconds,
         }
     )
-    site_record = ConfigRecord({"name": site})
+    site_record = _site_record(site, result.policy)
     if result.annotated is not None:
         site_record[ANNOTATED_KEY] = [bool(a) for a in result.annotated]
-    if result.policy:
-        site_record[POLICY_KEY] = "; ".join(result.policy)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics, SITE_KEY: site_record})
 
 
-def failure_content(site: str, reason: str) -> RecordDict:
-    """The RecordDict of a train reply that carries no weights, only why the site could not train."""
-    return RecordDict({SITE_KEY: ConfigRecord({"name": site, FAILURE_KEY: reason})})
+def _site_record(site: str, policy: tuple[str, ...]) -> ConfigRecord:
+    """A reply's ``site`` record: the name, and what the site's policy did (when it did anything)."""
+    record = ConfigRecord({"name": site})
+    if policy:
+        record[POLICY_KEY] = "; ".join(policy)
+    return record
+
+
+def failure_content(site: str, reason: str, policy: tuple[str, ...] = ()) -> RecordDict:
+    """The RecordDict of a reply that carries no weights (or scores), only why the site could not do the task
+    (and, under ``policy``, what its policy did: a refusal is both)."""
+    record = _site_record(site, policy)
+    record[FAILURE_KEY] = reason
+    return RecordDict({SITE_KEY: record})
 
 
 def record_of(content: RecordDict, key: str, kind: type[RecordT]) -> RecordT | None:
@@ -182,10 +193,11 @@ def annotated_of(content: RecordDict) -> tuple[bool, ...] | None:
     return flags if len(flags) == len(value) and flags[0] else None
 
 
-def evaluate_content(scores: dict[str, float | int], cases: int, site: str) -> RecordDict:
-    """The RecordDict of an evaluate (cross-site validation) reply: aggregate scores and ``num-examples``."""
+def evaluate_content(scores: dict[str, float | int], cases: int, site: str, policy: tuple[str, ...] = ()) -> RecordDict:
+    """The RecordDict of an evaluate (cross-site validation) reply: aggregate scores and ``num-examples`` (and what
+    the site's policy did, e.g. fewer cases scored within its time limit)."""
     metrics = MetricRecord({WEIGHT_KEY: cases, **scores})
-    return RecordDict({METRICS_KEY: metrics, SITE_KEY: ConfigRecord({"name": site})})
+    return RecordDict({METRICS_KEY: metrics, SITE_KEY: _site_record(site, policy)})
 
 
 #: The metrics a site returns per organ in cross-site validation (see :mod:`fedseg.client.crosssite`).

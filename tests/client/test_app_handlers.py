@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from flwr.common.config import parse_config_args
 from fedseg.client import training as client_training
 from fedseg.client.app import train
 from fedseg.client.site import SiteConfig, load_training_cases, site_from_node_config, write_node_config
-from fedseg.client.training import DeadlineExceeded, deadline, train_locally
+from fedseg.client.training import BudgetExceeded, Watchdog, train_locally
 from fedseg.common.data.intensity import IntensityStats
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
@@ -98,12 +98,20 @@ def test_train_locally_changes_weights_and_reports_aggregates_only(phantom_root:
     assert result.loss > 0 and result.seconds > 0
 
 
-def test_deadline_interrupts_long_work_and_is_disarmed_after() -> None:
-    with pytest.raises(DeadlineExceeded), deadline(0.2):
-        time.sleep(5)
-    with deadline(0.2):
-        pass
-    time.sleep(0.4)  # no late alarm
+def test_the_watchdog_gives_up_stuck_work_at_the_hard_stop_and_hands_back_finished_work() -> None:
+    release = threading.Event()
+    watchdog = Watchdog(0.2, "max_seconds 0.2")
+    watchdog.stage = "preparing the cases"
+    stopped = r"^stopped by the site's time limit \(max_seconds 0.2\) after 1\.\d s, while preparing the cases$"
+    with pytest.raises(BudgetExceeded, match=stopped):
+        watchdog.run(release.wait)  # work that never ends by itself
+    assert 0.2 + watchdog.grace <= watchdog.elapsed() < 0.2 + watchdog.grace + 0.5
+    with pytest.raises(BudgetExceeded):  # the abandoned work cannot settle: it never writes the site's state
+        watchdog.settle()
+    release.set()
+    assert Watchdog(5.0, "deadline 5 s").run(lambda: 7) == 7
+    with pytest.raises(ZeroDivisionError):
+        Watchdog(5.0, "deadline 5 s").run(lambda: 1 // 0)
 
 
 def _train_message(arrays_record: ArrayRecord, config: ConfigRecord) -> Message:

@@ -51,7 +51,9 @@ def test_scores_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
         crosssite, "sliding_window_predict", lambda model, image, patch, device: SimpleNamespace(labels=next(order))
     )
 
-    scores = score_cases(torch.nn.Identity(), cases, (16, 16, 16), "cpu")
+    scored = score_cases(torch.nn.Identity(), cases, (16, 16, 16), "cpu")
+    assert scored.cases == 3
+    scores = scored.scores
     # pancreas: perfect in all three cases. spleen: scored on the first two only (the third does not annotate it,
     # so its predicted spleen is not held against the model): Dice 1 and 0 -> mean 0.5, sd sqrt(0.5).
     assert scores["dice-pancreas-mean"] == 1.0 and scores["dice-pancreas-n"] == 3 and scores["dice-pancreas-sd"] == 0

@@ -14,6 +14,7 @@ from flwr.common.config import parse_config_args
 
 from fedseg.client import app as client_app
 from fedseg.client import training as client_training
+from fedseg.client.crosssite import Scores
 from fedseg.client.localbn import LOCAL_BN_KEY, keep_own, own_start, shared_only
 from fedseg.client.site import load_training_cases, write_node_config
 from fedseg.client.training import train_locally
@@ -110,9 +111,9 @@ def test_cross_site_scoring_uses_the_sites_own_batchnorm(
 ) -> None:
     scored: list[dict[str, torch.Tensor]] = []
 
-    def fake_score(model: torch.nn.Module, *args: object) -> dict[str, float]:
+    def fake_score(model: torch.nn.Module, *args: object) -> Scores:
         scored.append(model.state_dict())
-        return {"dice-liver-n": 0}
+        return Scores({"dice-liver-n": 0}, 2)
 
     monkeypatch.setattr(client_app, "score_cases", fake_score)
     site = _site(phantom_root, tmp_path)
