@@ -166,7 +166,9 @@ def join_command(
     ] = None,
     max_seconds: Annotated[
         float | None,
-        typer.Option("--max-seconds", help="Stop local training after this many seconds per round; the reply goes."),
+        typer.Option(
+            "--max-seconds", help="Seconds per task from its arrival, preprocessing included; the reply goes by then."
+        ),
     ] = None,
     max_batch: Annotated[
         int | None, typer.Option("--max-batch", help="At most this many patches per batch (overrides --policy).")
@@ -211,9 +213,7 @@ def join_command(
         labels=resolve_labels(data, labels),
         workdir=(workdir or Path(f"fedseg-{site}")).resolve(),
         device=device,
-        max_steps=policy.max_steps,
-        max_seconds=policy.max_seconds,
-        max_batch=policy.max_batch,
+        **policy.caps(),
     )
     resolve_device(cfg.device)
     cfg, report, cases = check_and_prepare(cfg, PreprocessConfig())

@@ -83,3 +83,16 @@ def test_connected_only_once_the_supernode_is_activated(tmp_path: Path) -> None:
         watch.tick()
     assert changes == ["connecting", "connected"]
     assert metrics.current_state == "connected"
+
+
+def test_every_cap_of_the_policy_file_reaches_the_site(
+    phantom_root: Path, tmp_path: Path, no_supernode: list[object]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max_patch_voxels = 5000\nmin_spacing_mm = 2.0\ncross_site = false\nmax_deadline = 60\n")
+    data = phantom_root / "site-1"
+    args = ["join", "--site", "s1", "--data", str(data), "--workdir", str(tmp_path / "w"), "--policy", str(policy)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ((cfg, *_),) = no_supernode  # type: ignore[misc]
+    assert (cfg.max_patch_voxels, cfg.min_spacing_mm, cfg.cross_site, cfg.max_deadline) == (5000, 2.0, False, 60)  # type: ignore[attr-defined]
