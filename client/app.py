@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseg.client.crosssite import Scores, score_cases
+from fedseg.client.egress import egress_mod
 from fedseg.client.localbn import own_start
 from fedseg.client.policy import Review
 from fedseg.client.simulated import site_for
@@ -40,7 +41,7 @@ from fedseg.common.runtime.events import EventWriter, process_started
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[egress_mod])  # every reply is written to the site's egress ledger first
 
 
 @app.train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedseg.client.cli.audit import audit_command
 from fedseg.client.cli.check import check_command
 from fedseg.client.cli.join import join_command
 from fedseg.client.cli.keygen import keygen_command
@@ -9,11 +10,12 @@ from fedseg.common.cli.shell import make_app
 
 app = make_app(
     "fed-client",
-    "Run a hospital site: check its data and join a federation.",
+    "Run a hospital site: check its data, join a federation and audit what it sent.",
 )
 
 
 # Command registrations (one line each, alphabetical):
+app.command("audit")(audit_command)
 app.command("check")(check_command)
 app.command("join")(join_command)
 app.command("keygen")(keygen_command)
