@@ -7,6 +7,8 @@ The architecture is specified in ``shared/design/attention-unet.md``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,11 +20,55 @@ PASS_THROUGH_PSI_BIAS = 3.0
 PASS_THROUGH_PSI_WEIGHT_SCALE = 0.1
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, padding: int) -> nn.Sequential:
+#: The normalisation after every convolution: the paper's BatchNorm, or a per-case one (needed by DP-SGD, whose
+#: per-case gradients cannot pass through statistics shared by the batch).
+Norm = Literal["batch", "group", "instance"]
+NORMS: tuple[Norm, ...] = ("batch", "group", "instance")
+#: GroupNorm: at most this many groups, and at least :data:`MIN_GROUP_WIDTH` channels in each.
+MAX_GROUPS = 8
+MIN_GROUP_WIDTH = 2
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm's groups for ``channels``: the largest divisor of ``channels`` that is at most :data:`MAX_GROUPS`
+    and leaves every group :data:`MIN_GROUP_WIDTH` channels or more; 1 (one group, layer-norm-like) when none does.
+
+    Valid for every channel count the model has at any feature scale (1 to 1024 channels, odd ones included:
+    feature scale 3 gives 21, 42, 85, 170 and 341).
+    """
+    if channels < 1:
+        raise ValueError(f"a normalisation needs at least one channel, got {channels}")
+    limit = min(MAX_GROUPS, channels // MIN_GROUP_WIDTH)
+    return next((g for g in range(limit, 1, -1) if channels % g == 0), 1)
+
+
+def norm_layer(norm: Norm, channels: int) -> nn.Module:
+    """The normalisation ``norm`` over ``channels`` channels, each with an affine γ/β (same parameter count)."""
+    if norm == "batch":
+        return nn.BatchNorm3d(channels)
+    if norm == "group":
+        return nn.GroupNorm(group_count(channels), channels)
+    if norm == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+def relu_for(norm: Norm) -> nn.ReLU:
+    """The activation after a ``norm`` layer: in place only after BatchNorm (the paper's memory saving).
+
+    A per-case norm is what DP-SGD trains, and Opacus's hooks hand the norm's output on as a view that must not be
+    modified in place. Out of place computes the same values and gradients; it only keeps one more tensor.
+    """
+    return nn.ReLU(inplace=norm == "batch")
+
+
+def _conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, padding: int, norm: Norm = "batch"
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv3d(in_channels, out_channels, kernel_size, stride=1, padding=padding),
-        nn.BatchNorm3d(out_channels),
-        nn.ReLU(inplace=True),
+        norm_layer(norm, out_channels),
+        relu_for(norm),
     )
 
 
@@ -32,12 +78,13 @@ class UnetConv3(nn.Module):
     Args:
         in_channels: Input channels.
         out_channels: Output channels of both convolutions.
+        norm: The normalisation in place of BatchNorm3d (:func:`norm_layer`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch") -> None:
         super().__init__()
-        self.conv1 = _conv_bn_relu(in_channels, out_channels, kernel_size=3, padding=1)
-        self.conv2 = _conv_bn_relu(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = _conv_bn_relu(in_channels, out_channels, kernel_size=3, padding=1, norm=norm)
+        self.conv2 = _conv_bn_relu(out_channels, out_channels, kernel_size=3, padding=1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map (B, C_in, D, H, W) to (B, C_out, D, H, W)."""
@@ -46,11 +93,11 @@ class UnetConv3(nn.Module):
 
 
 class UnetGridGatingSignal3(nn.Module):
-    """Gating signal on the bottleneck: Conv3d 1×1×1 (with bias) → BatchNorm3d → ReLU."""
+    """Gating signal on the bottleneck: Conv3d 1×1×1 (with bias) → BatchNorm3d (or ``norm``) → ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch") -> None:
         super().__init__()
-        self.conv1 = _conv_bn_relu(in_channels, out_channels, kernel_size=1, padding=0)
+        self.conv1 = _conv_bn_relu(in_channels, out_channels, kernel_size=1, padding=0, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map (B, C_in, D, H, W) to (B, C_out, D, H, W)."""
@@ -66,12 +113,13 @@ class GridAttentionBlock3D(nn.Module):
     Args:
         in_channels: Channels C_x of the skip x; also the intermediate width F_int (as released).
         gating_channels: Channels C_g of the gating signal g, which lives on x's grid halved.
+        norm: The normalisation in place of BN (:func:`norm_layer`).
     """
 
-    def __init__(self, in_channels: int, gating_channels: int) -> None:
+    def __init__(self, in_channels: int, gating_channels: int, norm: Norm = "batch") -> None:
         super().__init__()
         inter_channels = in_channels
-        self.W = nn.Sequential(nn.Conv3d(in_channels, in_channels, kernel_size=1), nn.BatchNorm3d(in_channels))
+        self.W = nn.Sequential(nn.Conv3d(in_channels, in_channels, kernel_size=1), norm_layer(norm, in_channels))
         self.theta = nn.Conv3d(in_channels, inter_channels, kernel_size=2, stride=2, bias=False)
         self.phi = nn.Conv3d(gating_channels, inter_channels, kernel_size=1, bias=True)
         self.psi = nn.Conv3d(inter_channels, 1, kernel_size=1, bias=True)
@@ -111,13 +159,14 @@ class MultiAttentionBlock(nn.Module):
     Args:
         in_channels: Channels C_x of the skip.
         gating_channels: Channels C_g of the gating signal.
+        norm: The normalisation in place of BN (:func:`norm_layer`).
     """
 
-    def __init__(self, in_channels: int, gating_channels: int) -> None:
+    def __init__(self, in_channels: int, gating_channels: int, norm: Norm = "batch") -> None:
         super().__init__()
-        self.gate_block_1 = GridAttentionBlock3D(in_channels, gating_channels)
-        self.gate_block_2 = GridAttentionBlock3D(in_channels, gating_channels)
-        self.combine_gates = _conv_bn_relu(2 * in_channels, in_channels, kernel_size=1, padding=0)
+        self.gate_block_1 = GridAttentionBlock3D(in_channels, gating_channels, norm)
+        self.gate_block_2 = GridAttentionBlock3D(in_channels, gating_channels, norm)
+        self.combine_gates = _conv_bn_relu(2 * in_channels, in_channels, kernel_size=1, padding=0, norm=norm)
 
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Gate x (B, C_x, D, H, W) with g (B, C_g, D/2, H/2, W/2); return (B, C_x, D, H, W) and α (B, 2, D, H, W)."""
@@ -133,11 +182,12 @@ class UnetUp3CT(nn.Module):
     Args:
         in_channels: Channels of the coarse decoder tensor.
         out_channels: Channels of the skip and of the output.
+        norm: The normalisation of the double conv (:func:`norm_layer`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch") -> None:
         super().__init__()
-        self.conv = UnetConv3(in_channels + out_channels, out_channels)
+        self.conv = UnetConv3(in_channels + out_channels, out_channels, norm)
         self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)
 
     def forward(self, skip: Tensor, coarse: Tensor) -> Tensor:
@@ -166,11 +216,12 @@ class UnetDsv3(nn.Module):
 def init_weights(module: nn.Module) -> None:
     """Released initialisation: kaiming-normal (a=0, fan_in) Conv3d weights, BN γ ~ N(1, 0.02) and β = 0.
 
-    Conv biases keep PyTorch's default uniform initialisation, as in the released code.
+    Conv biases keep PyTorch's default uniform initialisation, as in the released code. GroupNorm and InstanceNorm
+    (``norm`` other than batch) get BN's γ and β.
     """
     for m in module.modules():
         if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-        elif isinstance(m, nn.BatchNorm3d):
+        elif isinstance(m, nn.BatchNorm3d | nn.GroupNorm | nn.InstanceNorm3d) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fedseg.common.nn.blocks import (
+    NORMS,
     GridAttentionBlock3D,
     MultiAttentionBlock,
+    Norm,
     UnetConv3,
     UnetDsv3,
     UnetGridGatingSignal3,
@@ -42,6 +44,11 @@ class ModelConfig(BaseModel):
     n_classes: int = Field(default=5, ge=1)
     feature_scale: int = Field(default=4, ge=1, le=64)
     gate_init: GateInit = "pass-through"
+    norm: Norm = Field(
+        default="batch",
+        description="batch (the paper's BatchNorm) or a per-case norm: group (GroupNorm, up to 8 groups) or "
+        "instance; DP-SGD needs a per-case one",
+    )
 
 
 def check_spatial_size(size: Sequence[int]) -> None:
@@ -73,27 +80,30 @@ def count_parameters(model: nn.Module) -> int:
 class _DsvUNetBase(nn.Module):
     """Encoder, trilinear decoder and deep-supervision fusion head shared by both networks."""
 
-    def __init__(self, in_channels: int, n_classes: int, feature_scale: int) -> None:
+    def __init__(self, in_channels: int, n_classes: int, feature_scale: int, norm: Norm = "batch") -> None:
         super().__init__()
         if in_channels < 1 or n_classes < 1 or not 1 <= feature_scale <= _BASE_FILTERS[0]:
             raise ValueError(
                 f"need in_channels >= 1, n_classes >= 1 and 1 <= feature_scale <= 64, got "
                 f"{in_channels}, {n_classes}, {feature_scale}"
             )
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.in_channels = in_channels
         self.n_classes = n_classes
+        self.norm = norm
         f = [int(c / feature_scale) for c in _BASE_FILTERS]
         self.filters = tuple(f)
-        self.conv1 = UnetConv3(in_channels, f[0])
-        self.conv2 = UnetConv3(f[0], f[1])
-        self.conv3 = UnetConv3(f[1], f[2])
-        self.conv4 = UnetConv3(f[2], f[3])
-        self.center = UnetConv3(f[3], f[4])
+        self.conv1 = UnetConv3(in_channels, f[0], norm)
+        self.conv2 = UnetConv3(f[0], f[1], norm)
+        self.conv3 = UnetConv3(f[1], f[2], norm)
+        self.conv4 = UnetConv3(f[2], f[3], norm)
+        self.center = UnetConv3(f[3], f[4], norm)
         self.maxpool = nn.MaxPool3d(kernel_size=2, stride=2)
-        self.up_concat4 = UnetUp3CT(f[4], f[3])
-        self.up_concat3 = UnetUp3CT(f[3], f[2])
-        self.up_concat2 = UnetUp3CT(f[2], f[1])
-        self.up_concat1 = UnetUp3CT(f[1], f[0])
+        self.up_concat4 = UnetUp3CT(f[4], f[3], norm)
+        self.up_concat3 = UnetUp3CT(f[3], f[2], norm)
+        self.up_concat2 = UnetUp3CT(f[2], f[1], norm)
+        self.up_concat1 = UnetUp3CT(f[1], f[0], norm)
         self.dsv4 = UnetDsv3(f[3], n_classes, scale_factor=8)
         self.dsv3 = UnetDsv3(f[2], n_classes, scale_factor=4)
         self.dsv2 = UnetDsv3(f[1], n_classes, scale_factor=2)
@@ -133,6 +143,7 @@ class AttentionUNet3D(_DsvUNetBase):
         feature_scale: Divides the base filters (64, 128, 256, 512, 1024); 4 is the paper's CT setting.
         gate_init: ``"pass-through"`` sets ψ so that α ≈ 0.95 at start (paper text); ``"released"`` keeps the
             official code's kaiming-initialised ψ (α ≈ 0.3-0.7 at start).
+        norm: ``"batch"`` (the paper), or ``"group"`` / ``"instance"`` in place of every BatchNorm3d.
     """
 
     def __init__(
@@ -141,15 +152,16 @@ class AttentionUNet3D(_DsvUNetBase):
         n_classes: int = 5,
         feature_scale: int = 4,
         gate_init: GateInit = "pass-through",
+        norm: Norm = "batch",
     ) -> None:
-        super().__init__(in_channels, n_classes, feature_scale)
+        super().__init__(in_channels, n_classes, feature_scale, norm)
         if gate_init not in ("pass-through", "released"):
             raise ValueError(f"gate_init must be 'pass-through' or 'released', got {gate_init!r}")
         f = self.filters
-        self.gating = UnetGridGatingSignal3(f[4], f[4])
-        self.attentionblock2 = MultiAttentionBlock(f[1], f[2])
-        self.attentionblock3 = MultiAttentionBlock(f[2], f[3])
-        self.attentionblock4 = MultiAttentionBlock(f[3], f[4])
+        self.gating = UnetGridGatingSignal3(f[4], f[4], norm)
+        self.attentionblock2 = MultiAttentionBlock(f[1], f[2], norm)
+        self.attentionblock3 = MultiAttentionBlock(f[2], f[3], norm)
+        self.attentionblock4 = MultiAttentionBlock(f[3], f[4], norm)
         init_weights(self)
         if gate_init == "pass-through":
             for m in self.modules():
@@ -206,10 +218,11 @@ class UNet3D(_DsvUNetBase):
         in_channels: Image channels.
         n_classes: Output classes (background included).
         feature_scale: Divides the base filters (64, 128, 256, 512, 1024); 4 is the paper's CT setting.
+        norm: ``"batch"`` (the paper), or ``"group"`` / ``"instance"`` in place of every BatchNorm3d.
     """
 
-    def __init__(self, in_channels: int = 1, n_classes: int = 5, feature_scale: int = 4) -> None:
-        super().__init__(in_channels, n_classes, feature_scale)
+    def __init__(self, in_channels: int = 1, n_classes: int = 5, feature_scale: int = 4, norm: Norm = "batch") -> None:
+        super().__init__(in_channels, n_classes, feature_scale, norm)
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,5 +249,5 @@ class UNet3D(_DsvUNetBase):
 def build_model(cfg: ModelConfig) -> AttentionUNet3D | UNet3D:
     """Instantiate the network a validated config names (initialised from the global torch RNG)."""
     if cfg.arch == "attention-unet":
-        return AttentionUNet3D(cfg.in_channels, cfg.n_classes, cfg.feature_scale, cfg.gate_init)
-    return UNet3D(cfg.in_channels, cfg.n_classes, cfg.feature_scale)
+        return AttentionUNet3D(cfg.in_channels, cfg.n_classes, cfg.feature_scale, cfg.gate_init, cfg.norm)
+    return UNet3D(cfg.in_channels, cfg.n_classes, cfg.feature_scale, cfg.norm)
