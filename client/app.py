@@ -14,6 +14,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedseg.client.budget import PrivacyRefused, SiteBudget
 from fedseg.client.crosssite import Scores, score_cases
 from fedseg.client.egress import egress_mod
 from fedseg.client.localbn import own_start
@@ -79,8 +80,9 @@ def train(msg: Message, context: Context) -> Message:
             reporter.cases(len(cases))
             seed = round_seed(task.train.seed, server_round, site.site)
             device = resolve_device(site.device)
+            budget = SiteBudget.at(site.workdir, site.policy.privacy)
             return train_locally(
-                arrays, task, cases, device, seed, on_step=reporter.step, state=context.state, watchdog=watchdog
+                arrays, task, cases, device, seed, reporter.step, context.state, watchdog, budget=budget
             )
 
         new_arrays, result = watchdog.run(work)
@@ -92,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         report.end(ok=True, loss=result.loss)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
-    except (TrainingDiverged, BudgetExceeded) as err:
+    except (TrainingDiverged, BudgetExceeded, PrivacyRefused) as err:
         log.error("site %s: %s; replying with the failure instead of weights", site.site, err)
         if report is not None:
             report.end(ok=False)

@@ -16,6 +16,14 @@ through unchanged and stop a task that would tie the site's machine up::
     cross_site = true              # score the global model on this site's cases when asked (default true)
     devices = ["cpu"]              # devices join may train on (default: any)
 
+    [privacy]                      # the site's own differential-privacy budget (fedseg.client.budget)
+    require_dp = true              # train only tasks with privacy.mode = "dp-sgd" (default false)
+    max_epsilon = 8.0              # refuse the round that would take this site's ε past it (default: no cap)
+    delta = 1e-5                   # the δ ε is counted at; a task asking for a larger one is lowered (default 1e-5)
+    min_noise_multiplier = 1.0     # less noise than this is raised to it (default 0: no floor)
+    max_grad_norm = 1.0            # a larger clip norm is lowered to it (default: no cap)
+    federation = "pancreas-study"  # count ε under this name, whatever the server calls its federation
+
 Where lowering a value still gives a meaningful task it is clamped, never silently: steps, batch and the deadline.
 Where it does not (a smaller patch, another network, a coarser grid would be another task), the task is refused:
 the site replies with the reason instead of weights (or scores). Either way the site log and terminal say what the
@@ -29,6 +37,11 @@ or not the work has finished. Training stops before a step that would not end in
 trained so far; a task still preprocessing, or in a step that overran, at the hard stop gets a failure reply
 saying so. ``devices`` is checked when ``join`` starts (the server's task names no device: the site's ``--device``
 decides it).
+
+``[privacy]`` works the same way: a task asking for less noise, a larger clip norm or a larger δ than the site allows
+is clamped (noise raised, clip norm and δ lowered), a training task without DP-SGD under ``require_dp`` is refused.
+The noise a task's ε target implies, and whether the round fits ``max_epsilon``, depend on the site's cases, so
+:mod:`fedseg.client.budget` decides those once the cases are loaded, before training.
 """
 
 from __future__ import annotations
@@ -41,12 +54,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 from torch.overrides import TorchFunctionMode
 
 from fedseg.common.errors import ConfigError, format_validation_error
 from fedseg.common.fl.protocol import TrainTask
 from fedseg.common.nn.model import ModelConfig, build_model, count_parameters
+from fedseg.common.privacy.config import DEFAULT_DELTA, PrivacyConfig
 
 POLICY_FILE = "policy.toml"
 #: Defaults of the caps the default federation never reaches (see the module docstring).
@@ -57,8 +71,32 @@ DEFAULT_MAX_PARAMETERS = 10_000_000
 DEFAULT_MIN_SPACING_MM = 0.5
 
 
+class PrivacyPolicy(BaseModel):
+    """The ``[privacy]`` table of ``policy.toml``: the most privacy a task may cost this site (module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    require_dp: bool = Field(default=False, description="refuse every training task without privacy.mode = dp-sgd")
+    max_epsilon: float | None = Field(
+        default=None, gt=0, description="refuse the round that would take the site's cumulative ε past this"
+    )
+    delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1, description="the largest δ the site counts ε at")
+    min_noise_multiplier: float = Field(default=0.0, ge=0, description="less noise per step is raised to this")
+    max_grad_norm: float | None = Field(default=None, gt=0, description="a larger clip norm is lowered to this")
+    federation: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="the key the site counts ε under (default: the federation the task names)",
+    )
+
+
 class TaskCaps(BaseModel):
-    """The caps on a task, as the policy file and the SuperNode's node-config both hold them (None = no cap)."""
+    """The caps on a task, as the policy file and the SuperNode's node-config both hold them (None = no cap).
+
+    Flower's node-config holds flat scalar values, so ``privacy`` travels in it as one JSON string (it is dumped as
+    one and read back from one).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,6 +108,16 @@ class TaskCaps(BaseModel):
     max_parameters: int = Field(default=DEFAULT_MAX_PARAMETERS, ge=1, description="parameters of the network")
     min_spacing_mm: float = Field(default=DEFAULT_MIN_SPACING_MM, gt=0, description="finest target spacing")
     cross_site: bool = Field(default=True, description="score the global model on this site's cases when asked")
+    privacy: PrivacyPolicy = Field(default=PrivacyPolicy(), description="the site's differential-privacy budget")
+
+    @field_validator("privacy", mode="before")
+    @classmethod
+    def _privacy_from_json(cls, value: object) -> object:
+        return PrivacyPolicy.model_validate_json(value) if isinstance(value, str) else value
+
+    @field_serializer("privacy")
+    def _privacy_as_json(self, value: PrivacyPolicy) -> str:
+        return value.model_dump_json(exclude_none=True)
 
 
 @dataclass(frozen=True)
@@ -135,6 +183,9 @@ class SitePolicy(TaskCaps):
         if task.deadline > self.max_deadline:
             notes.append(f"deadline {task.deadline:g} s -> {self.max_deadline:g} s (max_deadline)")
             update["deadline"] = self.max_deadline
+        privacy = task.privacy if evaluate else clamp_privacy(task.privacy, self.privacy, notes)
+        if privacy is not task.privacy:
+            update["privacy"] = privacy
         return (task.model_copy(update=update) if update else task), notes
 
     def refusals(self, task: TrainTask, evaluate: bool = False) -> list[str]:
@@ -142,6 +193,11 @@ class SitePolicy(TaskCaps):
         problems: list[str] = []
         if evaluate and not self.cross_site:
             problems.append("this site does not score models for other sites (cross_site = false)")
+        if not evaluate and self.privacy.require_dp and task.privacy.mode != "dp-sgd":
+            problems.append(
+                f"this site trains only with patient-level DP (require_dp); the task has privacy.mode "
+                f"{task.privacy.mode}, the server must set privacy.mode=dp-sgd"
+            )
         patch = task.train.patch_size
         if math.prod(patch) > self.max_patch_voxels:
             problems.append(
@@ -156,6 +212,28 @@ class SitePolicy(TaskCaps):
         if finest < self.min_spacing_mm:
             problems.append(f"target spacing {finest:g} mm is finer than min_spacing_mm {self.min_spacing_mm:g}")
         return problems
+
+
+def clamp_privacy(asked: PrivacyConfig, policy: PrivacyPolicy, notes: list[str]) -> PrivacyConfig:
+    """``asked`` within ``policy`` (clip norm and δ lowered, an explicit noise multiplier raised), a note appended to
+    ``notes`` per change; ``asked`` itself when nothing changes or the task asks for no DP-SGD. The noise an ε target
+    implies is clamped once the cases are known (:meth:`fedseg.client.budget.SiteBudget.plan`)."""
+    if asked.mode != "dp-sgd":
+        return asked
+    changes: dict[str, float] = {}
+    if policy.max_grad_norm is not None and asked.max_grad_norm > policy.max_grad_norm:
+        notes.append(f"max_grad_norm {asked.max_grad_norm:g} -> {policy.max_grad_norm:g} (privacy.max_grad_norm)")
+        changes["max_grad_norm"] = policy.max_grad_norm
+    if asked.epsilon is None and asked.noise_multiplier < policy.min_noise_multiplier:
+        notes.append(
+            f"noise_multiplier {asked.noise_multiplier:g} -> {policy.min_noise_multiplier:g} "
+            "(privacy.min_noise_multiplier)"
+        )
+        changes["noise_multiplier"] = policy.min_noise_multiplier
+    if asked.delta > policy.delta:
+        notes.append(f"delta {asked.delta:g} -> {policy.delta:g} (privacy.delta)")
+        changes["delta"] = policy.delta
+    return asked.model_copy(update=changes) if changes else asked
 
 
 def parameter_count(cfg: ModelConfig) -> int | None:

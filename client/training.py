@@ -12,13 +12,16 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
+from fedseg.client.budget import BudgetFile, PrivacyRefused, RoundPlan, SiteBudget
 from fedseg.client.localbn import keep_own, own_start, shared_only
+from fedseg.client.policy import PrivacyPolicy
 from fedseg.common.data.preprocess import PreparedCase
 from fedseg.common.engine.train import TrainReport, train_model
 from fedseg.common.fl.packing import pack_arrays, unpacked
 from fedseg.common.fl.protocol import LocalResult, TrainTask
 from fedseg.common.fl.weights import arrays_from_model, encode_arrays, load_arrays
 from fedseg.common.nn.model import build_model
+from fedseg.common.privacy.dpsgd import train_private, unsupported
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +179,16 @@ def train_locally(
     on_step: StepCallback | None = None,
     state: RecordDict | None = None,
     watchdog: Watchdog | None = None,
+    budget: SiteBudget | None = None,
 ) -> tuple[ArrayRecord, LocalResult]:
     """Load the global weights, train with the shared trainer for the task's budget, return the new weights.
+
+    Under ``task.privacy.mode = "dp-sgd"`` the training is patient-level DP-SGD
+    (:func:`~fedseg.common.privacy.dpsgd.train_private`) within the site's ``budget``: the round is planned (and
+    refused when it would pass ``max_epsilon``) before it trains, its steps are spent after, and the result carries
+    the site's cumulative ε and its δ. Its loss is 0 and its samples the expected count (steps × q × cases): the
+    mean training loss and the Poisson batch sizes are statistics of the cases that DP does not cover (the site log
+    has the real loss).
 
     Args:
         arrays: global weights (keyed by state-dict name, or packed into one array), in any transport precision.
@@ -191,6 +202,7 @@ def train_locally(
         watchdog: the task's time budget (run this function under its :meth:`Watchdog.run`): training stops
             before a step that would end past it, and the weights trained so far are returned (the result's
             ``policy`` says so). None: no time limit.
+        budget: the site's privacy budget (DP-SGD tasks); None: the default policy, counted in memory only.
 
     Returns:
         The trained weights (in ``task.transport`` precision, packed when ``task.packed``; under ``bn = "local"``
@@ -200,19 +212,26 @@ def train_locally(
         IncompatibleModelError: the weights do not fit ``task.model``.
         TrainingDiverged: more than ``task.train.max_skipped_steps`` steps were skipped as non-finite.
         BudgetExceeded: the budget was used up before training, or the watchdog has given this work up.
+        PrivacyRefused: a DP-SGD round the site will not train (past ``max_epsilon``, a model DP cannot train).
     """
     own_bn = state if task.bn == "local" else None
     model = build_model(task.model)
     arrays = unpacked(arrays, model.state_dict(), task.transport)
     load_arrays(model, own_start(arrays, own_bn) if own_bn is not None else arrays)
     cfg = task.train.model_copy(update={"seed": seed})
+    budget = budget or SiteBudget(PrivacyPolicy(), BudgetFile(None))
+    plan = _private_plan(task, model, len(cases), budget)
     time_limit = None
     if watchdog is not None:
         time_limit = watchdog.enter(model, f"training (step 1 of {cfg.total_steps})")
         on_step = watchdog.progress(on_step)
-    report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
+    if plan is None:
+        report = train_model(model, cases, cfg, device, progress=False, on_step=on_step, time_limit=time_limit)
+    else:
+        report = train_private(model, cases, cfg, plan.settings, device, on_step=on_step, time_limit=time_limit)
     if watchdog is not None:
         watchdog.settle()
+    spent = budget.spend(plan, report.steps) if plan is not None else None  # recorded before the reply leaves
     if report.skipped_steps > cfg.max_skipped_steps:
         raise TrainingDiverged(
             f"{report.skipped_steps} of {report.steps} local steps had a non-finite loss or gradient "
@@ -231,13 +250,18 @@ def train_locally(
     if report.time_limited and watchdog is not None:
         where = f"step {report.steps} of {cfg.total_steps}"
         stopped = (f"stopped at {where} after {watchdog.elapsed():.1f} s ({watchdog.limit})",)
+    loss, samples = report.mean_loss, report.samples
+    if plan is not None:  # under DP the weights are all that speaks for the cases: no non-private statistic leaves
+        loss, samples = 0.0, round(plan.settings.sample_rate * len(cases) * report.steps)
     result = LocalResult(
         cases=len(cases),
-        loss=report.mean_loss,
-        samples=report.samples,
+        loss=loss,
+        samples=samples,
         seconds=report.seconds,
         annotated=annotated,
-        policy=stopped,
+        policy=(*(plan.notes if plan is not None else ()), *stopped),
+        epsilon=spent,
+        delta=plan.delta if plan is not None else None,
     )
     trained = arrays_from_model(model.cpu())
     reply = encode_arrays(trained, task.transport)
@@ -245,6 +269,23 @@ def train_locally(
         keep_own(trained, own_bn)
         reply = shared_only(reply, arrays)
     return (pack_arrays(reply) if task.packed else reply), result
+
+
+def _private_plan(task: TrainTask, model: nn.Module, cases: int, budget: SiteBudget) -> RoundPlan | None:
+    """The DP-SGD round the site will train (None: the task asks for no DP), or why it will not.
+
+    Raises:
+        PrivacyRefused: client-dp, a model or config DP-SGD cannot train, or a round past the site's budget.
+    """
+    mode = task.privacy.mode
+    if mode == "off":
+        return None
+    if mode != "dp-sgd":
+        raise PrivacyRefused(f"privacy.mode {mode} is not implemented at this site; use privacy.mode=dp-sgd")
+    reason = unsupported(model, task.train)
+    if reason is not None:
+        raise PrivacyRefused(reason)
+    return budget.plan(task, cases)
 
 
 def _unusual_steps(report: TrainReport) -> str:

@@ -6,6 +6,7 @@
 * ``synthetic``: the phantom CT generator (builds on ``data``).
 * ``eval``: metrics, folder scoring and attention figures (builds on ``data``).
 * ``engine``: device policy, training loop, sliding-window inference, validation, checkpoints.
+* ``privacy``: the federation's privacy settings, the RDP accountant and patient-level DP-SGD (Opacus).
 * ``fl``: the Flower message contract and weights on the wire (no training loop).
 * ``runtime``: child processes, the ``flwr`` command line, app log files.
 * ``cli``: the ``fed-eval`` commands and the helpers all three CLIs share (the only place Typer is used).

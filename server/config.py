@@ -56,6 +56,7 @@ from fedseg.common.engine.config import TrainConfig
 from fedseg.common.engine.device import DeviceName
 from fedseg.common.fl.protocol import BatchNormMode
 from fedseg.common.nn.model import ModelConfig
+from fedseg.common.privacy.config import PrivacyConfig
 from fedseg.common.runtime.processes import host_port, is_loopback
 
 #: The one run-config key that carries the :class:`RunSpec` JSON to the ServerApp and ClientApps.
@@ -228,6 +229,7 @@ class ServerConfig(BaseModel):
     validation: ValidationConfig = ValidationConfig()
     tls: TLSConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
@@ -238,6 +240,7 @@ class ServerConfig(BaseModel):
             raise ValueError(f"bulyan needs min_sites >= 4 x num_malicious + 3 = {4 * s.num_malicious + 3}")
         if self.supernode_auth and self.tls is None:
             raise ValueError("supernode_auth needs a [tls] table (Flower refuses node authentication over HTTP)")
+        _check_privacy(self)
         return self
 
     @property
@@ -261,6 +264,20 @@ class ServerConfig(BaseModel):
     def validation_patch(self) -> tuple[int, int, int]:
         """Sliding-window size for central validation."""
         return self.validation.patch_size or self.train.patch_size
+
+
+def _check_privacy(cfg: ServerConfig) -> None:
+    """Refuse privacy settings the sites could not train (one line each)."""
+    mode = cfg.privacy.mode
+    if mode == "client-dp":
+        raise ValueError("privacy.mode = 'client-dp' is not implemented yet; use privacy.mode=dp-sgd")
+    if mode == "dp-sgd" and cfg.model.norm == "batch":
+        raise ValueError(
+            "privacy.mode = 'dp-sgd' cannot train model.norm = 'batch' (per-case gradients cannot pass BatchNorm); "
+            "use model.norm=group"
+        )
+    if mode == "dp-sgd" and cfg.train.pseudo_weight > 0:
+        raise ValueError("privacy.mode = 'dp-sgd' does not combine with train.pseudo_weight > 0; set it to 0")
 
 
 class RunSpec(BaseModel):

@@ -10,7 +10,10 @@ non-finite steps) replies with only the ``site`` ConfigRecord, carrying the reas
 (:func:`failure_content`); so does a site whose policy refuses the task, or whose time limit stopped the work
 before it had anything to send. A site whose policy lowered the task (fewer steps, a smaller batch, a shorter
 deadline, a time limit) says so under ``policy`` in the ``site`` record (:func:`policy_note`), in train, failure
-and evaluate replies alike. No image, label or per-case value ever leaves a site. Under ``bn = "local"`` (FedBN)
+and evaluate replies alike. Under ``privacy.mode = "dp-sgd"`` a train reply's metrics also carry the site's
+cumulative ``epsilon`` for this federation and the ``delta`` it is counted at (absent without DP), and its
+``train-loss`` (0) and ``train-samples`` (the expected count) say nothing of its cases: only the DP weights do. No
+image, label or per-case value ever leaves a site. Under ``bn = "local"`` (FedBN)
 the BatchNorm entries of a reply are the ones the site received: its own stay in its Flower context
 (:mod:`fedseg.client.localbn`).
 """
@@ -28,6 +31,7 @@ from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.errors import ConfigError
 from fedseg.common.nn.model import ModelConfig
+from fedseg.common.privacy.config import PrivacyConfig
 
 RecordT = TypeVar("RecordT", ArrayRecord, MetricRecord, ConfigRecord)
 
@@ -43,6 +47,10 @@ FAILURE_KEY = "failure"
 ANNOTATED_KEY = "annotated"
 POLICY_KEY = "policy"
 METRIC_KEYS = (WEIGHT_KEY, "train-loss", "train-samples", "train-seconds")
+#: Metrics of a DP-SGD reply: the site's cumulative ε for the federation, and the δ it is counted at.
+EPSILON_KEY = "epsilon"
+DELTA_KEY = "delta"
+PRIVACY_METRIC_KEYS = (EPSILON_KEY, DELTA_KEY)
 
 #: Precision of the weights on the wire both ways (:func:`fedseg.common.fl.weights.encode_arrays`).
 Transport = Literal["fp32", "fp16", "bf16"]
@@ -70,6 +78,9 @@ class TrainTask(BaseModel):
     )
     packed: bool = Field(
         default=False, description="the weights travel as one array both ways (fedseg.common.fl.packing)"
+    )
+    privacy: PrivacyConfig = Field(
+        default=PrivacyConfig(), description="differential privacy asked of the sites (their policy may add more)"
     )
 
 
@@ -118,7 +129,8 @@ def round_seed(base: int, server_round: int, site: str) -> int:
 @dataclass(frozen=True)
 class LocalResult:
     """Aggregate numbers of one site's local training in one round (``annotated``: its classes, background first;
-    ``policy``: what the site's policy changed in the task)."""
+    ``policy``: what the site's policy changed in the task; ``epsilon`` and ``delta``: under DP-SGD the site's
+    cumulative ε for the federation after this round, at δ ``delta``)."""
 
     cases: int
     loss: float
@@ -126,6 +138,8 @@ class LocalResult:
     seconds: float
     annotated: tuple[bool, ...] | None = None
     policy: tuple[str, ...] = ()
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> RecordDict:
@@ -138,6 +152,9 @@ def reply_content(arrays: ArrayRecord, result: LocalResult, site: str) -> Record
             "train-seconds": result.seconds,
         }
     )
+    if result.epsilon is not None and result.delta is not None:
+        metrics[EPSILON_KEY] = result.epsilon
+        metrics[DELTA_KEY] = result.delta
     site_record = _site_record(site, result.policy)
     if result.annotated is not None:
         site_record[ANNOTATED_KEY] = [bool(a) for a in result.annotated]

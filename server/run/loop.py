@@ -72,6 +72,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         transport=cfg.transport,
         bn=cfg.strategy.bn,
         packed=pack_wanted(),
+        privacy=cfg.privacy.for_run(cfg.rounds, str(cfg.output_dir)),
     )
 
 

@@ -2,7 +2,8 @@
 
 A reply is *accepted* only when it is exactly what our ClientApp sends for the round's global model: one
 ``arrays`` ArrayRecord with the global model's keys, shapes and dtypes and only finite values; one ``metrics``
-MetricRecord with exactly :data:`~fedseg.common.fl.protocol.METRIC_KEYS`, of the right types; ``num-examples`` a
+MetricRecord with exactly :data:`~fedseg.common.fl.protocol.METRIC_KEYS` (a DP-SGD site adds both
+:data:`~fedseg.common.fl.protocol.PRIVACY_METRIC_KEYS`), of the right types; ``num-examples`` a
 positive integer no larger than the configured cap and than what the node declared in its first reply (pinned by
 :class:`SiteRegistry` for the run); and a site name that the node used from the start and no other node uses. With
 node authentication, the names registered with the sites' keys are locked: a node must carry its key's name, and
@@ -28,6 +29,7 @@ from fedseg.common.fl.protocol import (
     FAILURE_KEY,
     METRIC_KEYS,
     METRICS_KEY,
+    PRIVACY_METRIC_KEYS,
     SITE_KEY,
     WEIGHT_KEY,
     record_keys,
@@ -153,9 +155,14 @@ def site_of(reply: Message) -> str:
 
 def _metrics_problem(metrics: Mapping[str, object], max_examples: int) -> str | None:
     keys = set(metrics)
-    if keys != set(METRIC_KEYS):
-        extra, missing = sorted(keys - set(METRIC_KEYS)), sorted(set(METRIC_KEYS) - keys)
+    expected = set(METRIC_KEYS) | (set(PRIVACY_METRIC_KEYS) if keys & set(PRIVACY_METRIC_KEYS) else set())
+    if keys != expected:
+        extra, missing = sorted(keys - expected), sorted(expected - keys)
         return f"metric keys differ (extra {extra}, missing {missing})"
+    for key in sorted(keys & set(PRIVACY_METRIC_KEYS)):
+        value = metrics[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+            return f"metric {key} must be a finite number >= 0, got {value!r}"
     for key in _INT_METRICS:
         value = metrics[key]
         if not isinstance(value, int) or isinstance(value, bool):

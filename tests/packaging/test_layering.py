@@ -23,7 +23,8 @@ COMMON_LAYERS: dict[str, set[str]] = {
     "synthetic": {"data", "errors", "console"},
     "eval": {"data", "errors", "console"},
     "engine": {"nn", "data", "eval", "errors", "console"},
-    "fl": {"nn", "data", "engine", "errors"},
+    "privacy": {"nn", "data", "engine", "errors"},
+    "fl": {"nn", "data", "engine", "privacy", "errors"},
     "runtime": {"errors"},
 }
 #: server/client part -> parts of the same side it must never import.
