@@ -29,10 +29,11 @@ start, same round 1 with all three sites, then the two honest sites; same seeds)
 costs beyond losing the site. Trainings are cached by (global model, site, round), so rows that end up with the
 same global models (an attacker rejected every round) cost no extra training.
 
-Aggregators: FedAvg with validation and the loss screen on the central set (the default server), FedAvg without
-the loss screen, coordinate-wise median, trimmed mean, Krum (f = 1); each robust rule also with the direction
-check off (``min_update_cosine = -1``); every one validates replies. Prints Dice per
-round, the sites' update cosines and rejections, and the final Dice difference to the reference.
+Aggregators: FedAvg with validation and the loss screen on the central set (the default server), FedAvg with
+the loss screen and FLTrust (a reference update trained each round on a root set of two other phantom cases),
+FedAvg without the loss screen, coordinate-wise median, trimmed mean, Krum (f = 1); each robust rule also with the
+direction check off (``min_update_cosine = -1``); every one validates replies. Prints Dice per round, the sites'
+update cosines and rejections, and the final Dice difference to the reference.
 
     nice -n 10 python bench/robustness.py --quick     # 3 rounds x 3 steps, 32^3 phantoms
     nice -n 10 python bench/robustness.py             # 6 rounds x 10 steps, 48^3 phantoms, every row (743 s)
@@ -68,6 +69,7 @@ from fedseg.common.nn.model import ModelConfig, build_model
 from fedseg.common.synthetic.phantoms import generate_phantoms
 from fedseg.server.config import ServerConfig, StrategyConfig
 from fedseg.server.run.bn import is_bn_statistic
+from fedseg.server.run.fltrust import RootTrust
 from fedseg.server.run.lossscreen import LossScreen, screen_patches
 from fedseg.server.run.strategy import RecordingStrategy, build_strategy
 
@@ -160,17 +162,18 @@ ATTACKS: dict[str, Attack] = {
 }
 TRAINS = {"x100": False, "nan": False, "free-rider": False}
 LIAR_CASES = {"free-rider": 100_000, "case-liar": 100_000}
-#: label -> (strategy name, min_update_cosine, loss screen)
-AGGREGATORS: dict[str, tuple[str, float, bool]] = {
-    "fedavg (default)": ("fedavg", 0.0, True),
-    "fedavg no-loss-screen": ("fedavg", 0.0, False),
-    "fedavg no-loss-screen cosine-off": ("fedavg", -1.0, False),
-    "median": ("median", 0.0, False),
-    "median (cosine off)": ("median", -1.0, False),
-    "trimmed-mean": ("trimmed-mean", 0.0, False),
-    "trimmed-mean (cosine off)": ("trimmed-mean", -1.0, False),
-    "krum": ("krum", 0.0, False),
-    "krum (cosine off)": ("krum", -1.0, False),
+#: label -> (strategy name, min_update_cosine, the server's own screen: loss, fltrust or off)
+AGGREGATORS: dict[str, tuple[str, float, str]] = {
+    "fedavg (default)": ("fedavg", 0.0, "loss"),
+    "fedavg fltrust": ("fedavg", 0.0, "fltrust"),
+    "fedavg no-loss-screen": ("fedavg", 0.0, "off"),
+    "fedavg no-loss-screen cosine-off": ("fedavg", -1.0, "off"),
+    "median": ("median", 0.0, "off"),
+    "median (cosine off)": ("median", -1.0, "off"),
+    "trimmed-mean": ("trimmed-mean", 0.0, "off"),
+    "trimmed-mean (cosine off)": ("trimmed-mean", -1.0, "off"),
+    "krum": ("krum", 0.0, "off"),
+    "krum (cosine off)": ("krum", -1.0, "off"),
 }
 
 
@@ -194,6 +197,10 @@ class Sites:
         val = root / "validation"
         self.val = prepare_labelled(
             val, site_manifest(val, str(val / "labels.toml")), task.preprocess, root / "cache" / "v", role="v", use="v"
+        )
+        own = root / "root" / "site-1"  # the server's FLTrust root set: other cases from the same generator
+        self.root = prepare_labelled(
+            own, site_manifest(own, str(own / "labels.toml")), task.preprocess, root / "cache" / "r", role="r", use="r"
         )
         self.declared = LocalResult(cases=len(self.cases[-1]), loss=0.5, samples=task.train.batch_size, seconds=1.0)
         self._cache: dict[tuple[str, int, int, bool], tuple[dict[str, np.ndarray], LocalResult]] = {}
@@ -242,7 +249,7 @@ def _attacked(sites: Sites, glob: ArrayRecord, rnd: int, attack: str) -> tuple[d
     return trained, dataclasses.replace(result, cases=LIAR_CASES.get(attack, result.cases))
 
 
-def federation(sites: Sites, name: str, min_cosine: float, loss_screen: bool, attack: str, rounds: int) -> Outcome:
+def federation(sites: Sites, name: str, min_cosine: float, screen: str, attack: str, rounds: int) -> Outcome:
     """One federation of three sites; the last one attacks (or leaves: ``attack = LEAVES``) from round 2."""
     n_sites = 3
     torch.manual_seed(0)
@@ -250,12 +257,11 @@ def federation(sites: Sites, name: str, min_cosine: float, loss_screen: bool, at
     limits = StrategyConfig(name=name, min_update_cosine=min_cosine)  # type: ignore[arg-type]
     cfg = ServerConfig(min_sites=n_sites, strategy=limits)
     inner: FedAvg = build_strategy(cfg)
-    screen = LossScreen(
-        screen_patches(sites.val, sites.task.train.patch_size, 2), build_model(sites.task.model), limits.max_loss_ratio
-    )
-    strategy = RecordingStrategy(
-        inner, n_sites, 1, 1.0, limits=cfg.strategy, loss_screen=screen if loss_screen else None
-    )
+    patches = screen_patches(sites.val, sites.task.train.patch_size, 2)
+    screen_model = build_model(sites.task.model)
+    loss_screen = LossScreen(patches, screen_model, limits.max_loss_ratio) if screen != "off" else None
+    trust = RootTrust(sites.root, sites.task.model, sites.task.train) if screen == "fltrust" else None
+    strategy = RecordingStrategy(inner, n_sites, 1, 1.0, limits=cfg.strategy, loss_screen=loss_screen, root_trust=trust)
     glob = arrays_from_model(model)
     out = Outcome()
     for rnd in range(1, rounds + 1):
@@ -336,11 +342,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         generate_phantoms(root, sites=3, cases_per_site=2, val_cases=1, size=(size, size, size))
+        generate_phantoms(root / "root", sites=1, cases_per_site=2, val_cases=0, size=(size, size, size), seed=1)
         sites = Sites(root, 3, task)
         for label in labels:
-            name, min_cosine, loss_screen = AGGREGATORS[label]
+            name, min_cosine, screen = AGGREGATORS[label]
             for attack in [LEAVES, *attacks]:
-                results[(label, attack)] = federation(sites, name, min_cosine, loss_screen, attack, rounds)
+                results[(label, attack)] = federation(sites, name, min_cosine, screen, attack, rounds)
                 _report(label, attack, results[(label, attack)])
     rounds_header = " | ".join(f"r{r}" for r in range(1, rounds + 1))
     header = f"| aggregator | site 3 from r2 | {rounds_header} | final − ref | attacker share | rejected rounds |"

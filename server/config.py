@@ -142,11 +142,21 @@ class StrategyConfig(BaseModel):
     bn: BatchNormMode = Field(
         default="pooled", description="pooled: the server pools BatchNorm; local: each site keeps its own (FedBN)"
     )
-    screen: Literal["loss", "off"] = Field(
+    screen: Literal["loss", "fltrust", "off"] = Field(
         default="loss",
         description="loss: score every reply's model on patches of the central validation set and reject one far "
-        "worse than the round's median (needs validation.data; off without it)",
+        "worse than the round's median (needs validation.data; off without it); fltrust: the loss screen, then "
+        "weight every reply by its cosine with an update the server trains on root_data, rescaled to that "
+        "update's norm (needs root_data)",
     )
+    root_data: Path | None = Field(
+        default=None,
+        description="fltrust: the server's own small labelled root set (a dataset folder, never validation.data)",
+    )
+    root_steps: int | None = Field(
+        default=None, ge=1, description="fltrust: steps of the server's reference update; default the sites' steps"
+    )
+    root_cases: int | None = Field(default=None, ge=1, description="fltrust: root cases used; default all")
     screen_cases: int = Field(default=2, ge=1, description="loss screen: validation cases, one patch each")
     max_loss_ratio: float = Field(
         default=100.0,
@@ -238,6 +248,11 @@ class ServerConfig(BaseModel):
         s = self.strategy
         if s.name == "bulyan" and self.min_sites < 4 * s.num_malicious + 3:
             raise ValueError(f"bulyan needs min_sites >= 4 x num_malicious + 3 = {4 * s.num_malicious + 3}")
+        if s.screen == "fltrust":
+            if s.root_data is None:
+                raise ValueError("strategy.screen = 'fltrust' needs strategy.root_data (the server's root set)")
+            if self.validation.data is not None and s.root_data.resolve() == self.validation.data.resolve():
+                raise ValueError("strategy.root_data must not be validation.data: one trains, the other scores")
         if self.supernode_auth and self.tls is None:
             raise ValueError("supernode_auth needs a [tls] table (Flower refuses node authentication over HTTP)")
         _check_privacy(self)

@@ -13,7 +13,15 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedseg.common.fl.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY, SITE_KEY, read_scores
+from fedseg.common.fl.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FAILURE_KEY,
+    METRICS_KEY,
+    ROUND_KEY,
+    SITE_KEY,
+    read_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,19 @@ def matrix_of(replies: Iterable[Message]) -> Matrix:
     for reply in replies:
         site = _site_name(reply)
         if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
-            reason = reply.error.reason if reply.has_error() else "no metrics"
+            reason = reply.error.reason if reply.has_error() else _failure(reply)
             log.warning("cross-site validation: no scores from %s (%s)", site, reason)
             continue
         metrics = dict(reply.content.metric_records[METRICS_KEY])
         matrix[site] = read_scores({k: v for k, v in metrics.items() if isinstance(v, int | float)})
     return matrix
+
+
+def _failure(reply: Message) -> str:
+    """Why a reply without scores has none: the site's stated failure (a policy refusal, a time limit), if any."""
+    record = reply.content.config_records.get(SITE_KEY)
+    failure = record.get(FAILURE_KEY) if record is not None else None
+    return f"site failure: {failure}" if isinstance(failure, str) else "no metrics"
 
 
 def _site_name(reply: Message) -> str:

@@ -43,6 +43,9 @@ class SiteRound(BaseModel):
     screen_loss: float | None = Field(
         default=None, description="its model's loss on the server's screening data (None: not screened)"
     )
+    trust: float | None = Field(
+        default=None, description="its FLTrust score: cosine with the server's reference update (None: not used)"
+    )
 
 
 class Rejection(BaseModel):
@@ -124,6 +127,8 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
             record[f"update_cosine_{site.site}"] = round(site.update_cosine, 6)
         if site.screen_loss is not None:
             record[f"screen_loss_{site.site}"] = round(site.screen_loss, 6)
+        if site.trust is not None:
+            record[f"trust_{site.site}"] = round(site.trust, 6)
     for rejection in row.rejected:
         record[f"rejected_{rejection.site}"] = rejection.reason
     return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -10,11 +11,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
+from fedseg.common.data.manifest import site_manifest
+from fedseg.common.data.preprocess import PreparedCase
+from fedseg.common.data.sitecache import prepare_labelled
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, load_checkpoint
 from fedseg.common.engine.keeper import CheckpointKeeper
 from fedseg.common.engine.validation import MEAN_KEY, class_names_for
@@ -26,6 +31,7 @@ from fedseg.common.runtime.events import EventWriter
 from fedseg.server.config import RunSpec, ServerConfig
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.crosssite import CrossSite
+from fedseg.server.run.fltrust import RootTrust
 from fedseg.server.run.history import History, RoundRow, clean_dice
 from fedseg.server.run.lossscreen import LossScreen, screen_patches
 from fedseg.server.run.overlap import Background
@@ -203,13 +209,43 @@ def _dice_text(dice: dict[str, float]) -> str:
 
 
 def loss_screen(cfg: ServerConfig, validator: CentralValidator | None) -> LossScreen | None:
-    """The loss screen on the central validation set (:mod:`fedseg.server.run.lossscreen`), unless it is off or
-    there is no central data."""
+    """The loss screen on the central validation set (:mod:`fedseg.server.run.lossscreen`) whenever there is
+    central data, unless screening is off (FLTrust runs after it: the two see different attacks)."""
     if validator is None or cfg.strategy.screen == "off":
         return None
     patches = screen_patches(validator.cases, cfg.validation_patch, cfg.strategy.screen_cases)
     log.info("loss screen: %d patches of %s from the central validation set", len(patches), cfg.validation_patch)
     return LossScreen(patches, build_model(cfg.model), cfg.strategy.max_loss_ratio)
+
+
+def root_trust(cfg: ServerConfig, validator: CentralValidator | None, cache_dir: Path) -> RootTrust | None:
+    """FLTrust on the server's root set (:mod:`fedseg.server.run.fltrust`), when it is the chosen screen.
+
+    Raises:
+        ConfigError: a root case is also a central validation case (same image).
+        DataError: the root folder has no labelled case.
+    """
+    s = cfg.strategy
+    if s.screen != "fltrust" or s.root_data is None:
+        return None
+    manifest = site_manifest(s.root_data, None)
+    use = "train the server's reference update on"
+    cases = prepare_labelled(s.root_data, manifest, cfg.preprocess, cache_dir, role="strategy.root_data", use=use)
+    cases = cases[: s.root_cases]
+    if validator is not None:
+        seen = {_digest(c): c.case_id for c in validator.cases}
+        for case in cases:
+            if (twin := seen.get(_digest(case))) is not None:
+                raise ConfigError(
+                    f"strategy.root_data case {case.case_id} is validation case {twin}: the root set must not hold "
+                    "the cases the global model is scored on"
+                )
+    log.info("FLTrust: reference update on %d root cases from %s", len(cases), s.root_data)
+    return RootTrust(cases, cfg.model, cfg.train, s.root_steps)
+
+
+def _digest(case: PreparedCase) -> str:
+    return hashlib.sha256(np.ascontiguousarray(case.image).tobytes()).hexdigest()
 
 
 def serve(
@@ -244,6 +280,7 @@ def serve(
         spill_dir=fresh_folder(out / CACHE_DIR / SPILL_DIR),
         pins=pins,
         loss_screen=loss_screen(cfg, validator),
+        root_trust=root_trust(cfg, validator, out / CACHE_DIR / "root"),
     )
     if spec.initial_checkpoint is not None:
         try:

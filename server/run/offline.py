@@ -1,5 +1,5 @@
 """The server's aggregation, offline: one round of exactly what ``fed-server`` does with the sites' replies
-(validation, the norm, direction and loss screens, aggregation weights, the strategy, BatchNorm pooling, the
+(validation, the norm, direction and loss screens or FLTrust, aggregation weights, the strategy, BatchNorm pooling, the
 class-aware head), driven from plain arrays without a Flower runtime.
 
 The benchmarks (``bench/fedsim.py`` and those built on it, ``bench/robustness.py``) and the tests aggregate
@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from fedseg.common.fl.offline import train_reply
 from fedseg.common.fl.protocol import SITE_KEY
 from fedseg.server.config import ServerConfig
+from fedseg.server.run.fltrust import RootTrust
 from fedseg.server.run.lossscreen import LossScreen
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 
@@ -49,14 +50,26 @@ class OfflineAggregator:
     Args:
         cfg: the server configuration (its ``strategy`` table and ``min_replies``).
         loss_screen: the loss screen on the server's data (None: off).
+        root_trust: FLTrust's reference update on the server's root set (None: off).
         pins: site name -> cases pinned in ``sites.toml``.
     """
 
     def __init__(
-        self, cfg: ServerConfig, loss_screen: LossScreen | None = None, pins: Mapping[str, int] | None = None
+        self,
+        cfg: ServerConfig,
+        loss_screen: LossScreen | None = None,
+        pins: Mapping[str, int] | None = None,
+        root_trust: RootTrust | None = None,
     ) -> None:
         self.strategy = RecordingStrategy(
-            build_strategy(cfg), 1, cfg.min_replies, 1.0, limits=cfg.strategy, loss_screen=loss_screen, pins=pins
+            build_strategy(cfg),
+            1,
+            cfg.min_replies,
+            1.0,
+            limits=cfg.strategy,
+            loss_screen=loss_screen,
+            pins=pins,
+            root_trust=root_trust,
         )
         self.round = 0
 

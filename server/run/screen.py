@@ -54,7 +54,8 @@ NDArray = np.ndarray
 class Kept:
     """A reply that passed every check: its small arrays and metrics, its spill row, its update norms (over every
     floating-point array; over the aggregated weights only, the one screened and clipped; over the pooled BatchNorm
-    running statistics), its cosine and its aggregation weight (:mod:`fedseg.server.run.weighting`)."""
+    running statistics), its cosine, its aggregation weight (:mod:`fedseg.server.run.weighting`) and, under FLTrust
+    (:mod:`fedseg.server.run.fltrust`), its trust score and the factor its update is rescaled by."""
 
     reply: Accepted
     row: int
@@ -64,6 +65,8 @@ class Kept:
     weight: float = 1.0
     bn_norm: float = 0.0
     screen_loss: float = math.nan
+    trust: float = math.nan
+    scale: float = 1.0
 
 
 @dataclass
@@ -220,8 +223,12 @@ def _split(items: list[Kept], problems: Sequence[str | None], rejected: list[Rej
 
 
 def with_weights(kept: list[Kept], limits: StrategyConfig, pins: Mapping[str, int]) -> list[Kept]:
-    """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`)."""
+    """``kept`` with each reply's aggregation weight (:mod:`fedseg.server.run.weighting`), times its FLTrust score
+    where it has one."""
     weights = aggregation_weights(
         [k.reply.cases for k in kept], limits.weighting, limits.max_weight_ratio, [k.reply.site in pins for k in kept]
     )
-    return [dataclasses.replace(k, weight=w) for k, w in zip(kept, weights, strict=True)]
+    return [
+        dataclasses.replace(k, weight=w if math.isnan(k.trust) else w * k.trust)
+        for k, w in zip(kept, weights, strict=True)
+    ]

@@ -7,7 +7,8 @@ validated arrays). Instead, each accepted reply's aggregated weights are written
 it has been validated, and the message is let go. Everything that needs all of them reads the files back in
 slices of at most :data:`SLICE_VALUES` values over all replies together:
 
-* :meth:`Spill.gram`: the dot products of the updates ``w_i − w_global`` (the direction check);
+* :meth:`Spill.gram`: the dot products of the updates ``w_i − w_global`` (the direction check), and
+  :meth:`Spill.dots` their dot products with one given update (FLTrust's reference);
 * :meth:`Spill.weighted_mean`: ``Σ a_i (w_global + s_i (w_i − w_global)) / Σ a_i`` over chosen replies, with case
   weights ``a_i`` and clipping factors ``s_i`` (the mean FedAvg, FedProx and the FedOpt family start from);
 * :meth:`Spill.load`: one reply's weights (rules that need every reply at once, e.g. the median).
@@ -110,6 +111,13 @@ class Spill:
             gram += block @ block.T
         return gram
 
+    def dots(self, rows: Sequence[int], vector: Mapping[str, NDArray]) -> NDArray:
+        """The dot product of each update of ``rows`` with ``vector`` (an update over the spilled keys; float64)."""
+        out = np.zeros(len(rows))
+        for index, key, start, count in self._slices(len(rows)):
+            out += self._updates(rows, index, key, start, count) @ vector[key].reshape(-1)[start : start + count]
+        return out
+
     def weighted_mean(
         self, rows: Sequence[int], weights: Sequence[float], scales: Sequence[float] | None = None
     ) -> dict[str, NDArray]:
@@ -130,13 +138,13 @@ class Spill:
         return out
 
     def load(self, row: int, scale: float = 1.0) -> dict[str, NDArray]:
-        """One reply's weights, shaped and typed like the reference; ``scale`` < 1 shrinks its update
-        ``w − w_global`` by that factor (clipping)."""
+        """One reply's weights, shaped and typed like the reference, its update ``w − w_global`` multiplied by
+        ``scale`` (clipping, FLTrust's rescaling)."""
         out = {}
         for index, (key, size) in enumerate(zip(self.keys, self.sizes, strict=True)):
             ref = self.reference[key]
             value = self._read(row, self.offsets[index], size).reshape(ref.shape)
-            if scale < 1:
+            if scale != 1:
                 value = ref + (value - ref) * np.float32(scale)
             out[key] = value.astype(ref.dtype)
         return out

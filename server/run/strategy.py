@@ -10,7 +10,8 @@ chosen strategy and only adds what a federation of mutually distrusting sites ne
   message go, so the server's memory does not grow with the number of sites; it bounds its update norm and, with
   three or more replies, rejects an update pointing away from most of the others (``min_update_cosine``); a bad
   reply is dropped with its reason recorded, never aborting the round;
-* with central data, it rejects a reply whose model is far worse on it (:mod:`fedseg.server.run.lossscreen`);
+* with central data, it rejects a reply whose model is far worse on it (:mod:`fedseg.server.run.lossscreen`), or
+  with a root set of the server's own it weights every reply by its trust (:mod:`fedseg.server.run.fltrust`);
 * it weights each accepted reply by its capped or pinned cases (:mod:`fedseg.server.run.weighting`), the same
   weight everywhere one is used;
 * it optionally clips each accepted update to ``clip_norm``;
@@ -52,6 +53,7 @@ from fedseg.server.run import headavg
 from fedseg.server.run.bn import is_bn_statistic, pooled_statistics
 from fedseg.server.run.choice import build_strategy, family_of
 from fedseg.server.run.crosssite import CrossSite, Matrix, matrix_of
+from fedseg.server.run.fltrust import RootTrust, trust_replies
 from fedseg.server.run.history import Rejection, SiteRound
 from fedseg.server.run.lossscreen import LossScreen, screen_replies
 from fedseg.server.run.replies import SiteRegistry
@@ -95,6 +97,7 @@ def site_round(kept: Kept, share: float | None = None) -> SiteRound:
         update_norm=norm,
         update_cosine=None if math.isnan(cosine) else cosine,
         screen_loss=None if math.isnan(kept.screen_loss) else kept.screen_loss,
+        trust=None if math.isnan(kept.trust) else kept.trust,
     )
 
 
@@ -159,6 +162,8 @@ class RecordingStrategy(Strategy):
         pins: site name -> cases pinned by the operator in ``sites.toml`` (:mod:`fedseg.server.run.weighting`).
         loss_screen: scores each reply's model on the server's own data (:mod:`fedseg.server.run.lossscreen`);
             None = off.
+        root_trust: FLTrust's reference update on the server's root set (:mod:`fedseg.server.run.fltrust`);
+            None = off.
     """
 
     def __init__(
@@ -174,9 +179,11 @@ class RecordingStrategy(Strategy):
         spill_dir: Path | None = None,
         pins: Mapping[str, int] | None = None,
         loss_screen: LossScreen | None = None,
+        root_trust: RootTrust | None = None,
     ) -> None:
         self.inner = inner
         self.loss_screen = loss_screen
+        self.root_trust = root_trust
         self.pins = dict(pins or {})
         self.spill_dir = spill_dir
         self.min_sites = min_sites
@@ -247,6 +254,8 @@ class RecordingStrategy(Strategy):
             screened = screen.finish(run_round)
             if self.loss_screen is not None:
                 screened.kept = screen_replies(self.loss_screen, self._reference, screened, spill, run_round)
+            if self.root_trust is not None:
+                screened.kept = trust_replies(self.root_trust, self._reference, screened, spill, run_round)
             kept = with_weights(screened.kept, self.limits, self.pins)
             portions = shares([k.weight for k in kept])
             stats.sites = [site_round(k, share) for k, share in zip(kept, portions, strict=True)]
@@ -301,8 +310,11 @@ class RecordingStrategy(Strategy):
     def _mean(self, kept: list[Kept], spill: Spill) -> dict[str, NDArray]:
         """The replies' weighted mean of the (clipped) weights, slice by slice from the spill: what Flower's
         weighted average gives, without every reply in memory at once."""
-        scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
-        return spill.weighted_mean([k.row for k in kept], [k.weight for k in kept], scales)
+        return spill.weighted_mean([k.row for k in kept], [k.weight for k in kept], self._scales(kept))
+
+    def _scales(self, kept: list[Kept]) -> list[float]:
+        """Each reply's update factor: FLTrust's rescaling, then clipping of the rescaled update."""
+        return [k.scale * clip_scale(k.weight_norm * k.scale, self.limits.clip_norm) for k in kept]
 
     def _metrics(self, kept: list[Kept]) -> MetricRecord:
         """The replies' metrics aggregated by the inner strategy's own function (case-weighted means)."""
@@ -315,10 +327,9 @@ class RecordingStrategy(Strategy):
         if self.family.streams:
             metrics = {WEIGHT_KEY: sum(k.weight for k in kept), **self._metrics(kept)}
             return [self._as_reply(kept[0].reply.message, self._mean(kept, spill), metrics)]
-        scales = [clip_scale(k.weight_norm, self.limits.clip_norm) for k in kept]
         return [
             self._as_reply(k.reply.message, spill.load(k.row, scale), reply_metrics(k))
-            for k, scale in zip(kept, scales, strict=True)
+            for k, scale in zip(kept, self._scales(kept), strict=True)
         ]
 
     def _as_reply(self, message: Message, weights: dict[str, NDArray], metrics: MetricValues) -> Message:

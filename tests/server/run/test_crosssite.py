@@ -12,7 +12,7 @@ from fedseg.common.data.preprocess import PreprocessConfig
 from fedseg.common.engine.config import TrainConfig
 from fedseg.common.fl.offline import from_site
 from fedseg.common.fl.packing import is_packed, unpacked
-from fedseg.common.fl.protocol import TrainTask, evaluate_content, task_config
+from fedseg.common.fl.protocol import TrainTask, evaluate_content, failure_content, task_config
 from fedseg.common.nn.model import ModelConfig
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.crosssite import CrossSite, matrix_of
@@ -47,6 +47,13 @@ def test_matrix_from_replies_skips_failures() -> None:
     replies = [_evaluate_reply(1, evaluate_content(scores, 3, "a")), error_reply(2)]
     matrix = matrix_of(replies)
     assert matrix == {"a": {"liver": {"dice": {"mean": 0.8, "sd": 0.1, "n": 3.0}, "hd95": {"n": 0.0}}}}
+
+
+def test_a_refused_scoring_is_logged_with_the_sites_reason(caplog: pytest.LogCaptureFixture) -> None:
+    refusal = "site policy refuses cross-site scoring (cross_site = false)"
+    with caplog.at_level("WARNING"):
+        assert matrix_of([_evaluate_reply(3, failure_content("c", refusal))]) == {}
+    assert f"no scores from c (site failure: {refusal})" in caplog.text
 
 
 def test_strategy_records_the_matrix_and_the_history_keeps_it(tmp_path: Path) -> None:
