@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
             report.policy(result.policy)
         result = dataclasses.replace(result, policy=(*notes, *result.policy))
         report.phase("train", result.seconds)
-        report.end(ok=True, loss=result.loss)
+        report.end(ok=True, loss=result.loss, epsilon=result.epsilon, delta=result.delta)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
     except (TrainingDiverged, BudgetExceeded, PrivacyRefused) as err:

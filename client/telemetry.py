@@ -38,6 +38,7 @@ SITE_METRICS = (
     "fedseg_site_steps_planned",
     "fedseg_site_steps_per_second",
     "fedseg_site_loss",
+    "fedseg_site_epsilon",
     "fedseg_site_phase_seconds",
     "fedseg_site_rounds_total",
     "fedseg_site_cases_used",
@@ -120,11 +121,16 @@ class RoundReporter:
         """The ClientApp process exits (its reply was pushed to the SuperNode); see :func:`note_exit`."""
         self.events.emit("exit", round=self.round)
 
-    def end(self, ok: bool, loss: float | None = None) -> None:
-        """The round ended (``ok`` = a reply was sent); the peak CUDA memory is reported on a GPU."""
+    def end(
+        self, ok: bool, loss: float | None = None, epsilon: float | None = None, delta: float | None = None
+    ) -> None:
+        """The round ended (``ok`` = a reply was sent), with the site's cumulative DP-SGD ε at δ when it trains
+        under DP; the peak CUDA memory is reported on a GPU."""
         fields: dict[str, Any] = {"round": self.round, "ok": ok, "seconds": self.clock() - self.started}
         if loss is not None:
             fields["loss"] = loss
+        if epsilon is not None and delta is not None:
+            fields["epsilon"], fields["delta"] = epsilon, delta
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             fields["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         self.events.emit("round_end", **fields)
@@ -150,6 +156,12 @@ class SiteMetrics:
         self.planned = Gauge("fedseg_site_steps_planned", "Local steps planned in the current round", registry=r)
         self.speed = Gauge("fedseg_site_steps_per_second", "Local training steps per second", registry=r)
         self.loss = Gauge("fedseg_site_loss", "Latest local training loss", registry=r)
+        self.epsilon = Gauge(
+            "fedseg_site_epsilon",
+            "This site's cumulative DP-SGD epsilon (at delta) in the federation it trains for; absent without DP",
+            ["delta"],
+            registry=r,
+        )
         self.phase = Histogram(
             "fedseg_site_phase_seconds", "Seconds per round phase", ["phase"], buckets=PHASE_BUCKETS, registry=r
         )
@@ -193,6 +205,8 @@ class SiteMetrics:
         elif kind == "round_end":
             self.rounds.labels("completed" if event["ok"] else "failed").inc()
             self.phase.labels("round").observe(event["seconds"])
+            if "epsilon" in event:
+                self.epsilon.labels(f"{event['delta']:g}").set(event["epsilon"])
             if "cuda_peak_bytes" in event and self.cuda is not None:
                 self.cuda.set(event["cuda_peak_bytes"])
             self.set_state("connected")

@@ -40,23 +40,35 @@ def mean_loss(row: RoundRow) -> float | None:
     return sum(s.loss * s.cases for s in row.sites) / total
 
 
+def max_epsilon(row: RoundRow) -> float | None:
+    """The largest cumulative DP-SGD ε a site of ``row`` reported (None: no site trains under DP)."""
+    values = [s.epsilon for s in row.sites if s.epsilon is not None]
+    return max(values) if values else None
+
+
 def round_table(rows: Sequence[RoundRow], title: str = "federated rounds") -> Table:
-    """One line per round: time, sites that answered of those asked, mean train loss, Dice per organ, best.
+    """One line per round: time, sites that answered of those asked, mean train loss, the largest site ε (under
+    DP-SGD), Dice per organ, best.
 
     Headers are never shortened: with 4 organs the table is under 80 characters wide, so it stays readable in an
     80-column terminal and in a log file.
     """
     columns = dice_columns(rows)
+    private = any(s.epsilon is not None for r in rows for s in r.sites)
     table = Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False, header_style="bold")
     headers = ["round", "s", "sites", "loss", *(key.removeprefix("dice_") for key in columns), "best"]
+    if private:
+        headers.insert(4, "max ε")
     for header in headers:
         justify: JustifyMethod = "left" if header == "best" else "right"
         table.add_column(header, justify=justify, no_wrap=True, min_width=len(header))
     for row in rows:
         asked = len(row.sites) + row.failures
         sites = f"{len(row.sites)}/{asked}" if asked else "-"
-        dice = [_fmt(row.dice.get(k)) for k in columns]
-        table.add_row(str(row.round), f"{row.seconds:.1f}", sites, _fmt(mean_loss(row)), *dice, "*" if row.best else "")
+        cells = [str(row.round), f"{row.seconds:.1f}", sites, _fmt(mean_loss(row))]
+        cells += [_fmt(max_epsilon(row))] if private else []
+        cells += [_fmt(row.dice.get(k)) for k in columns]
+        table.add_row(*cells, "*" if row.best else "")
     return table
 
 

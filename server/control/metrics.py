@@ -38,6 +38,7 @@ SERVER_METRICS = (
     "fedseg_server_site_train_seconds",
     "fedseg_server_update_norm",
     "fedseg_server_update_cosine",
+    "fedseg_server_site_epsilon",
     "fedseg_server_dice",
     "fedseg_server_best_dice",
     "fedseg_server_best_round",
@@ -91,6 +92,12 @@ class ServerMetrics:
         self.cosine = Gauge(
             "fedseg_server_update_cosine",
             "Direction agreement of a site's update (the direction check)",
+            ["site"],
+            registry=r,
+        )
+        self.epsilon = Gauge(
+            "fedseg_server_site_epsilon",
+            "A site's cumulative DP-SGD epsilon (at its delta) as its latest accepted reply reports it",
             ["site"],
             registry=r,
         )
@@ -176,6 +183,8 @@ class ServerMetrics:
                 self.norm.labels(name).set(site["update_norm"])
             if site.get("update_cosine") is not None:
                 self.cosine.labels(name).set(site["update_cosine"])
+            if site.get("epsilon") is not None:
+                self.epsilon.labels(name).set(site["epsilon"])
         dice: dict[str, Any] = e.get("dice", {})
         for key, value in dice.items():
             if value is not None:

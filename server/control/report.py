@@ -74,11 +74,13 @@ def _figure_uri(fig: Figure) -> str:
 
 
 def rounds_table(rows: Sequence[RoundRow]) -> str:
-    """One row per round: seconds, Dice, failures/rejections, then loss (cases, seconds) of every site."""
+    """One row per round: seconds, Dice, failures/rejections, then loss (cases, seconds, DP-SGD ε) of every site."""
     sites = sorted({s.site for r in rows for s in r.sites})
     organs = sorted({k for r in rows for k in r.dice if k != "dice_mean"})
     head = "".join(f"<th>{_esc(o.removeprefix('dice_'))}</th>" for o in [*organs, "dice_mean"])
-    head += "<th>failed / rejected</th>" + "".join(f"<th>{_esc(s)}<br>loss (cases, s)</th>" for s in sites)
+    private = any(s.epsilon is not None for r in rows for s in r.sites)
+    what = "loss (cases, s, ε)" if private else "loss (cases, s)"
+    head += "<th>failed / rejected</th>" + "".join(f"<th>{_esc(s)}<br>{what}</th>" for s in sites)
     lines = [f"<table><tr><th>round</th><th>seconds</th>{head}</tr>"]
     for row in rows:
         extra = row.model_dump()
@@ -91,7 +93,8 @@ def rounds_table(rows: Sequence[RoundRow]) -> str:
         for site in sites:
             s = by_site.get(site)
             if s is not None:
-                cells.append(f"{s.loss:.3f} ({s.cases}, {s.seconds:.0f})")
+                eps = f", ε {s.epsilon:.2f} at δ {s.delta:g}" if s.epsilon is not None and s.delta is not None else ""
+                cells.append(f"{s.loss:.3f} ({s.cases}, {s.seconds:.0f}{eps})")
             else:  # round 0 is the initial model: nobody trains
                 cells.append("–" if row.round == 0 else "<span class='bad'>absent</span>")
         lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

@@ -46,6 +46,10 @@ class SiteRound(BaseModel):
     trust: float | None = Field(
         default=None, description="its FLTrust score: cosine with the server's reference update (None: not used)"
     )
+    epsilon: float | None = Field(
+        default=None, description="the site's cumulative DP-SGD ε after this round, at delta (None: no DP)"
+    )
+    delta: float | None = Field(default=None, description="the δ of epsilon")
 
 
 class Rejection(BaseModel):
@@ -129,6 +133,8 @@ def csv_record(row: RoundRow) -> dict[str, Any]:
             record[f"screen_loss_{site.site}"] = round(site.screen_loss, 6)
         if site.trust is not None:
             record[f"trust_{site.site}"] = round(site.trust, 6)
+        if site.epsilon is not None:
+            record[f"epsilon_{site.site}"] = round(site.epsilon, 6)
     for rejection in row.rejected:
         record[f"rejected_{rejection.site}"] = rejection.reason
     return record

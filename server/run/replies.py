@@ -55,6 +55,8 @@ class Accepted:
     seconds: float
     bytes_in: int
     message: Message = field(repr=False, compare=False)
+    epsilon: float | None = None  # the site's cumulative DP-SGD ε at delta (None: no DP)
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,13 @@ def check_content(
         seconds=numbers["train-seconds"],
         bytes_in=content[ARRAYS_KEY].count_bytes(),
         message=reply,
+        epsilon=_optional_number(metrics.get("epsilon")),
+        delta=_optional_number(metrics.get("delta")),
     )
+
+
+def _optional_number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def check_identity(reply: Accepted, registry: SiteRegistry, present: Collection[int] = ()) -> str | None:

@@ -98,6 +98,8 @@ def site_round(kept: Kept, share: float | None = None) -> SiteRound:
         update_cosine=None if math.isnan(cosine) else cosine,
         screen_loss=None if math.isnan(kept.screen_loss) else kept.screen_loss,
         trust=None if math.isnan(kept.trust) else kept.trust,
+        epsilon=reply.epsilon,
+        delta=reply.delta,
     )
 
 

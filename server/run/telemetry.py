@@ -61,6 +61,10 @@ def reply_outcome(reply: Message, expected_keys: set[str]) -> str:
     return "ok" if arrays is not None and (is_packed(arrays) or set(arrays.keys()) == expected_keys) else "invalid"
 
 
+#: The per-site numbers a round event carries (what the live view and Prometheus show).
+SITE_FIELDS = ("site", "cases", "loss", "seconds", "update_norm", "update_cosine", "epsilon", "delta")
+
+
 class ServerTelemetry:
     """Emits the ServerApp's events.
 
@@ -89,10 +93,7 @@ class ServerTelemetry:
     def round_done(self, row: RoundRow) -> None:
         """Report a finished round from its history row (Dice per organ, best, per-site numbers)."""
         data = row.model_dump(mode="json")
-        sites = [
-            {k: v for k, v in site.items() if k in ("site", "cases", "loss", "seconds", "update_norm", "update_cosine")}
-            for site in data.get("sites", [])
-        ]
+        sites = [{k: v for k, v in site.items() if k in SITE_FIELDS} for site in data.get("sites", [])]
         extra = {k: v for k, v in data.items() if k in ("rejected", "rejections")}
         self.events.emit(
             "round",

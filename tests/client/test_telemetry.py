@@ -64,6 +64,21 @@ def test_round_events_become_site_metrics(tmp_path: Path) -> None:
     assert {m.name + ("_total" if m.type == "counter" else "") for m in gpu.collect()} == set(SITE_METRICS)
 
 
+def test_a_dp_sites_epsilon_is_exported_at_its_delta(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    report = RoundReporter(EventWriter(path), 2, clock=Clock())
+    report.start(steps=1)
+    report.end(ok=True, loss=0.4, epsilon=3.25, delta=1e-5)
+    registry = CollectorRegistry()
+    metrics = SiteMetrics(registry, "site-a", "cpu")
+    for event in EventTail(path).read():
+        metrics.apply(event)
+    assert registry.get_sample_value("fedseg_site_epsilon", {"delta": "1e-05"}) == 3.25
+    plain = CollectorRegistry()
+    SiteMetrics(plain, "site-b", "cpu").apply({"kind": "round_end", "round": 1, "ok": True, "seconds": 1.0})
+    assert not [s for m in plain.collect() if m.name == "fedseg_site_epsilon" for s in m.samples]  # no DP: no ε
+
+
 def test_connection_watch_tells_connecting_from_connected() -> None:
     metrics = SiteMetrics(CollectorRegistry(), "s", "cpu")
     changes: list[str] = []
