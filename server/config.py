@@ -285,7 +285,7 @@ def _check_privacy(cfg: ServerConfig) -> None:
     """Refuse privacy settings the sites could not train (one line each)."""
     mode = cfg.privacy.mode
     if mode == "client-dp":
-        raise ValueError("privacy.mode = 'client-dp' is not implemented yet; use privacy.mode=dp-sgd")
+        _check_client_dp(cfg)
     if mode == "dp-sgd" and cfg.model.norm == "batch":
         raise ValueError(
             "privacy.mode = 'dp-sgd' cannot train model.norm = 'batch' (per-case gradients cannot pass BatchNorm); "
@@ -293,6 +293,31 @@ def _check_privacy(cfg: ServerConfig) -> None:
         )
     if mode == "dp-sgd" and cfg.train.pseudo_weight > 0:
         raise ValueError("privacy.mode = 'dp-sgd' does not combine with train.pseudo_weight > 0; set it to 0")
+
+
+def _check_client_dp(cfg: ServerConfig) -> None:
+    """Client-level DP noises the mean of clipped, equally weighted updates: refuse what would break that."""
+    s = cfg.strategy
+    why = "privacy.mode = 'client-dp' "
+    if s.name not in ("fedavg", "fedprox"):
+        raise ValueError(
+            why
+            + f"needs strategy.name = fedavg or fedprox, not {s.name}: the noise is calibrated to a mean of clipped "
+            "updates (a robust rule's output, or a server optimiser step, has another sensitivity)"
+        )
+    if s.weighting != "equal":
+        raise ValueError(why + "needs strategy.weighting = 'equal': one site's share of the mean must be 1/n")
+    if cfg.model.norm == "batch":
+        raise ValueError(
+            why + "cannot pool BatchNorm statistics (they would be clipped and noised); use model.norm=group"
+        )
+    if cfg.transport != "fp32":
+        raise ValueError(why + "needs transport = 'fp32' (updates are clipped as they arrive)")
+    if cfg.min_replies != cfg.min_sites:
+        raise ValueError(
+            why + f"needs min_replies = min_sites ({cfg.min_sites}): a mean of fewer updates than the noise assumes "
+            "would leak more than the accountant counts"
+        )
 
 
 class RunSpec(BaseModel):

@@ -15,6 +15,7 @@ PrivacyMode = Literal["off", "dp-sgd", "client-dp"]
 DEFAULT_NOISE_MULTIPLIER = 1.0
 DEFAULT_MAX_GRAD_NORM = 1.0
 DEFAULT_DELTA = 1e-5
+DEFAULT_UPDATE_CLIP_NORM = 1.0
 
 
 class PrivacyConfig(BaseModel):
@@ -38,7 +39,8 @@ class PrivacyConfig(BaseModel):
     mode: PrivacyMode = Field(
         default="off",
         description="off; dp-sgd: patient-level DP-SGD at every site (needs model.norm = group or instance); "
-        "client-dp: site-level DP of the updates (not implemented yet)",
+        "client-dp: site-level DP of the updates: the server clips every site's update to update_clip_norm and "
+        "noises their mean (Flower's server-side fixed clipping)",
     )
     noise_multiplier: float = Field(
         default=DEFAULT_NOISE_MULTIPLIER,
@@ -47,6 +49,11 @@ class PrivacyConfig(BaseModel):
     )
     max_grad_norm: float = Field(
         default=DEFAULT_MAX_GRAD_NORM, gt=0, description="every case's gradient is clipped to this L2 norm"
+    )
+    update_clip_norm: float = Field(
+        default=DEFAULT_UPDATE_CLIP_NORM,
+        gt=0,
+        description="client-dp: every site's update (its weights minus the global ones) is clipped to this L2 norm",
     )
     delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1, description="the δ every site's ε is counted at")
     epsilon: float | None = Field(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedseg.common.data.manifest import site_manifest
@@ -30,6 +31,7 @@ from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.events import EventWriter
 from fedseg.server.config import RunSpec, ServerConfig
 from fedseg.server.run.central import CentralValidator
+from fedseg.server.run.clientdp import ClientLevelDP
 from fedseg.server.run.crosssite import CrossSite
 from fedseg.server.run.fltrust import RootTrust
 from fedseg.server.run.history import History, RoundRow, clean_dice
@@ -77,7 +79,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         round_offset=spec.first_round - 1,
         transport=cfg.transport,
         bn=cfg.strategy.bn,
-        packed=pack_wanted(),
+        packed=pack_wanted() and cfg.privacy.mode != "client-dp",  # client-dp clips every array as it arrives
         privacy=cfg.privacy.for_run(cfg.rounds, str(cfg.output_dir)),
     )
 
@@ -244,6 +246,14 @@ def root_trust(cfg: ServerConfig, validator: CentralValidator | None, cache_dir:
     return RootTrust(cases, cfg.model, cfg.train, s.root_steps)
 
 
+def private_driver(cfg: ServerConfig, strategy: RecordingStrategy) -> Strategy:
+    """What runs the rounds: ``strategy`` itself, or under ``privacy.mode = "client-dp"`` Flower's DP wrapper
+    around it (:mod:`fedseg.server.run.clientdp`; after ``strategy`` restored a resumed run's accountant)."""
+    if cfg.privacy.mode != "client-dp":
+        return strategy
+    return ClientLevelDP(strategy, cfg.privacy, cfg.min_sites, cfg.rounds)
+
+
 def _digest(case: PreparedCase) -> str:
     return hashlib.sha256(np.ascontiguousarray(case.image).tobytes()).hexdigest()
 
@@ -298,8 +308,9 @@ def serve(
     log.info("rounds %d..%d with %s", spec.first_round, cfg.rounds, cfg.strategy.name)
     telemetry.run_state("running", first_round=spec.first_round, last_round=cfg.rounds, min_sites=cfg.min_sites)
     telemetry.enter("waiting")
+    driver = private_driver(cfg, strategy)
     try:
-        strategy.start(
+        driver.start(
             grid=TelemetryGrid(grid, telemetry, cfg.min_sites),
             initial_arrays=arrays_from_model(model),
             num_rounds=spec.num_rounds,

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedseg.common.fl.offline import train_reply
 from fedseg.common.fl.protocol import SITE_KEY
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.fltrust import RootTrust
+from fedseg.server.run.loop import private_driver
 from fedseg.server.run.lossscreen import LossScreen
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 
@@ -61,7 +63,7 @@ class OfflineAggregator:
         pins: Mapping[str, int] | None = None,
         root_trust: RootTrust | None = None,
     ) -> None:
-        self.strategy = RecordingStrategy(
+        self.recording = RecordingStrategy(
             build_strategy(cfg),
             1,
             cfg.min_replies,
@@ -71,6 +73,7 @@ class OfflineAggregator:
             pins=pins,
             root_trust=root_trust,
         )
+        self.strategy = private_driver(cfg, self.recording)  # Flower's DP wrapper under client-dp
         self.round = 0
 
     def __call__(
@@ -79,10 +82,13 @@ class OfflineAggregator:
         """The next round's global model from ``reference`` and ``replies`` (``reference`` itself when the round
         keeps the previous model), and what the round recorded. Site ``i`` of ``replies`` is node ``i + 1``."""
         self.round += 1
-        self.strategy.begin_round(ArrayRecord({k: Array(np.asarray(v)) for k, v in reference.items()}))
+        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in reference.items()})
+        self.recording.begin_round(arrays)
+        if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
+            self.strategy.current_arrays = arrays  # what its configure_train would set: the updates' origin
         messages = [reply_message(node, r) for node, r in enumerate(replies, start=1)]
         new, _ = self.strategy.aggregate_train(self.round, messages)
-        stats = self.strategy.stats[self.round]
+        stats = self.recording.stats[self.round]
         if new is None:
             return {k: np.array(v) for k, v in reference.items()}, stats
         return {k: new[k].numpy() for k in new}, stats

@@ -34,15 +34,18 @@ class StrategyState:
         round: the global round after which this state holds.
         moments: FedOpt's first/second moments, ``{"m": {key: array}, "v": {...}}`` (empty for other strategies).
         registry: pinned site identities (:meth:`~fedseg.server.run.replies.SiteRegistry.to_json`).
+        accountant: the client-level DP accountant's state (:mod:`fedseg.server.run.clientdp`; empty without it).
     """
 
     round: int
     moments: dict[str, dict[str, NDArray]] = field(default_factory=dict)
     registry: dict[str, dict[str, object]] = field(default_factory=dict)
+    accountant: dict[str, object] = field(default_factory=dict)
 
     def digest(self) -> str:
         """SHA-256 over the moments (keys, dtypes, shapes, bytes) and the registry: equal state, equal digest."""
-        h = hashlib.sha256(json.dumps({"round": self.round, "registry": self.registry}, sort_keys=True).encode())
+        head = {"round": self.round, "registry": self.registry, "accountant": self.accountant}
+        h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
         for name in sorted(self.moments):
             for key in sorted(self.moments[name]):
                 value = np.ascontiguousarray(self.moments[name][key])
@@ -63,7 +66,7 @@ def save_state(checkpoint_dir: Path, state: StrategyState) -> Path:
     arrays: dict[str, NDArray] = {
         f"{name}/{key}": value for name, part in state.moments.items() for key, value in part.items()
     }
-    meta = json.dumps({"round": state.round, "registry": state.registry})
+    meta = json.dumps({"round": state.round, "registry": state.registry, "accountant": state.accountant})
     arrays[_META] = np.frombuffer(meta.encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, allow_pickle=False, **arrays)
@@ -97,7 +100,9 @@ def load_state(checkpoint_dir: Path, server_round: int) -> StrategyState:
                 continue
             part, key = name.split("/", 1)
             moments.setdefault(part, {})[key] = data[name]
-    return StrategyState(round=int(meta["round"]), moments=moments, registry=meta["registry"])
+    return StrategyState(
+        round=int(meta["round"]), moments=moments, registry=meta["registry"], accountant=meta.get("accountant", {})
+    )
 
 
 def moments_of(inner: object) -> dict[str, dict[str, NDArray]]:

@@ -200,6 +200,7 @@ class RecordingStrategy(Strategy):
         self.family = family_of(inner)
         self.cross_site = cross_site
         self._reference: dict[str, NDArray] = {}
+        self.accountant_state: dict[str, object] = {}  # client-level DP (fedseg.server.run.clientdp), saved with it
 
     @property
     def _weight_keys(self) -> list[str]:
@@ -216,12 +217,18 @@ class RecordingStrategy(Strategy):
 
     def state(self, global_round: int) -> StrategyState:
         """The state to save with the checkpoint of ``global_round``."""
-        return StrategyState(round=global_round, moments=moments_of(self.inner), registry=self.registry.to_json())
+        return StrategyState(
+            round=global_round,
+            moments=moments_of(self.inner),
+            registry=self.registry.to_json(),
+            accountant=dict(self.accountant_state),
+        )
 
     def restore(self, state: StrategyState) -> None:
         """Continue from a saved state (resume)."""
         restore_moments(self.inner, state.moments)
         self.registry = SiteRegistry.from_json(state.registry)
+        self.accountant_state = dict(state.accountant)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

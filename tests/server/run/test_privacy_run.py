@@ -99,7 +99,7 @@ def test_a_resumed_dp_run_keeps_every_site_counting(tmp_path: Path) -> None:
     [
         (["privacy.mode=dp-sgd"], "privacy.mode = 'dp-sgd' cannot train model.norm = 'batch'"),
         (["privacy.mode=dp-sgd", "model.norm=group", "train.pseudo_weight=0.5"], "train.pseudo_weight > 0"),
-        (["privacy.mode=client-dp"], "privacy.mode = 'client-dp' is not implemented yet"),
+        (["privacy.mode=client-dp"], "privacy.mode = 'client-dp' needs strategy.weighting = 'equal'"),
         (["privacy.noise_multiplier=0"], "privacy.noise_multiplier: Input should be greater than 0"),
     ],
 )
