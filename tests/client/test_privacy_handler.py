@@ -105,3 +105,13 @@ def test_a_round_that_drew_no_case_still_replies_and_is_accepted(
     reference = {k: v.numpy() for k, v in reply.content[ARRAYS_KEY].items()}
     checked = check_content(from_site(reply.content, 5), reference, max_examples=10)
     assert isinstance(checked, Accepted) and checked.loss == 0.0 and checked.samples == STEPS
+
+
+def test_a_client_dp_task_trains_as_without_dp_unless_the_site_requires_patient_level_dp(
+    phantom_root: Path, tmp_path: Path
+) -> None:
+    task = _task(PrivacyConfig(mode="client-dp"))  # the server clips and noises; the site has nothing to add
+    trained = _send(phantom_root, tmp_path / "open", task, PrivacyPolicy(), 1)
+    assert ARRAYS_KEY in trained.content and not {"epsilon", "delta"} & set(trained.content[METRICS_KEY])
+    refused = _send(phantom_root, tmp_path / "strict", task, PrivacyPolicy(require_dp=True), 1)
+    assert "require_dp" in str(refused.content[SITE_KEY][FAILURE_KEY])
