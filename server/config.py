@@ -193,6 +193,18 @@ class TLSConfig(BaseModel):
     key: Path
 
 
+class GatewayConfig(BaseModel):
+    """What one request may cost the fleet-only gateway before the SuperLink sees who sent it
+    (:mod:`fedseg.server.control.gateway`): bodies received at once hold at most ``max_uploads × max_body_mib``."""
+
+    model_config = _FROZEN
+
+    max_body_mib: int = Field(
+        default=64, ge=6, le=4096, description="largest request body in MiB (413 beyond; Flower sends 5 MiB chunks)"
+    )
+    max_uploads: int = Field(default=32, ge=1, le=4096, description="request bodies received at once (503 beyond)")
+
+
 class MetricsConfig(BaseModel):
     """Prometheus ``/metrics`` of ``fed-server start`` (off unless a port is set)."""
 
@@ -239,6 +251,7 @@ class ServerConfig(BaseModel):
     validation: ValidationConfig = ValidationConfig()
     tls: TLSConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    gateway: GatewayConfig = GatewayConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")

@@ -44,6 +44,10 @@ def gateway_argv(cfg: ServerConfig, internal_port: int) -> list[str]:
         internal_url(cfg, internal_port),
         "--parent-pid",
         str(os.getpid()),
+        "--max-body",
+        str(cfg.gateway.max_body_mib * 2**20),
+        "--max-bodies",
+        str(cfg.gateway.max_uploads),
     ]
     if cfg.tls is not None:
         argv += ["--upstream-ca", str(cfg.tls.ca), "--certfile", str(cfg.tls.cert), "--keyfile", str(cfg.tls.key)]

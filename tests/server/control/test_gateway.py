@@ -84,3 +84,15 @@ def test_only_the_fleet_api_is_served(method: str, path: str, status: int) -> No
             return await c.request(method, path)
 
     assert run(call()).status_code == status  # type: ignore[attr-defined]
+
+
+def test_server_toml_sets_the_gateways_caps_and_its_defaults_are_the_gateways() -> None:
+    from fedseg.server.config import GatewayConfig, ServerConfig
+    from fedseg.server.control.front import gateway_argv
+    from fedseg.server.control.gateway import MAX_BODIES, MAX_BODY
+
+    default = GatewayConfig()
+    assert (default.max_body_mib * 2**20, default.max_uploads) == (MAX_BODY, MAX_BODIES)
+    argv = gateway_argv(ServerConfig.model_validate({"gateway": {"max_body_mib": 8, "max_uploads": 4}}), 1234)
+    assert argv[argv.index("--max-body") + 1] == str(8 * 2**20)
+    assert argv[argv.index("--max-bodies") + 1] == "4"
