@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 STATE_TEXT = {
     "starting": "starting the SuperNode",
-    "connecting": "connecting to {server} (server not answering yet)",
+    "connecting": "connecting to {server} (not yet accepted by the server)",
     "connected": "connected to {server}, waiting for the next round",
     "training": "training",
     "restarting": "SuperNode exited; restarting",
