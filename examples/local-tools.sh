@@ -9,6 +9,8 @@ CASES=${CASES:-4}             # phantom cases per site
 EPOCHS=${EPOCHS:-10}
 STEPS=${STEPS:-100}           # optimiser steps per epoch
 SCALE=${SCALE:-4}             # feature scale: 4 is the paper's network, 8 or 16 train faster on a CPU
+WORK=${WORK:-local-tools}     # everything is written in this folder (git-ignored)
+mkdir -p "$WORK" && cd "$WORK"
 
 # three phantom sites (site-3 annotates only pancreas and liver) and a validation set, MSD layout
 fed-eval phantoms --out data --sites 3 --cases-per-site "$CASES" --val-cases 2 --size "$SIZE" --partial-site

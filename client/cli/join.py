@@ -74,7 +74,7 @@ def monitored_site(
     Yields the callback to give :func:`run_supernode` as ``on_restart``; ``node_log`` tells when it is connected.
     """
     registry = CollectorRegistry()
-    metrics = SiteMetrics(registry, cfg.site, cfg.device)
+    metrics = SiteMetrics(registry, cfg.site, str(resolve_device(cfg.device)))  # the device it trains on, not "auto"
     metrics.skipped.set(skipped)
     tail = EventTail(cfg.workdir / EVENTS_FILE)
     tail.reset()

@@ -160,14 +160,22 @@ def align(pred: Volume, ref: Volume, pred_path: Path, ref_path: Path) -> Volume:
     return volume
 
 
-def evaluate_case(pair: CasePair, classes: dict[int, str], schemes: LabelSchemes | None = None) -> CaseResult:
-    """Read, map to global classes (with ``schemes``), align and score one pair."""
+def evaluate_case(
+    pair: CasePair, classes: dict[int, str], schemes: LabelSchemes | None = None, foreign: set[int] | None = None
+) -> CaseResult:
+    """Read, map to global classes (with ``schemes``), align and score one pair.
+
+    ``foreign`` collects the prediction's label values that are neither background nor a scored class, when the
+    predictions have no manifest of their own (a prediction in another label scheme scores Dice 0 silently).
+    """
     schemes = schemes or LabelSchemes()
     pred, ref = read_labels(pair.pred), read_labels(pair.ref)
     pred = align(pred, ref, pair.pred, pair.ref)
     pred_array, ref_array = pred.array, ref.array
     if schemes.pred is not None:
         pred_array = _to_global(schemes.pred, pred_array, pair.pred)
+    elif foreign is not None:
+        foreign.update(int(v) for v in np.unique(pred_array) if v != 0 and int(v) not in classes)
     if schemes.ref is not None:
         ref_array = _to_global(schemes.ref, ref_array, pair.ref)
     return CaseResult(pair, label_metrics(pred_array, ref_array, ref.spacing, list(classes)))
@@ -194,10 +202,18 @@ def evaluate(
         names = ", ".join(p.name for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
         log.warning("%d reference case(s) have no prediction and are skipped: %s", len(missing), names)
     results = []
+    foreign: set[int] = set()
     with Progress(console=console, transient=True) as progress:
         for pair in progress.track(pairs, description="evaluating"):
-            results.append(evaluate_case(pair, chosen, schemes))
+            results.append(evaluate_case(pair, chosen, schemes, foreign))
             log.debug("evaluated %s", pair.case_id)
+    if foreign:
+        shown = ", ".join(str(v) for v in sorted(foreign)[:8]) + (" ..." if len(foreign) > 8 else "")
+        log.warning(
+            "the predictions hold label values the scored classes do not have (%s): if they use another label "
+            "scheme, pass --pred-labels (e.g. --pred-labels totalsegmentator), else they count as background",
+            shown,
+        )
     summary = {label: summarize([r.metrics[label] for r in results]) for label in chosen}
     return EvaluationReport(classes=chosen, cases=results, summary=summary, missing_predictions=missing)
 

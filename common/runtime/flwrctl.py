@@ -101,6 +101,11 @@ class RunStatus:
         return self.status.startswith("finished")
 
     @property
+    def outcome(self) -> str:
+        """The status as a person reads it: ``completed``, ``failed``, ``stopped``, ``running``, ``pending``..."""
+        return self.status.removeprefix("finished:")
+
+    @property
     def succeeded(self) -> bool:
         """Whether the run ended with ``finished:completed``."""
         return self.status == "finished:completed"

@@ -61,7 +61,7 @@ def run_and_report(spec: RunSpec, lock: IO[str]) -> None:
     for line in summary_lines(live.rows):
         console.print(line)
     out = escape(str(spec.config.output_dir))
-    console.print(f"run {run_id} {status.status} in {status.elapsed:.0f} s; results in [bold]{out}[/]")
+    console.print(f"run {run_id} {status.outcome} in {status.elapsed:.0f} s; results in [bold]{out}[/]")
     if (spec.config.output_dir / "history.json").is_file():
         console.print(f"report: [bold]{escape(str(write_report(spec.config.output_dir)))}[/]")
 

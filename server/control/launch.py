@@ -138,7 +138,7 @@ def failure_reason(out_dir: Path, status: RunStatus) -> str:
         for line in reversed(lines):
             if _EXCEPTION_LINE.match(line):
                 return line[:400]
-    return f"{status.status} ({status.details})"
+    return f"{status.outcome} ({status.details})"
 
 
 def follow(

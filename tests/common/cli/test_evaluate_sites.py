@@ -74,6 +74,21 @@ def test_pred_labels_for_predictions_in_another_scheme(real_labels_path: Path, t
     assert [s["dice"]["mean"] for s in json.loads(stdout)["summary"].values()] == [1.0, 1.0, 1.0, 1.0]
 
 
+def test_predictions_in_another_scheme_without_pred_labels_are_said_in_one_line(
+    real_labels_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref = global_copy(real_labels_path, tmp_path / "ct.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(real_labels_path, ref)  # TotalSegmentator values scored as if they were fedseg's
+    assert report.summary[4].metrics["dice"].mean < 0.5  # the silent failure: liver is TotalSegmentator's 5 here
+    (warning,) = [r.getMessage() for r in caplog.records if "pass --pred-labels" in r.getMessage()]
+    assert "label values the scored classes do not have (5, " in warning and "\n" not in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluate(ref, ref)
+    assert not [r for r in caplog.records if "pass --pred-labels" in r.getMessage()]
+
+
 def test_labels_manifest_scores_only_annotated_classes(real_labels_path: Path, tmp_path: Path) -> None:
     manifest = tmp_path / "labels.toml"
     manifest.write_text('annotated = ["pancreas"]\nother_labels = "background"\n[labels]\n"7" = "pancreas"\n')

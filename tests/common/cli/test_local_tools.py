@@ -29,6 +29,8 @@ def test_script_runs_top_to_bottom_on_phantoms(tmp_path: Path) -> None:
         ["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["local-tools"]  # nothing written beside its folder
+    tmp_path = tmp_path / "local-tools"
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert [case["case"] for case in report["cases"]] == ["val_000", "val_001"]  # predict's names paired
     assert list(report["summary"]) == ["pancreas", "spleen", "kidney", "liver"]

@@ -32,6 +32,7 @@ def test_parse_run_status() -> None:
     assert (status.elapsed, status.bytes_in, status.bytes_out) == (13.5, 5052, 7316)
     failed = parse_run_status({"success": True, "runs": [{"status": "finished:failed"}]})
     assert failed.finished and not failed.succeeded
+    assert (status.outcome, failed.outcome) == ("completed", "failed")
     assert not parse_run_status({"success": True, "runs": [{"status": "running"}]}).finished
     with pytest.raises(FedsegError, match="flwr ls failed: no such run"):
         parse_run_status({"success": False, "error-message": "no such run"})
