@@ -198,7 +198,8 @@ class SiteMetrics:
             self.used.set(event["used"])
         elif kind == "progress":
             self.done.set(event["step"])
-            self.loss.set(event["loss"])
+            if event.get("loss") is not None:
+                self.loss.set(event["loss"])
             self.speed.set(event["steps_per_second"])
         elif kind == "phase":
             self.phase.labels(str(event["phase"])).observe(event["seconds"])

@@ -26,6 +26,11 @@ STATE_TEXT = {
 }
 
 
+def _loss(value: object) -> str:
+    """A loss as shown: three decimals, "-" for none (a step that was not finite is written as null)."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+
+
 class SiteProgress:
     """Progress of one site; ``on_event`` follows the ClientApp's events, ``on_state`` the connection.
 
@@ -86,14 +91,14 @@ class SiteProgress:
             self.progress.update(
                 self.tasks[round_],
                 completed=int(event["step"]),
-                loss=f"{float(event['loss']):.3f}",
+                loss=_loss(event.get("loss")),
                 rate=f"{float(event['steps_per_second']):.2f}",
             )
         elif kind == "policy":
             self._say(f"round {round_}: site policy applied: {event['note']}")
         elif kind == "round_end":
             outcome = "done" if event["ok"] else "FAILED"
-            loss = f", loss {float(event['loss']):.3f}" if "loss" in event else ""
+            loss = f", loss {_loss(event['loss'])}" if "loss" in event else ""
             if round_ in self.tasks:
                 self.progress.stop_task(self.tasks[round_])
             if not self.interactive or not event["ok"]:

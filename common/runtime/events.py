@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -50,10 +51,12 @@ class EventWriter:
         self._warned = False
 
     def emit(self, kind: str, **fields: Any) -> None:
-        """Append ``{"t": now, "kind": kind, **fields}`` as one line; log (once) and go on when that fails."""
+        """Append ``{"t": now, "kind": kind, **fields}`` as one line (a non-finite number as null: JSON has none);
+        log (once) and go on when that fails."""
         if self.path is None:
             return
-        line = json.dumps({"t": self.clock(), "kind": kind, **fields}, allow_nan=False, default=str) + "\n"
+        event = _finite({"t": self.clock(), "kind": kind, **fields})
+        line = json.dumps(event, allow_nan=False, default=str) + "\n"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -65,6 +68,17 @@ class EventWriter:
             if not self._warned:
                 log.warning("cannot write telemetry events to %s: %s", self.path, err)
                 self._warned = True
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class EventTail:

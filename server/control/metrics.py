@@ -177,7 +177,8 @@ class ServerMetrics:
             self.rejected.labels(reason).inc(count)
         for site in e.get("sites", []):
             name = str(site["site"])
-            self.loss.labels(name).set(site["loss"])
+            if site.get("loss") is not None:
+                self.loss.labels(name).set(site["loss"])
             self.train_seconds.labels(name).set(site["seconds"])
             if site.get("update_norm") is not None:
                 self.norm.labels(name).set(site["update_norm"])

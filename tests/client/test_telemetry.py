@@ -79,6 +79,21 @@ def test_a_dp_sites_epsilon_is_exported_at_its_delta(tmp_path: Path) -> None:
     assert not [s for m in plain.collect() if m.name == "fedseg_site_epsilon" for s in m.samples]  # no DP: no ε
 
 
+def test_a_step_that_was_not_finite_is_reported_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    report = RoundReporter(EventWriter(path), 1, clock=Clock())
+    report.start(steps=1)
+    report.step(1, 1, loss=float("nan"), speed=1.0)  # a skipped step: json.dumps(allow_nan=False) raised here
+    report.end(ok=True, loss=float("inf"))
+    events = EventTail(path).read()
+    assert [e.get("loss", "absent") for e in events if e["kind"] in ("progress", "round_end")] == [None, None]
+    registry = CollectorRegistry()
+    metrics = SiteMetrics(registry, "site-a", "cpu")
+    for event in events:
+        metrics.apply(event)
+    assert registry.get_sample_value("fedseg_site_steps_done") == 1
+
+
 def test_connection_watch_tells_connecting_from_connected() -> None:
     metrics = SiteMetrics(CollectorRegistry(), "s", "cpu")
     changes: list[str] = []
