@@ -12,6 +12,7 @@ Conventions every CLI follows (documented once, in the README's "Local tools" se
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -42,8 +43,22 @@ SIZE_HELP = "D,H,W = z,y,x (slices, rows, columns)"
 PLAIN_WIDTH = 80
 
 
+def fedseg_version() -> str:
+    """The installed fedseg's version (``pyproject.toml`` holds it: the one place it is written)."""
+    return importlib.metadata.version("fedseg")
+
+
+def _print_version(name: str) -> Callable[[bool], None]:
+    def show(value: bool) -> None:
+        if value:
+            typer.echo(f"{name} (fedseg) {fedseg_version()}")
+            raise typer.Exit()
+
+    return show
+
+
 def make_app(name: str, help_text: str) -> typer.Typer:
-    """A Typer app with the shared root options (``--verbose``) and no shell-completion noise."""
+    """A Typer app with the shared root options (``--verbose``, ``--version``) and no shell-completion noise."""
     app = typer.Typer(
         name=name, help=help_text, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
     )
@@ -51,6 +66,9 @@ def make_app(name: str, help_text: str) -> typer.Typer:
     @app.callback()
     def _root(
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
+        version: bool = typer.Option(
+            False, "--version", callback=_print_version(name), is_eager=True, help="Print fedseg's version and exit."
+        ),
     ) -> None:
         setup_logging(verbose)
 
