@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedseg.common.console import console
 from fedseg.common.data.manifest import GLOBAL_CLASSES, site_manifest
 from fedseg.common.data.sitecache import prepare_labelled
 from fedseg.common.engine.device import resolve_device
@@ -64,7 +65,8 @@ def site_alone(
         )
         torch.manual_seed(cfg.seed)  # the federation's initial weights
         model = build_model(cfg.model)
-        report = train_model(model, cases, train, device, progress=False)
+        log.info("%s alone: training %d steps on %d cases", name, steps, len(cases))
+        report = train_model(model, cases, train, device, progress=console.is_terminal)
         scores[name] = validator(model)
         log.info("%s alone: %d steps in %.0f s, mean Dice %.3f", name, steps, report.seconds, scores[name]["dice_mean"])
     return scores
