@@ -46,6 +46,18 @@ def max_epsilon(row: RoundRow) -> float | None:
     return max(values) if values else None
 
 
+def round_line(row: RoundRow) -> str:
+    """A round's numbers for a log line: sites, mean train loss, largest ε (under DP), Dice per organ and mean."""
+    asked = len(row.sites) + row.failures
+    parts = [f"sites {len(row.sites)}/{asked}" if asked else "sites -", f"loss {_fmt(mean_loss(row))}"]
+    if (eps := max_epsilon(row)) is not None:
+        parts.append(f"max ε {eps:.3f}")
+    organs = [k for k in row.dice if k != "dice_mean"]
+    parts += [f"{k.removeprefix('dice_')} {_fmt(row.dice.get(k))}" for k in organs]
+    parts.append(f"mean Dice {_fmt(row.mean_dice)}")
+    return ", ".join(parts)
+
+
 def round_table(rows: Sequence[RoundRow], title: str = "federated rounds") -> Table:
     """One line per round: time, sites that answered of those asked, mean train loss, the largest site ε (under
     DP-SGD), Dice per organ, best.
@@ -207,4 +219,4 @@ class LiveRounds:
         if self.started:
             self.live.update(self._render())
         if not console.is_terminal:
-            log.info("round %d: %.1f s, mean Dice %s", row.round, row.seconds, _fmt(row.mean_dice))
+            log.info("round %d: %.1f s, %s", row.round, row.seconds, round_line(row))

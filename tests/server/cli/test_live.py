@@ -48,3 +48,16 @@ def test_status_follows_waiting_training_and_replies() -> None:
     assert progress.status() == "round 1/3 training: 1/2 sites done (site-a), 4 s"
     progress.apply({"t": 100.0, "kind": "phase", "round": 1, "phase": "validating"})
     assert progress.status() == "round 1/3 validating (0 s)"
+
+
+def test_a_piped_round_line_has_every_organ_not_only_the_mean() -> None:
+    from fedseg.server.cli.live import round_line
+    from fedseg.server.run.history import RoundRow, SiteRound
+
+    row = RoundRow(
+        round=2,
+        seconds=3.0,
+        sites=[SiteRound(site="a", cases=2, loss=0.5, samples=4, seconds=1.0)],
+        dice={"dice_pancreas": 0.1, "dice_liver": 0.7, "dice_mean": 0.4},
+    )
+    assert round_line(row) == "sites 1/1, loss 0.500, pancreas 0.100, liver 0.700, mean Dice 0.400"
