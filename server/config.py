@@ -92,11 +92,11 @@ class StrategyConfig(BaseModel):
 
     model_config = _FROZEN
 
-    name: StrategyName = "fedavg"
+    name: StrategyName = Field(default="fedavg", description="the aggregation rule (see the class docstring)")
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx μ")
     server_lr: float = Field(default=0.01, gt=0, description="FedAdam/FedYogi η")
-    beta_1: float = Field(default=0.9, ge=0, lt=1)
-    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    beta_1: float = Field(default=0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay")
+    beta_2: float = Field(default=0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay")
     tau: float = Field(default=1e-3, gt=0, description="FedAdam/FedYogi adaptivity τ")
     trim_beta: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: fraction cut at each end")
     num_malicious: int = Field(
@@ -175,8 +175,8 @@ class ValidationConfig(BaseModel):
         default=None, description="label manifest file or built-in name; default data/labels.toml, else 1..4"
     )
     patch_size: tuple[int, int, int] | None = Field(default=None, description="sliding window; default train's")
-    device: DeviceName = "cpu"
-    max_cases: int | None = Field(default=None, ge=1)
+    device: DeviceName = Field(default="cpu", description="where the server scores the global model")
+    max_cases: int | None = Field(default=None, ge=1, description="score only the first N cases; none = all")
     overlap: bool = Field(
         default=True,
         description="score round r while the sites train round r+1 (its row and checkpoint are still round r's)",
@@ -188,9 +188,9 @@ class TLSConfig(BaseModel):
 
     model_config = _FROZEN
 
-    ca: Path
-    cert: Path
-    key: Path
+    ca: Path = Field(description="the CA certificate sites trust (fed-server certs writes ca.crt)")
+    cert: Path = Field(description="the server certificate, for the names sites dial")
+    key: Path = Field(description="the server certificate's private key")
 
 
 class GatewayConfig(BaseModel):
@@ -219,14 +219,16 @@ class ServerConfig(BaseModel):
 
     model_config = _FROZEN
 
-    rounds: int = Field(default=10, ge=1)
+    rounds: int = Field(default=10, ge=1, description="federated rounds in total (a resumed run counts on)")
     min_sites: int = Field(default=2, ge=1, description="sites that must be connected before a round starts")
     fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of connected sites sampled per round")
     min_replies: int = Field(default=1, ge=1, description="fewer valid replies keep the previous global model")
     round_timeout: float = Field(default=3600.0, gt=0, description="seconds to wait for site replies")
     site_wait_timeout: float = Field(default=3600.0, gt=0, description="seconds to wait for min_sites")
-    output_dir: Path = Path("runs/fedseg")
-    host: str = "127.0.0.1"
+    output_dir: Path = Field(
+        default=Path("runs/fedseg"), description="the run folder: history, metrics.csv, checkpoints, logs"
+    )
+    host: str = Field(default="127.0.0.1", description="public address the gateway binds (loopback by default)")
     port: int = Field(default=9092, ge=1, le=65535, description="public port: the fleet-only gateway")
     internal_port: int = Field(
         default=0, ge=0, le=65535, description="the SuperLink's loopback port (Control API); 0 = any free port"
@@ -237,7 +239,7 @@ class ServerConfig(BaseModel):
         default=None, description="only keys in sites_file may join (needs tls); default: on unless host is loopback"
     )
     sites_file: Path = Field(default=Path("sites.toml"), description="allowed sites (fed-server sites add)")
-    seed: int = 0
+    seed: int = Field(default=0, description="seeds the initial weights and the sites' training")
     cross_site_every: int | None = Field(
         default=None, ge=0, description="sites score the global model every N rounds and after the last (0: last only)"
     )

@@ -63,10 +63,14 @@ class LabelManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    site: str | None = None
-    labels: dict[int, str]
-    annotated: list[str] = Field(default_factory=list)
-    other_labels: Literal["error", "background"] = "error"
+    site: str | None = Field(default=None, description="optional site name, shown in messages")
+    labels: dict[int, str] = Field(description="source label value -> global class name")
+    annotated: list[str] = Field(
+        default_factory=list, description="global classes this site annotates; default every class in labels"
+    )
+    other_labels: Literal["error", "background"] = Field(
+        default="error", description="label values not in labels (other than 0): an error, or background"
+    )
 
     @field_validator("labels")
     @classmethod

@@ -68,9 +68,13 @@ class PreprocessConfig(BaseModel):
         "voxels above body_threshold_hu) or 'site' (body voxels of all of a site's cases pooled, computed where "
         "the site prepares its data and never sent; a single volume predicted alone uses its own body statistics)",
     )
-    body_threshold_hu: float = -500.0
-    interpolation: Literal["linear", "bspline"] = "linear"
-    antialias: bool = True
+    body_threshold_hu: float = Field(
+        default=-500.0, description="HU above which a voxel is body, for normalization = body or site"
+    )
+    interpolation: Literal["linear", "bspline"] = Field(
+        default="linear", description="image resampling to target_spacing (labels always nearest neighbour)"
+    )
+    antialias: bool = Field(default=True, description="Gaussian smoothing before downsampling an image")
 
     @field_validator("target_spacing")
     @classmethod

@@ -24,19 +24,19 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: int = Field(default=1, ge=1)
-    steps_per_epoch: int = Field(default=250, ge=1)
+    epochs: int = Field(default=1, ge=1, description="epochs of steps_per_epoch steps (when steps is not set)")
+    steps_per_epoch: int = Field(default=250, ge=1, description="sampled patch batches per epoch (nnU-Net style)")
     steps: int | None = Field(default=None, ge=1, description="overrides epochs * steps_per_epoch")
-    batch_size: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=2, ge=1, description="patches per step (under DP-SGD: the expected batch)")
     patch_size: tuple[int, int, int] = Field(default=(96, 160, 160), description="(D, H, W), multiples of 16")
-    lr: float = Field(default=1e-4, gt=0)
+    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate")
     lr_schedule: Literal["constant", "poly"] = Field(
         default="constant",
         description="constant (the paper) or nnU-Net's poly decay (1 - t/T)^0.9 to zero over one train_model call "
         "(in a federation: within each round) unless the caller passes a schedule spanning calls",
     )
     warmup_steps: int = Field(default=0, ge=0, description="linear learning-rate warm-up from lr/warmup_steps")
-    weight_decay: float = Field(default=1e-6, ge=0)
+    weight_decay: float = Field(default=1e-6, ge=0, description="AdamW weight decay")
     ce_weight: float = Field(default=0.0, ge=0, description="cross-entropy weight added to the Dice loss")
     batch_dice: bool = Field(default=False, description="one Dice term per class over the batch (nnU-Net 3-D)")
     partial_loss: PartialMode = Field(
@@ -54,8 +54,10 @@ class TrainConfig(BaseModel):
         "model as the local training starts (the round's global model) sets the target among background and the "
         "unannotated organs (0: off)",
     )
-    foreground_prob: float = Field(default=0.33, ge=0, le=1)
-    augment: bool = True
+    foreground_prob: float = Field(
+        default=0.33, ge=0, le=1, description="share of patches centred on a labelled organ voxel (else anywhere)"
+    )
+    augment: bool = Field(default=True, description="the paper's random in-plane affine and flips of patches")
     affine_prob: float = Field(
         default=1.0, ge=0, le=1, description="share of patches that get the paper's random affine (with augment)"
     )
@@ -68,7 +70,7 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(
         default=True, description="channels_last_3d memory format: much faster 3-D convolutions on CPU and CUDA"
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seeds patch sampling and augmentation (a site adds its round and name)")
     val_every: int = Field(default=1, ge=1, description="validate every this many epochs (when val cases given)")
     prox_mu: float = Field(default=0.0, ge=0, description="FedProx proximal weight μ; 0 disables it")
     max_skipped_steps: int = Field(

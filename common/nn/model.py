@@ -39,11 +39,19 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    arch: Literal["attention-unet", "unet"] = "attention-unet"
-    in_channels: int = Field(default=1, ge=1)
-    n_classes: int = Field(default=5, ge=1)
-    feature_scale: int = Field(default=4, ge=1, le=64)
-    gate_init: GateInit = "pass-through"
+    arch: Literal["attention-unet", "unet"] = Field(
+        default="attention-unet", description="attention-unet (Oktay et al. 2018) or its U-Net baseline"
+    )
+    in_channels: int = Field(default=1, ge=1, description="image channels (1 for CT)")
+    n_classes: int = Field(default=5, ge=1, description="output classes, background included")
+    feature_scale: int = Field(
+        default=4, ge=1, le=64, description="divides the base filters 64..1024; 4 is the paper's CT network"
+    )
+    gate_init: GateInit = Field(
+        default="pass-through",
+        description="attention gates at start: pass-through (alpha about 0.95, the paper's text) or released "
+        "(the official code's kaiming-initialised psi, alpha about 0.3-0.7)",
+    )
     norm: Norm = Field(
         default="batch",
         description="batch (the paper's BatchNorm) or a per-case norm: group (GroupNorm, up to 8 groups) or "
