@@ -92,7 +92,7 @@ class StrategyConfig(BaseModel):
 
     model_config = _FROZEN
 
-    name: StrategyName = Field(default="fedavg", description="the aggregation rule (see the class docstring)")
+    name: StrategyName = Field(default="fedavg", description="the aggregation rule (FedAvg family or a robust rule)")
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx μ")
     server_lr: float = Field(default=0.01, gt=0, description="FedAdam/FedYogi η")
     beta_1: float = Field(default=0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay")
