@@ -48,3 +48,12 @@ def test_mkdocs_strict_builds_and_fails_on_a_broken_link(tmp_path: Path) -> None
         page.write("\nSee [a page that is not there](nowhere.md).\n")
     broken = subprocess.run(build, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert broken.returncode != 0 and "nowhere.md" in broken.stderr
+
+
+def test_the_readme_is_short_and_its_links_lead_somewhere() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.count("\n") <= 200
+    targets = [t for t in re.findall(r"\]\(([^)#]+)[^)]*\)", readme) if not t.startswith("http")]
+    assert targets and all((ROOT / t).is_file() for t in targets), [t for t in targets if not (ROOT / t).is_file()]

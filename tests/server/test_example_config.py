@@ -1,4 +1,4 @@
-"""examples/server.toml works as written on `fed-eval phantoms` output, and the README shows it verbatim."""
+"""examples/server.toml works as written on `fed-eval phantoms` output, and docs/getting-started.md quotes it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_example_config_loads_against_phantoms_laid_out_as_documented(tmp_path: 
     assert cfg.loopback
 
 
-def test_readme_quotes_the_example() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_getting_started_quotes_the_example() -> None:
+    readme = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
     body = "\n".join(line for line in EXAMPLE.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
     assert body.strip() in readme

@@ -1,4 +1,4 @@
-"""The README's "Local tools" section: examples/local-tools.sh is shown there verbatim and runs top to bottom."""
+"""The docs' Local tools page: examples/local-tools.sh is shown there verbatim and runs top to bottom."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "local-tools.sh"
-#: The script's sizes shrunk to a few seconds of CPU work (its defaults are the README's values).
+#: The script's sizes shrunk to a few seconds of CPU work (its defaults are the values the page shows).
 TINY = {"SIZE": "16,32,32", "PATCH": "16,32,32", "CASES": "1", "EPOCHS": "1", "STEPS": "1", "SCALE": "16"}
 
 
-def test_readme_shows_the_script_verbatim() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_local_tools_page_shows_the_script_verbatim() -> None:
+    readme = (ROOT / "docs" / "local-tools.md").read_text(encoding="utf-8")
     assert f"```bash\n{SCRIPT.read_text(encoding='utf-8')}```" in readme
 
 
