@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedseg.common.cli.datasets import datasets_app
 from fedseg.common.cli.evaluate import evaluate_command
 from fedseg.common.cli.phantoms import phantoms_command
 from fedseg.common.cli.predict import predict_command
@@ -16,6 +17,7 @@ app = make_app(
 
 
 # Command registrations (one line each, alphabetical):
+app.add_typer(datasets_app, name="datasets")
 app.command("evaluate")(evaluate_command)
 app.command("phantoms")(phantoms_command)
 app.command("predict")(predict_command)

@@ -20,6 +20,7 @@ COMMON_LAYERS: dict[str, set[str]] = {
     "console": set(),
     "nn": {"errors"},
     "data": {"errors", "console"},
+    "datasets": {"data", "errors", "console"},
     "synthetic": {"data", "errors", "console"},
     "eval": {"data", "errors", "console"},
     "engine": {"nn", "data", "eval", "errors", "console"},
