@@ -73,7 +73,10 @@ def fetch_dataset(entry: DatasetEntry, out: Path, options: FetchOptions | None =
         raise DataError(f"{target}: exists but fed-eval datasets fetch did not write it; move it or pick another --out")
     created = not out.exists()
     work = out / f".{entry.name}.fetch"
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{out}: cannot create a folder here ({err.strerror or err}); pick another --out") from None
     archive = work / _archive_name(url)
     digests = Digests(md5=expected is not None and expected[0] == "md5")
     report = download(url, archive, digests, options.retries, options.backoff)
@@ -161,7 +164,10 @@ def _provenance(entry: DatasetEntry, digests: Digests, verified_by: str | None) 
 
 
 def _already_there(target: Path) -> FetchResult:
-    record = json.loads((target / PROVENANCE).read_text(encoding="utf-8"))
+    try:
+        record = json.loads((target / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{target / PROVENANCE}: unreadable; delete {target} to fetch it again") from None
     log.info("%s is already fetched (%s); delete it to fetch again", target, record.get("fetched", "?"))
     return FetchResult(target, int(record.get("cases", 0)), str(record.get("sha256", "")), record.get("verified_by"),
                        already_there=True)  # fmt: skip

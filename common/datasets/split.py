@@ -73,7 +73,10 @@ def split_dataset(entry: DatasetEntry, data: Path, out: Path, request: SplitRequ
         raise ConfigError(f"{out}: output folder is not empty; choose a new --out or delete it")
     staging = out.parent / f".{out.name}.split"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as err:
+        raise DataError(f"{out}: cannot write here ({err.strerror or err}); pick another --out") from None
     try:
         result = _write(entry, manifest, cases, plan, staging, request.val_fraction)
         if out.exists():

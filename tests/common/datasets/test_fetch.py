@@ -163,3 +163,9 @@ def test_a_complete_part_is_recognised_from_a_416(
     part.write_bytes(spleen_tar)
     report = download(archive_server.url(TAR), part, Digests(), backoff=0.0)
     assert report.size == len(spleen_tar) and archive_server.ranges == [f"bytes={len(spleen_tar)}-"]
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path: Path, archive_server: ArchiveServer, spleen_tar: bytes) -> None:
+    (tmp_path / "data").write_text("not a folder")
+    code, output = _fetch(tmp_path, archive_server, sha256=hashlib.sha256(spleen_tar).hexdigest())
+    assert code == 1 and "cannot create a folder here" in _error_line(output) and archive_server.ranges == []
