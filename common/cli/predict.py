@@ -105,7 +105,9 @@ def predict_file(
     warning = input_warning(volume, source)
     if warning is not None:
         log.warning("%s; predicting anyway", warning)
-    result = predict_volume(model, meta, volume, device, attention=attention, probabilities=probabilities, tta=tta)
+    result = predict_volume(
+        model, meta, volume, device, attention=attention, probabilities=probabilities, tta=tta, progress=True
+    )
     stem = case_stem(source)
     files = [out_dir / f"{stem}_seg.nii.gz"]
     write_volume(result.labels, files[0])

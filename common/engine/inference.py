@@ -9,9 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.inferers.utils import sliding_window_inference
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval, sliding_window_inference
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from fedseg.common.console import console
 from fedseg.common.data.io import Volume
 from fedseg.common.data.manifest import default_manifest
 from fedseg.common.data.preprocess import PreparedCase, preprocess_case, restore_to_source
@@ -21,6 +24,16 @@ from fedseg.common.nn.model import SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
+
+#: A sliding window's progress bar: windows done of all, time so far and time left.
+PROGRESS_COLUMNS = (
+    TextColumn("{task.description}"),
+    BarColumn(bar_width=30),
+    MofNCompleteColumn(),
+    TimeElapsedColumn(),
+    TextColumn("left"),
+    TimeRemainingColumn(),
+)
 
 def gate_maps(attention: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Average each gate's sub-gate maps into one α map per scale.
@@ -74,8 +87,18 @@ def window_size(shape: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[in
     return d, h, w
 
 
-def _predictor(model: nn.Module, attention: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """Wrap the model so each window yields float32 softmax probabilities (and α maps) for blending."""
+def window_count(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits on a volume of ``shape`` (for progress): its own scan grid."""
+    roi = window_size(shape, patch)
+    size = [max(s, r) for s, r in zip(shape, roi, strict=True)]  # it pads a volume smaller than the window
+    return len(dense_patch_slices(size, roi, _get_scan_interval(size, roi, 3, (overlap,) * 3)))
+
+
+def _predictor(
+    model: nn.Module, attention: bool, done: Callable[[int], None] | None = None
+) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Wrap the model so each window yields float32 softmax probabilities (and α maps) for blending; ``done`` is
+    told how many windows each call computed."""
     forward_with_attention = getattr(model, "forward_with_attention", None)
     if attention and not callable(forward_with_attention):
         raise ValueError(f"{type(model).__name__} has no attention gates; predict without attention")
@@ -89,6 +112,8 @@ def _predictor(model: nn.Module, attention: bool) -> Callable[[torch.Tensor], di
         else:
             logits, out = model(window), {}
         out["probabilities"] = torch.softmax(logits.float(), dim=1)
+        if done is not None:
+            done(window.shape[0])
         return out
 
     return run
@@ -110,6 +135,7 @@ def sliding_window_predict(
     amp: bool = True,
     tta: bool = False,
     cpu_bf16: CpuBf16 = "auto",
+    progress: bool = False,
 ) -> Prediction:
     """Predict a whole prepared volume with overlapping Gaussian-weighted windows.
 
@@ -127,6 +153,7 @@ def sliding_window_predict(
         amp: bf16 autocast on CUDA, and on the CPU as ``cpu_bf16`` says.
         tta: test-time augmentation: average the outputs over the :data:`TTA_FLIPS` mirrorings (4x the time).
         cpu_bf16: bf16 autocast on the CPU: ``auto`` (on where the CPU has native bf16), True or False.
+        progress: show a progress bar of the windows (with rate and time left) on the console.
 
     Returns:
         The blended :class:`Prediction` with the input's (z, y, x) shape.
@@ -136,16 +163,28 @@ def sliding_window_predict(
     flips = TTA_FLIPS if tta else ((),)
     was_training = model.training
     model.eval()
+    windows = window_count(tuple(image.shape), patch, overlap) * len(flips)
+    bar = Progress(*PROGRESS_COLUMNS, console=console, transient=True, disable=not progress)
+    task = bar.add_task("predicting", total=windows)
     try:
         total: dict[str, torch.Tensor] = {}
-        for axes in flips:
-            dims = [axis + 2 for axis in axes]  # (batch, channel, z, y, x)
-            window_input = torch.flip(x, dims) if dims else x
-            for name, value in _blend(
-                model, window_input, patch, device, overlap, attention, sw_batch_size, (amp, cpu_bf16)
-            ):
-                value = torch.flip(value, dims) if dims else value
-                total[name] = total[name] + value if name in total else value
+        with bar:
+            for axes in flips:
+                dims = [axis + 2 for axis in axes]  # (batch, channel, z, y, x)
+                window_input = torch.flip(x, dims) if dims else x
+                for name, value in _blend(
+                    model,
+                    window_input,
+                    patch,
+                    device,
+                    overlap,
+                    attention,
+                    sw_batch_size,
+                    (amp, cpu_bf16),
+                    lambda n: bar.advance(task, n),
+                ):
+                    value = torch.flip(value, dims) if dims else value
+                    total[name] = total[name] + value if name in total else value
     finally:
         model.train(was_training)
     blended = {name: value / len(flips) for name, value in total.items()}
@@ -164,6 +203,7 @@ def _blend(
     attention: bool,
     sw_batch_size: int,
     amp: tuple[bool, CpuBf16],
+    done: Callable[[int], None] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """MONAI's Gaussian-weighted sliding window over ``x`` (1, 1, z, y, x): (name, blended (1, C, z, y, x)).
 
@@ -176,7 +216,7 @@ def _blend(
                 x,
                 roi_size=window_size(tuple(x.shape[2:]), patch),
                 sw_batch_size=sw_batch_size,
-                predictor=_predictor(model, attention),
+                predictor=_predictor(model, attention, done),
                 overlap=overlap,
                 mode="gaussian",
                 padding_mode="constant",
@@ -217,6 +257,7 @@ def predict_volume(
     probabilities: bool = False,
     overlap: float = 0.5,
     tta: bool = False,
+    progress: bool = False,
 ) -> VolumePrediction:
     """Preprocess a CT as in training, predict it whole, and resample the results to its own geometry.
 
@@ -229,6 +270,7 @@ def predict_volume(
         probabilities: also return one probability volume per class.
         overlap: sliding-window overlap.
         tta: average over the in-plane mirrorings (see :func:`sliding_window_predict`).
+        progress: show the sliding window's progress bar.
 
     Returns:
         The :class:`VolumePrediction` on ``volume``'s grid.
@@ -239,8 +281,10 @@ def predict_volume(
     if meta.preprocess.normalization == "site":
         log.info("normalization 'site': one volume alone is z-scored with its own body statistics")
     case = preprocess_case(volume, None, default_manifest(), meta.preprocess)
+    windows = window_count(case.image.shape, meta.patch_size, overlap) * (len(TTA_FLIPS) if tta else 1)
+    log.info("predicting a %s volume (%s prepared) in %d windows", volume.array.shape, case.image.shape, windows)
     pred = sliding_window_predict(
-        model, case.image, meta.patch_size, device, overlap=overlap, attention=attention, tta=tta
+        model, case.image, meta.patch_size, device, overlap=overlap, attention=attention, tta=tta, progress=progress
     )
     restored = restore_to_source(pred.labels, case, is_label=True)
     labels = restored.with_array(restored.array.astype(np.uint8))

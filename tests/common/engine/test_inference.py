@@ -11,7 +11,7 @@ from fedseg.common.data.preprocess import Grid, PreparedCase, SourceGeometry
 from fedseg.common.engine.inference import gate_maps, sliding_window_predict, window_size
 from fedseg.common.engine.validation import case_dice, validate
 from fedseg.common.eval.attention_export import inside_outside
-from fedseg.common.nn.model import AttentionUNet3D
+from fedseg.common.nn.model import AttentionUNet3D, ModelConfig, build_model
 
 
 class VoxelwiseNet(nn.Module):
@@ -203,3 +203,28 @@ def test_a_bf16_prediction_that_is_not_finite_is_made_again_in_fp32() -> None:
     exact = sliding_window_predict(VoxelwiseNet(), image, (16, 16, 16), "cpu", cpu_bf16=False)
     assert np.isfinite(pred.probabilities).all()
     np.testing.assert_array_equal(pred.probabilities, exact.probabilities)
+
+
+def test_the_progress_bar_counts_monais_own_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedseg.common.engine import inference
+
+    model = build_model(ModelConfig(feature_scale=16)).eval()
+    image = np.zeros((24, 40, 56), np.float32)
+    seen: list[int] = []
+    real = inference._predictor
+
+    def counting(model: torch.nn.Module, attention: bool, done: object = None) -> object:
+        run = real(model, attention, done)  # type: ignore[arg-type]
+
+        def wrapped(window: torch.Tensor) -> object:
+            seen.append(window.shape[0])
+            return run(window)
+
+        return wrapped
+
+    monkeypatch.setattr(inference, "_predictor", counting)
+    advanced: list[float] = []
+    monkeypatch.setattr(inference.Progress, "advance", lambda self, task, n: advanced.append(n))
+    inference.sliding_window_predict(model, image, (16, 32, 32), "cpu", overlap=0.5, amp=False, progress=True)
+    assert sum(seen) == inference.window_count(image.shape, (16, 32, 32), 0.5) == sum(advanced)
+    assert inference.window_count((10, 20, 20), (16, 32, 32), 0.5) == 1  # smaller than the window: padded, one
