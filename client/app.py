@@ -93,6 +93,9 @@ def train(msg: Message, context: Context) -> Message:
         report.phase("train", result.seconds)
         report.end(ok=True, loss=result.loss, epsilon=result.epsilon, delta=result.delta)
         log.info("site %s round %d: replying (%d cases, loss %.4f)", site.site, server_round, result.cases, result.loss)
+        if task.last_round is not None and server_round >= task.last_round:
+            log.info("site %s: round %d is the run's last", site.site, server_round)
+            report.run_done(task.last_round)
         return Message(reply_content(new_arrays, result, site.site), reply_to=msg)
     except (TrainingDiverged, BudgetExceeded, PrivacyRefused) as err:
         log.error("site %s: %s; replying with the failure instead of weights", site.site, err)

@@ -117,6 +117,10 @@ class RoundReporter:
         rate = (step - first) / (now - since) if now > since else 0.0
         self.events.emit("progress", round=self.round, step=step, steps=total, loss=loss, steps_per_second=rate)
 
+    def run_done(self, last_round: int) -> None:
+        """This site replied to the run's last round (``fed-client join`` says so)."""
+        self.events.emit("run_done", round=self.round, last_round=last_round)
+
     def exiting(self) -> None:
         """The ClientApp process exits (its reply was pushed to the SuperNode); see :func:`note_exit`."""
         self.events.emit("exit", round=self.round)

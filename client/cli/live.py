@@ -94,6 +94,11 @@ class SiteProgress:
                 loss=_loss(event.get("loss")),
                 rate=f"{float(event['steps_per_second']):.2f}",
             )
+        elif kind == "run_done":
+            self._say(
+                f"round {round_} was the run's last: this site's part is done (the server may still ask it to score "
+                "the final model). It stays connected for the server's next run; Ctrl-C to leave."
+            )
         elif kind == "policy":
             self._say(f"round {round_}: site policy applied: {event['note']}")
         elif kind == "round_end":

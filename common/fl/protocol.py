@@ -79,6 +79,9 @@ class TrainTask(BaseModel):
     packed: bool = Field(
         default=False, description="the weights travel as one array both ways (fedseg.common.fl.packing)"
     )
+    last_round: int | None = Field(
+        default=None, ge=1, description="the run's last global round, so a site can say when the run is done"
+    )
     privacy: PrivacyConfig = Field(
         default=PrivacyConfig(), description="differential privacy asked of the sites (their policy may add more)"
     )

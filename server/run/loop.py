@@ -77,6 +77,7 @@ def train_task(spec: RunSpec) -> TrainTask:
         preprocess=cfg.preprocess,
         deadline=cfg.round_timeout,
         round_offset=spec.first_round - 1,
+        last_round=cfg.rounds,
         transport=cfg.transport,
         bn=cfg.strategy.bn,
         packed=pack_wanted() and cfg.privacy.mode != "client-dp",  # client-dp clips every array as it arrives
