@@ -11,7 +11,7 @@ same number of training patches (stated in the table header):
 * **alone**: each site on its own cases for ``sites × --steps`` steps.
 
 Scored by Dice per organ on ``--val-cases`` phantoms from a neutral scanner that no site uses; every seed draws
-other patients, other scanners and another initialisation. Goal (issue 16): federated mean ≥ 0.98 × centralised and
+other patients, other scanners and another initialisation. Goal: federated mean ≥ 0.98 × centralised and
 ≥ best site alone + 0.02, at every seed.
 
     python bench/payoff.py --quick                       # smoke run, a few minutes

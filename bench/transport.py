@@ -6,7 +6,7 @@ same data, seeds and schedule: each round every phantom site loads the (encoded)
 to float32 and averaged weighted by cases (FedAvg), and the float32 global model is validated centrally.
 Bytes are ``ArrayRecord.count_bytes()`` of what one site receives and sends in one round (Flower adds ~0.1%).
 
-    python bench/transport.py      # 3 sites x 3 cases, 48^3, 6 rounds x 30 steps (the demo recipe before issue 16)
+    python bench/transport.py      # 3 sites x 3 cases, 48^3, 6 rounds x 30 steps (the demo's 180 steps)
     python bench/transport.py --rounds 2 --steps 5    # a smoke run
 """
 

@@ -39,7 +39,7 @@ from fedseg.server.run.loop import CHECKPOINT_DIR
 log = logging.getLogger(__name__)
 
 #: Rounds of the demo: with :data:`DEMO_SETTINGS`' 10 steps a round, 180 steps per site. More, shorter rounds at
-#: the same 180 steps beat 6 rounds of 30 in both demo draws and in ``bench/payoff.py`` (README, issue 16).
+#: the same 180 steps beat 6 rounds of 30 in both demo draws and in ``bench/payoff.py`` (docs/benchmarks.md).
 DEMO_ROUNDS = 18
 
 #: Demo settings sized for ≤ 10 minutes on a 2-core CPU (phantoms 48³ at 2 mm, a 1/16-width network).

@@ -1,9 +1,9 @@
 """One ``fed-server`` per output folder and port, refused before anything is written.
 
-A second ``fed-server start`` on the folder of a running one used to overwrite its connection file and logs before
-failing. :func:`hold_output_dir` takes an exclusive ``flock`` on ``<output_dir>/.fedseg/server.lock`` first (the
-kernel releases it when the process ends, however it ends) and :func:`check_port_free` refuses a busy public port
-at once, before a readiness check could be answered by the other server's gateway.
+A second ``fed-server start`` on the folder of a running one must not touch its connection file or logs, not even
+on its way to failing. :func:`hold_output_dir` takes an exclusive ``flock`` on ``<output_dir>/.fedseg/server.lock``
+first (the kernel releases it when the process ends, however it ends) and :func:`check_port_free` refuses a busy
+public port at once, before a readiness check could be answered by the other server's gateway.
 """
 
 from __future__ import annotations
