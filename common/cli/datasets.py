@@ -27,7 +27,7 @@ RegistryOption = Annotated[
     Path | None,
     typer.Option(
         "--registry",
-        help="TOML file of [datasets.NAME] tables (url, md5 or sha256, organs, licence, ...) adding datasets or "
+        help="TOML file of \\[datasets.NAME] tables (url, md5 or sha256, organs, licence, ...) adding datasets or "
         "overriding built-in ones key by key, e.g. an intranet mirror's url.",
     ),
 ]
