@@ -22,7 +22,7 @@ MONAI_MD5 = {
 }
 
 
-def test_the_built_in_list_names_the_issue_s_datasets_with_their_checksums() -> None:
+def test_the_built_in_list_has_msd_kits_and_totalsegmentator_with_their_checksums() -> None:
     registry = load_registry()
     assert {"msd-liver", "msd-pancreas", "msd-spleen", "kits23", "totalsegmentator"} <= set(registry)
     for name, md5 in MONAI_MD5.items():
