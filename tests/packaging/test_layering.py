@@ -24,6 +24,7 @@ COMMON_LAYERS: dict[str, set[str]] = {
     "synthetic": {"data", "errors", "console"},
     "eval": {"data", "errors", "console"},
     "engine": {"nn", "data", "eval", "errors", "console"},
+    "export": {"nn", "data", "engine", "eval", "errors", "console"},
     "privacy": {"nn", "data", "engine", "errors"},
     "fl": {"nn", "data", "engine", "privacy", "errors"},
     "runtime": {"errors"},
