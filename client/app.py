@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedseg.client.budget import PrivacyRefused, SiteBudget
 from fedseg.client.crosssite import Scores, score_cases
 from fedseg.client.egress import egress_mod
-from fedseg.client.localbn import own_start
+from fedseg.client.localbn import keep_on_disk, own_start
 from fedseg.client.policy import Review
 from fedseg.client.simulated import site_for
 from fedseg.client.site import load_training_cases
@@ -86,6 +86,8 @@ def train(msg: Message, context: Context) -> Message:
             )
 
         new_arrays, result = watchdog.run(work)
+        if task.bn == "local":  # context.state is in memory only: fed-client export-model reads this copy
+            keep_on_disk(site.workdir, arrays, context.state, task, server_round)
         if result.policy:
             log.warning("site %s round %d: %s", site.site, server_round, "; ".join(result.policy))
             report.policy(result.policy)
