@@ -191,7 +191,7 @@ class CentredSpacingd(MapTransform, InvertibleTransform):
         source = np.asarray(info["src_affine"], dtype=np.float64)
         shape = tuple(int(s) for s in trace[TraceKeys.ORIG_SIZE])
         prepared, _ = centred_grid(source, shape, self.pixdim)  # the grid __call__ resampled onto
-        values = nearest_resample(image.as_tensor(), prepared, source, shape)
+        values = nearest_resample(image.as_tensor().cpu(), prepared, source, shape)
         meta = dict(image.meta)
         meta["affine"] = torch.as_tensor(source)
         return MetaTensor(values, meta=meta, applied_operations=image.applied_operations)
