@@ -35,6 +35,7 @@ PROGRESS_COLUMNS = (
     TimeRemainingColumn(),
 )
 
+
 def gate_maps(attention: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Average each gate's sub-gate maps into one α map per scale.
 
