@@ -8,6 +8,8 @@
 * ``engine``: device policy, training loop, sliding-window inference, validation, checkpoints.
 * ``privacy``: the federation's privacy settings, the RDP accountant and patient-level DP-SGD (Opacus).
 * ``fl``: the Flower message contract and weights on the wire (no training loop).
+* ``export``: TorchScript, ONNX and MONAI bundle export of a checkpoint, with its parity check.
+* ``datasets``: the public-dataset registry, resumable verified fetch, safe extraction, virtual-hospital splits.
 * ``runtime``: child processes, the ``flwr`` command line, app log files.
 * ``cli``: the ``fed-eval`` commands and the helpers all three CLIs share (the only place Typer is used).
 """
