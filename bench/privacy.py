@@ -20,24 +20,30 @@ the others) rejected DP replies by coin toss, and at ε = 1 every reply of a rou
 Measured per row:
 
 * Dice per organ of the final global model on 8 neutral validation phantoms (sliding window, fp32);
-* ``step_time_ratio``: the median over sites and rounds of the trainer's seconds per step, ÷ that of the non-DP
-  row of the same seed (both fp32, one torch thread; the machine is shared, so this is noisy: the table notes the
-  load average);
+* ``step_time_ratio``: the median over sites and rounds (of the row's target and reference federations) of this
+  process's CPU seconds per step (around each
+  ``train_locally``, so the per-round Opacus wrapping and the site's noise calibration are included), ÷ that of the
+  non-DP row of the same seed (both fp32, one torch thread). CPU time, because the machine is shared and its load
+  drifts between rows; the trainer's wall clock per step gives ``step_time_ratio_wall``, kept beside;
 * membership inference on the final model: members = the 24 training cases (8 per site), non-members = 24 other
   cases of the same three sites (8 per site, same scanners, never trained on). Per-case loss = the sites' training
   loss (the soft Dice loss) of the sliding-window prediction over the whole case; the same attacks on the mean
   voxel cross-entropy are reported beside (``mia_auc_ce``). Attacks: the loss threshold (Yeom et al. 2018, score
-  −loss) and its difficulty-calibrated variant (Watson et al. 2022, offline: score = reference loss − target loss,
-  the reference being the same non-DP federation from the same initial model, which every site receives, trained
-  on a third, disjoint set of 8 cases per site, so neither members nor non-members are in it). ROC AUC with a 95 %
-  stratified percentile bootstrap interval (2000 resamples), TPR at 5 % FPR (24 non-members allow one false
-  positive).
+  −loss) and its difficulty-calibrated variant (Watson et al. 2022, offline: score = reference loss − target loss).
+  Each row's reference is the same federation (same ε, same initial model, which every site receives) trained on a
+  third, disjoint set of 8 cases per site, so neither members nor non-members are in it. It must be trained like
+  the target: with one non-DP reference for every row (an earlier version), the DP rows' calibrated AUC was 0.65
+  at every ε, which was only the reference's own ranking of these cases (its loss attack on them gave 0.35, i.e.
+  0.65 reversed: by chance the members were the harder cases). ROC AUC with a 95 % stratified percentile bootstrap
+  interval (2000 resamples), TPR at 5 % FPR (24 non-members allow one false positive), and the loss attack on the
+  reference model itself (``mia_auc_reference``): what chance gives on these cases (0.5 expected; with 24 and 24
+  cases its standard deviation is about 0.08).
 
 DP-SGD draws its Poisson samples and noise from the operating system's entropy (by design), so DP rows do not
 repeat exactly for the same seed.
 
     nice -n 10 python bench/privacy.py --quick --markdown               # 2 rounds x 3 steps: a smoke check
-    nice -n 10 python bench/privacy.py --markdown --json /tmp/privacy.json   # 10 rounds x 30 steps
+    nice -n 10 python bench/privacy.py --markdown --json /tmp/privacy.json   # 6 rounds x 25 steps
 """
 
 from __future__ import annotations
@@ -92,8 +98,8 @@ LOSS_KINDS = ("train", "ce")
 class Recipe:
     """The federation every row trains (module docstring) and the attack's settings."""
 
-    rounds: int = 10
-    steps: int = 30
+    rounds: int = 6
+    steps: int = 25
     size: int = 32
     sites: int = 3
     cases: int = 8  # per site and pool: training (members), held out (non-members), the reference's training
@@ -155,7 +161,8 @@ class Trained:
     """A federation's final global model and what its rounds recorded."""
 
     model: nn.Module
-    seconds_per_step: list[float] = field(default_factory=list)
+    seconds_per_step: list[float] = field(default_factory=list)  # the trainer's wall clock
+    cpu_per_step: list[float] = field(default_factory=list)  # this process's CPU time around train_locally
     epsilon: float | None = None
     rejected: int = 0
     load: list[float] = field(default_factory=list)  # the 1-minute load average after each round
@@ -186,7 +193,9 @@ def federate(
         started, replies = time.perf_counter(), []
         for i, (cases, budget) in enumerate(zip(sites, budgets, strict=True), start=1):
             seed = round_seed(task.train.seed, rnd, f"site-{i}")
+            cpu = time.process_time()
             arrays, result = train_locally(_record(weights), task, cases, "cpu", seed, budget=budget)
+            out.cpu_per_step.append((time.process_time() - cpu) / task.train.total_steps)
             replies.append(SiteReply(f"site-{i}", _numpy(arrays), result.cases, loss=result.loss))
             out.seconds_per_step.append(result.seconds / task.train.total_steps)
             if result.epsilon is not None:
@@ -235,8 +244,10 @@ def pool_losses(model: nn.Module, pools: Pools, cfg: TrainConfig) -> Losses:
 
 def attacks(target: Losses, reference: Losses, recipe: Recipe, seed: int) -> dict[str, AttackReport]:
     """The loss-threshold and the calibrated attack on ``target`` (``reference``: a model trained on neither group)
-    with each loss kind: ``loss``, ``calibrated`` (training loss), ``ce_loss``, ``ce_calibrated``."""
-    out = {}
+    with each loss kind: ``loss``, ``calibrated`` (training loss), ``ce_loss``, ``ce_calibrated``; and ``reference``,
+    the loss attack on the reference model itself: what chance gives on these cases (0.5 expected)."""
+    chance = loss_scores(reference.members["train"]), loss_scores(reference.non_members["train"])
+    out = {"reference": attack_report(chance[0], chance[1], recipe.fpr, recipe.resamples, seed)}
     for kind in LOSS_KINDS:
         prefix = "" if kind == "train" else f"{kind}_"
         members, others = target.members[kind], target.non_members[kind]
@@ -278,6 +289,10 @@ class Run:
     epsilon_spent: float | None
     delta: float | None
     seconds_per_step: float
+    cpu_seconds_per_step: float
+    step_time_ratio_wall: float
+    mia_auc_reference: float
+    mia_auc_reference_ci: tuple[float, float]
     rejected_replies: int
     load_average: float  # the machine's 1-minute load average over the run's rounds (2 cores)
 
@@ -288,17 +303,18 @@ def _interval(report: AttackReport) -> tuple[float, float]:
 
 def run_row(
     epsilon: float | None, seed: int, trained: Trained, dice: dict[str, float], target: Losses,
-    found: dict[str, AttackReport], baseline: float, recipe: Recipe,
+    found: dict[str, AttackReport], timing: tuple[tuple[float, float], tuple[float, float]], recipe: Recipe,
 ) -> Run:  # fmt: skip
-    """One run's row (``found``: :func:`attacks`; ``baseline``: the non-DP run's seconds per step)."""
+    """One run's row (``found``: :func:`attacks`; ``timing``: :func:`_per_step` of this ε's federations and of the
+    non-DP ones)."""
     loss, calibrated = found["loss"], found["calibrated"]
-    per_step = statistics.median(trained.seconds_per_step)
+    (cpu, per_step), (base_cpu, base_wall) = timing
     return Run(
         epsilon=epsilon,
         dice={organ: _rounded(dice[f"dice_{organ}"]) for organ in ORGANS},
         mia_auc=round(loss.auc, 4),
         mia_auc_ci=_interval(loss),
-        step_time_ratio=round(per_step / baseline, 3),
+        step_time_ratio=round(cpu / base_cpu, 3),
         seed=seed,
         dice_mean=_rounded(dice["dice_mean"]),
         mia_auc_calibrated=round(calibrated.auc, 4),
@@ -316,6 +332,10 @@ def run_row(
         epsilon_spent=_rounded(trained.epsilon),
         delta=DELTA if epsilon is not None else None,
         seconds_per_step=round(per_step, 4),
+        cpu_seconds_per_step=round(cpu, 4),
+        step_time_ratio_wall=round(per_step / base_wall, 3),
+        mia_auc_reference=round(found["reference"].auc, 4),
+        mia_auc_reference_ci=_interval(found["reference"]),
         rejected_replies=trained.rejected,
         load_average=round(statistics.mean(trained.load), 2),
     )
@@ -325,24 +345,28 @@ def _label(epsilon: float | None) -> str:
     return "ε=∞" if epsilon is None else f"ε={epsilon:g}"
 
 
+def _per_step(runs: Sequence[Trained]) -> tuple[float, float]:
+    """The median CPU and wall seconds per step over every site and round of ``runs``."""
+    cpu = [x for r in runs for x in r.cpu_per_step]
+    wall = [x for r in runs for x in r.seconds_per_step]
+    return statistics.median(cpu), statistics.median(wall)
+
+
 def run_seed(recipe: Recipe, seed: int, epsilons: Sequence[float | None], root: Path) -> list[Run]:
-    """Every ε of one seed: the reference federation first (the calibration's and, without ε = ∞, the step time's
-    reference), then one federation per ε, each attacked."""
+    """Every ε of one seed: for each, the reference federation (the same training on the reference pool: the
+    calibration's reference) and the target federation, attacked."""
     pools = make_pools(root / f"seed-{seed}", recipe, seed)
-    plain_task = recipe.task(PrivacyConfig(), seed)
-    patch = plain_task.train.patch_size
-    shadow = federate(pools.reference, plain_task, recipe.rounds, pools.val, "reference")
-    reference = pool_losses(shadow.model, pools, plain_task.train)
     done = []
     for epsilon in epsilons:
         task = recipe.task(recipe.privacy(epsilon, f"bench-{seed}-{_label(epsilon)}"), seed)
+        shadow = federate(pools.reference, task, recipe.rounds, pools.val, f"{_label(epsilon)} reference")
         trained = federate(pools.train, task, recipe.rounds, pools.val, _label(epsilon))
-        dice = validate(trained.model, pools.val, patch, "cpu", cpu_bf16=False)
+        dice = validate(trained.model, pools.val, task.train.patch_size, "cpu", cpu_bf16=False)
         target = pool_losses(trained.model, pools, task.train)
-        done.append((epsilon, trained, dice, target, attacks(target, reference, recipe, seed)))
-    plain = next((t for e, t, *_ in done if e is None), shadow)
-    baseline = statistics.median(plain.seconds_per_step)
-    return [run_row(e, seed, t, d, target, found, baseline, recipe) for e, t, d, target, found in done]
+        found = attacks(target, pool_losses(shadow.model, pools, task.train), recipe, seed)
+        done.append((epsilon, trained, dice, target, found, _per_step([trained, shadow])))
+    base = next(times for e, *_, times in done if e is None)
+    return [run_row(e, seed, t, d, target, found, (times, base), recipe) for e, t, d, target, found, times in done]
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
@@ -355,8 +379,8 @@ def markdown(rows: Sequence[Run], recipe: Recipe) -> str:
     lines = [
         f"| ε | seed | σ | ε spent | {' | '.join(ORGANS)} | mean Dice | ÷ non-DP | MIA AUC loss [95 % CI] | "
         f"MIA AUC calibrated [95 % CI] | TPR @ {100 * recipe.fpr:g} % FPR loss / cal. | AUC CE loss / cal. | "
-        "s / step | ÷ non-DP | rejected |",
-        "| ---: " * (13 + len(ORGANS)) + "|",
+        "AUC loss on the reference | CPU s / step | ÷ non-DP | wall ÷ non-DP | rejected |",
+        "| ---: " * (15 + len(ORGANS)) + "|",
     ]
     for r in rows:
         base = plain.get(r.seed)
@@ -367,8 +391,9 @@ def markdown(rows: Sequence[Run], recipe: Recipe) -> str:
             _cell(r.epsilon_spent, 2), *(_cell(r.dice[o]) for o in ORGANS), _cell(r.dice_mean), _cell(ratio, 2),
             f"{r.mia_auc:.3f} [{lo:.3f}, {hi:.3f}]", f"{r.mia_auc_calibrated:.3f} [{clo:.3f}, {chi:.3f}]",
             f"{_cell(r.tpr_at_fpr['loss'], 2)} / {_cell(r.tpr_at_fpr['calibrated'], 2)}",
-            f"{r.mia_auc_ce:.3f} / {r.mia_auc_ce_calibrated:.3f}",
-            _cell(r.seconds_per_step), _cell(r.step_time_ratio, 2), str(r.rejected_replies),
+            f"{r.mia_auc_ce:.3f} / {r.mia_auc_ce_calibrated:.3f}", f"{r.mia_auc_reference:.3f}",
+            _cell(r.cpu_seconds_per_step), _cell(r.step_time_ratio, 2), _cell(r.step_time_ratio_wall, 2),
+            str(r.rejected_replies),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -382,8 +407,8 @@ def _epsilons(text: str) -> list[float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds x 3 steps: a smoke check of every row")
-    parser.add_argument("--rounds", type=int, help="rounds (default 10, --quick 2)")
-    parser.add_argument("--steps", type=int, help="local steps per round (default 30, --quick 3)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 6, --quick 2)")
+    parser.add_argument("--steps", type=int, help="local steps per round (default 25, --quick 3)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (phantoms, initial model, patches)")
     default = ",".join("inf" if e is None else f"{e:g}" for e in EPSILONS)
     parser.add_argument("--epsilons", default=default, help="comma-separated ε per site (inf: DP off)")
@@ -391,7 +416,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the runs to this file")
     parser.add_argument("--markdown", action="store_true", help="print the table in markdown")
     args = parser.parse_args()
-    rounds, steps = (2, 3) if args.quick else (10, 30)
+    if None not in _epsilons(args.epsilons):
+        parser.error("--epsilons must include inf: the non-DP run is every ratio's base")
+    rounds, steps = (2, 3) if args.quick else (6, 25)
     recipe = Recipe(rounds=args.rounds or rounds, steps=args.steps or steps)
     torch.set_num_threads(args.threads)
     started, load = time.perf_counter(), os.getloadavg()[0]
