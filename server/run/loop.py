@@ -29,7 +29,7 @@ from fedseg.common.fl.protocol import TrainTask, task_config
 from fedseg.common.fl.weights import arrays_from_model, load_arrays
 from fedseg.common.nn.model import build_model
 from fedseg.common.runtime.events import EventWriter
-from fedseg.server.config import RunSpec, ServerConfig
+from fedseg.server.config import RunSpec, ServerConfig, StrategyConfig
 from fedseg.server.run.central import CentralValidator
 from fedseg.server.run.clientdp import ClientLevelDP
 from fedseg.server.run.crosssite import CrossSite
@@ -247,6 +247,16 @@ def root_trust(cfg: ServerConfig, validator: CentralValidator | None, cache_dir:
     return RootTrust(cases, cfg.model, cfg.train, s.root_steps)
 
 
+def screening_limits(cfg: ServerConfig) -> StrategyConfig:
+    """The strategy table the replies are screened by: as configured, except that under DP-SGD the direction check
+    is off. A DP-SGD update is mostly noise, nearly orthogonal to every other site's (cosines about 0), so a cosine
+    bound rejects DP replies by coin toss (``bench/privacy.py`` saw every reply of a round rejected at ε = 1)."""
+    if cfg.privacy.mode != "dp-sgd" or cfg.strategy.min_update_cosine <= -1:
+        return cfg.strategy
+    log.info("privacy.mode = dp-sgd: the direction check (min_update_cosine) is off; DP updates are mostly noise")
+    return cfg.strategy.model_copy(update={"min_update_cosine": -1.0})
+
+
 def private_driver(cfg: ServerConfig, strategy: RecordingStrategy) -> Strategy:
     """What runs the rounds: ``strategy`` itself, or under ``privacy.mode = "client-dp"`` Flower's DP wrapper
     around it (:mod:`fedseg.server.run.clientdp`; after ``strategy`` restored a resumed run's accountant)."""
@@ -285,7 +295,7 @@ def serve(
         cfg.min_sites,
         cfg.min_replies,
         cfg.site_wait_timeout,
-        limits=cfg.strategy,
+        limits=screening_limits(cfg),
         round_offset=spec.first_round - 1,
         cross_site=CrossSite(cfg.cross_site_every, spec.num_rounds) if cfg.cross_site_every is not None else None,
         spill_dir=fresh_folder(out / CACHE_DIR / SPILL_DIR),

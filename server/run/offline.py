@@ -19,7 +19,7 @@ from fedseg.common.fl.offline import train_reply
 from fedseg.common.fl.protocol import SITE_KEY
 from fedseg.server.config import ServerConfig
 from fedseg.server.run.fltrust import RootTrust
-from fedseg.server.run.loop import private_driver
+from fedseg.server.run.loop import private_driver, screening_limits
 from fedseg.server.run.lossscreen import LossScreen
 from fedseg.server.run.strategy import RecordingStrategy, RoundStats, build_strategy
 
@@ -68,7 +68,7 @@ class OfflineAggregator:
             1,
             cfg.min_replies,
             1.0,
-            limits=cfg.strategy,
+            limits=screening_limits(cfg),
             loss_screen=loss_screen,
             pins=pins,
             root_trust=root_trust,

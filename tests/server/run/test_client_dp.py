@@ -138,3 +138,14 @@ def test_combinations_client_dp_cannot_keep_are_one_line_errors(change: dict[str
         ServerConfig.model_validate(raw)
     (error,) = err.value.errors()
     assert message in error["msg"] and "\n" not in error["msg"]
+
+
+def test_the_direction_check_is_off_under_dp_sgd_only() -> None:
+    from fedseg.server.run.loop import screening_limits
+
+    dp = ServerConfig.model_validate({"model": {"norm": "group"}, "privacy": {"mode": "dp-sgd"}})
+    assert dp.strategy.min_update_cosine == 0.0  # the default asks for the check
+    assert screening_limits(dp).min_update_cosine == -1.0
+    assert screening_limits(ServerConfig()).min_update_cosine == 0.0
+    aggregate = OfflineAggregator(dp)
+    assert aggregate.recording.limits.min_update_cosine == -1.0
