@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build fedseg's images and run the compose federation on this machine, then tear it all down.
 #
-#   sudo deploy/test-images.sh [--json FILE] [--rounds N] [--rebuild] [--keep-work]
+#   sudo deploy/test-images.sh [--json FILE] [--rounds N] [--drills] [--rebuild] [--keep-work]
 #
 # Needs root (apt-get, dockerd). Installs docker.io (+ docker-compose, debootstrap) if missing and starts dockerd
 # if none answers (and stops the one it started, by PID, on exit). Makes the base image fedseg-base:bookworm with
@@ -12,6 +12,11 @@
 #   {"checks": [{"name": str, "ok": bool, "seconds": float, "detail": str}]}
 # Exit 0 only when every check passed. Not part of the default test run (slow: minutes on 2 cores).
 # Images are kept (a second run reuses the build cache); containers, volumes, networks and temporary files go.
+# --drills (6 rounds by default) also checks from a site container that the fleet port serves no Control API,
+# kills site-2 after round 1 (the round completes with quorum or times out, the site rejoins when started again),
+# runs site-2 from an image of the next version (0.1.0 -> 0.1.1, built for the drill) after round 3 until its gate
+# refuses the older server's app (gate.log says why), and kills the server after round 5
+# and resumes it with --resume (the history must stay continuous).
 # --rebuild first removes the test images, the base image and debootstrap's cached root file system
 # (BASE_CACHE, default /var/tmp/fedseg-base), so everything is made from scratch.
 set -uo pipefail
@@ -22,16 +27,21 @@ JSON=""
 ROUNDS=3
 KEEP_WORK=0
 REBUILD=0
+DRILLS=0
+ROUNDS_SET=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --json) JSON=${2:?--json needs a file}; shift 2 ;;
-        --rounds) ROUNDS=${2:?--rounds needs a number}; shift 2 ;;
+        --rounds) ROUNDS=${2:?--rounds needs a number}; ROUNDS_SET=1; shift 2 ;;
         --keep-work) KEEP_WORK=1; shift ;;
         --rebuild) REBUILD=1; shift ;;
+        --drills) DRILLS=1; shift ;;
         -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+if [ "$DRILLS" = 1 ] && [ "$ROUNDS_SET" = 0 ]; then ROUNDS=6; fi
+if [ "$DRILLS" = 1 ] && [ "$ROUNDS" -lt 6 ]; then echo "error: --drills needs --rounds >= 6" >&2; exit 2; fi
 if [ "$(id -u)" != 0 ]; then echo "error: run as root (apt-get, dockerd)" >&2; exit 2; fi
 case "$JSON" in ""|/*) ;; *) JSON="$PWD/$JSON" ;; esac
 
@@ -152,9 +162,9 @@ docker_up() {
     echo "docker $(docker version --format '{{.Server.Version}}' 2>/dev/null) ($how, $(docker info --format '{{.Driver}}' 2>/dev/null)); compose: $COMPOSE_NAME${need:+; installed ${need[*]}}"
 }
 # Debian's docker client matches its daemon; a newer one elsewhere on PATH would need buildx for `docker build`.
-DOCKER_BIN=docker
-docker_bin() { if [ -x /usr/bin/docker ]; then DOCKER_BIN=/usr/bin/docker; else DOCKER_BIN=$(command -v docker || echo docker); fi; }
-docker() { "$DOCKER_BIN" "$@"; }
+docker_bin() { if [ -x /usr/bin/docker ]; then DOCKER_BIN=/usr/bin/docker; else DOCKER_BIN=$(type -P docker || echo docker); fi; }
+docker_bin
+docker() { command "$DOCKER_BIN" "$@"; }
 compose_pick() {
     if command -v docker-compose >/dev/null 2>&1; then COMPOSE=docker-compose; COMPOSE_NAME="docker-compose $(docker-compose version --short 2>/dev/null)"
     else COMPOSE="docker compose"; COMPOSE_NAME="docker compose $(docker compose version --short 2>/dev/null)"; fi
@@ -299,6 +309,20 @@ help_check() {
     echo "docker run $IMAGE fed-server --help: $(echo "$out" | grep -cE '^\s*│ +[a-z]') commands listed, exit 0"
 }
 check "docker run fed-server --help" help_check
+IMAGE_NEXT="${IMAGE}-next"
+build_next() {
+    # the same sources with the version bumped (package and Flower app), as an upgrade would ship them
+    rm -rf "$WORK/context-next"; cp -a "$WORK/context" "$WORK/context-next"
+    local old new
+    old=$(sed -n 's/^version = "\(.*\)"/\1/p' "$WORK/context-next/pyproject.toml")
+    new=$(python3 -c 'import sys; v = sys.argv[1].split("."); v[-1] = str(int(v[-1]) + 1); print(".".join(v))' "$old")
+    sed -i "s/^version = \"$old\"/version = \"$new\"/" "$WORK/context-next/pyproject.toml" \
+        "$WORK/context-next/server/flwr_app/pyproject.toml"
+    nice -n 10 docker build --network host -f "$WORK/context-next/deploy/Dockerfile" --build-arg BASE="$BASE_IMAGE" \
+        "${BUILD_ARGS[@]}" -t "$IMAGE_NEXT" "$WORK/context-next" || return 1
+    echo "$IMAGE_NEXT: fedseg $(docker run --rm "$IMAGE_NEXT" python -c 'import importlib.metadata as m; print(m.version("fedseg"))') (was $old), $(image_mb "$IMAGE_NEXT")"
+}
+[ "$DRILLS" = 1 ] && check "build upgraded image (next version)" build_next
 build_prometheus() {
     nice -n 10 docker build --network host --build-arg PROMETHEUS_FROM="$BASE_IMAGE" -t "$PROM_IMAGE" \
         "$WORK/context/deploy/prometheus" || return 1
@@ -348,7 +372,7 @@ prepare() {
 # deploy/test-images.sh: a tiny federation, TLS and node authentication on
 rounds = $ROUNDS
 min_sites = 2
-round_timeout = 600
+round_timeout = $([ "$DRILLS" = 1 ] && echo 60 || echo 600)
 site_wait_timeout = 600
 output_dir = "/work/runs/fed"
 database = "/work/state/superlink.db"
@@ -401,7 +425,99 @@ up() {
     echo "compose up: $(compose ps -q | wc -l) containers (server, site-1, site-2, prometheus), network_mode host"
 }
 check "compose up" up || { report; exit 1; }
-server_container() { compose ps -q server; }
+RESUMED=""
+server_container() { if [ -n "$RESUMED" ]; then echo "$RESUMED"; else compose ps -q server; fi; }
+last_round() {  # the last round in metrics.csv of the running server (0 before the first)
+    docker exec "$(server_container)" python -c '
+import csv, os
+p = "/work/runs/fed/metrics.csv"
+rows = list(csv.DictReader(open(p))) if os.path.exists(p) else []
+print(max([int(r["round"]) for r in rows] or [0]))' 2>/dev/null || echo -1
+}
+wait_round() {  # wait_round N SECONDS: until metrics.csv has round N (rc 1 on timeout or a dead server)
+    local deadline=$(( $(date +%s) + $2 )) r
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        r=$(last_round); [ "$r" -ge "$1" ] 2>/dev/null && return 0
+        [ "$(docker inspect -f '{{.State.Running}}' "$(server_container)" 2>/dev/null)" = true ] || return 1
+        sleep 1
+    done
+    return 1
+}
+round_sites() {  # round_sites N: "n_sites failures seconds" of round N, read from the runs volume
+    docker run -i --rm --label fedseg-images-test -v "${PROJECT}_runs:/work/runs:ro" "$IMAGE" python - "$1" <<'EOF'
+import csv, sys
+row = next(r for r in csv.DictReader(open("/work/runs/fed/metrics.csv")) if r["round"] == sys.argv[1])
+print(row["n_sites"], row["failures"], row["seconds"], row["sites"])
+EOF
+}
+drill_site() {
+    wait_round 1 600 || { echo "round 1 never finished"; return 1; }
+    local site2 info
+    site2=$(compose ps -q site-2)
+    docker kill "$site2" >/dev/null || return 1
+    echo "site-2 killed after round 1"
+    local how="ended with site-2 down"
+    if ! wait_round 2 90; then  # the round may wait for min_sites connected sites instead: start site-2 again
+        how="waited for min_sites, ended after site-2 was started again"
+        docker start "$site2" >/dev/null || return 1
+        wait_round 2 300 || { echo "round 2 did not end within 390 s of the kill (round_timeout 60)"; return 1; }
+    fi
+    info=$(round_sites 2)
+    docker start "$site2" >/dev/null || return 1
+    echo "round 2: $info ($how)"
+    wait_round 3 300 || { echo "round 3 never finished after site-2 was started again"; return 1; }
+    local r3; r3=$(round_sites 3)
+    echo "round 3: $r3"
+    case "$r3" in 2\ *) ;; *) echo "site-2 did not rejoin: round 3 had $r3"; return 1 ;; esac
+    echo "docker kill site-2 after round 1: round 2 $how (n_sites failures seconds sites: $info); docker start: site-2 back in round 3 ($r3)"
+}
+drill_server() {
+    local server at out
+    server=$(compose ps -q server)
+    wait_round 5 600 || { echo "round 5 never finished"; return 1; }
+    docker kill "$server" >/dev/null || return 1
+    at=$(docker run -i --rm -v "${PROJECT}_runs:/work/runs:ro" "$IMAGE" python -c 'import csv; print(max(int(r["round"]) for r in csv.DictReader(open("/work/runs/fed/metrics.csv"))))')
+    sleep 2
+    out=$(compose run -d --no-deps server fed-server start --resume /work/runs/fed --metrics-port "$METRICS") || { echo "$out"; return 1; }
+    RESUMED=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.oneoff=True" | head -n 1)
+    [ -n "$RESUMED" ] || { echo "no resumed server container: $out"; return 1; }
+    wait_round $(( at + 1 )) 600 || { docker logs --tail 30 "$RESUMED"; echo "the resumed server did not finish round $(( at + 1 ))"; return 1; }
+    echo "docker kill server after round $at; fed-server start --resume /work/runs/fed went on: round $(( at + 1 )) done with the sites reconnected ($(round_sites $(( at + 1 ))))"
+}
+drill_upgrade() {
+    # after round 3, site-2 is recreated from the next version's image (its workdir volume kept) until its gate
+    # refuses a task of the older server's run (or round 5 ends); then it goes back to the current image
+    wait_round 3 600 || { echo "round 3 never finished"; return 1; }
+    FEDSEG_IMAGE="$IMAGE_NEXT" compose up -d --no-deps site-2 || return 1
+    echo "site-2 now runs $IMAGE_NEXT"
+    local log="" deadline=$(( $(date +%s) + 300 )) r
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        log=$(docker exec "$(compose ps -q site-2)" sh -c 'grep -h "refused: " /work/site/logs/gate.log 2>/dev/null | tail -n 1')
+        [ -n "$log" ] && break
+        r=$(last_round); [ "$r" -ge 5 ] 2>/dev/null && break
+        sleep 2
+    done
+    wait_round 5 300 || { echo "round 5 did not end with the upgraded site-2"; return 1; }
+    compose up -d --no-deps site-2 || return 1
+    [ -n "$log" ] || { echo "site-2 on $IMAGE_NEXT logged no refusal in gate.log (rounds 4-5: $(round_sites 4) / $(round_sites 5))"; return 1; }
+    echo "site-2 on the next version refused the older server's run, gate.log: ${log#*] }; rounds 4, 5 (n_sites failures seconds sites): $(round_sites 4) / $(round_sites 5); site-2 back on $IMAGE"
+}
+control_api() {
+    docker exec -i "$(compose ps -q site-1)" python - "$FLEET" <<'EOF'
+import sys, httpx
+port = sys.argv[1]
+base = f"https://127.0.0.1:{port}"
+codes = {}
+with httpx.Client(verify="/certs/ca.crt", timeout=10) as client:
+    for path in ("/flwr.proto.Control/ListRuns", "/api/v0/control/list-runs", "/v1/control/list-runs", "/health", "/docs"):
+        codes[path] = client.post(base + path, content=b"").status_code
+    fleet = client.get(base + "/v1/fleet/pull-messages").status_code
+assert all(c == 404 for c in codes.values()), codes
+assert fleet == 405, fleet
+print(f"from site-1 over TLS to the fleet port {port}: Control/Runtime/health paths 404 ({len(codes)} tried), fleet GET 405 "
+      "(the SuperLink's own Control port is on loopback: with host networking a container on the same host shares it)")
+EOF
+}
 cat >"$WORK/targets.py" <<'EOF'
 import json, sys
 targets = json.load(sys.stdin)["data"]["activeTargets"]
@@ -423,6 +539,12 @@ targets_up() {
     return 1
 }
 check "Prometheus targets up" targets_up
+if [ "$DRILLS" = 1 ]; then
+    check "drill: Control API not on the fleet port" control_api
+    check "drill: site killed, round ends, site rejoins" drill_site
+    check "drill: upgrade site-2 to the next version" drill_upgrade
+    check "drill: server killed, resumed with --resume" drill_server
+fi
 rounds_done() {
     local server rc
     server=$(server_container)
@@ -430,23 +552,27 @@ rounds_done() {
     docker logs "$server" 2>&1 | tail -n 30
     [ "$rc" = 0 ] || { echo "server exited $rc"; return 1; }
     docker run -i --rm --label fedseg-images-test -v "${PROJECT}_runs:/work/runs:ro" -v "${PROJECT}_state:/work/state:ro" \
-        "$IMAGE" python - "$ROUNDS" <<'EOF'
+        "$IMAGE" python - "$ROUNDS" "$DRILLS" <<'EOF'
 import csv, os, sys
-rounds = int(sys.argv[1])
+rounds, drills = int(sys.argv[1]), sys.argv[2] == "1"
 rows = list(csv.DictReader(open("/work/runs/fed/metrics.csv")))
 done = [r for r in rows if int(r["round"]) >= 1]
 assert [int(r["round"]) for r in done] == list(range(1, rounds + 1)), [r["round"] for r in rows]
 assert all(r.get("dice_mean") not in (None, "") for r in done), "a round without central Dice"
-assert all(int(r["n_sites"]) == 2 for r in done), [r["sites"] for r in done]
+assert all(int(r["n_sites"]) == 2 for r in done) or (drills and all(int(r["n_sites"]) >= 1 for r in done)), [r["sites"] for r in done]
 db = "/work/state/superlink.db"
 size = os.path.getsize(db) if os.path.exists(db) else 0
 assert size > 0, "no SuperLink database on the state volume"
-print(f"{len(done)}/{rounds} rounds, 2 sites each, central dice_mean " + " ".join(f"{float(r['dice_mean']):.3f}" for r in done)
+print(f"{len(done)}/{rounds} rounds, sites per round " + ",".join(r["n_sites"] for r in done) + ", central dice_mean " + " ".join(f"{float(r['dice_mean']):.3f}" for r in done)
       + f"; SuperLink database on the volume ({size // 1024} KiB)")
 EOF
 }
 check "rounds complete, central Dice in metrics.csv" rounds_done
 down() {
+    [ -n "$RESUMED" ] && docker rm -f "$RESUMED" >/dev/null 2>&1
+    for c in $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.oneoff=True"); do
+        docker rm -f "$c" >/dev/null
+    done
     compose down -v --remove-orphans || return 1
     COMPOSE_UP=0
     local left vols
