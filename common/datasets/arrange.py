@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedseg.common.console import console
 from fedseg.common.data.io import Volume, read_volume, write_volume
 from fedseg.common.data.layouts import discover_cases
-from fedseg.common.data.manifest import GLOBAL_CLASSES, SITE_MANIFEST
+from fedseg.common.data.manifest import GLOBAL_CLASSES, SITE_MANIFEST, LabelManifest
 from fedseg.common.datasets.extract import Wanted
 from fedseg.common.datasets.registry import DatasetEntry
 from fedseg.common.errors import DataError
@@ -76,17 +76,23 @@ def arrange(entry: DatasetEntry, unpacked: Path, dest: Path) -> int:
 
 def write_manifest(entry: DatasetEntry, dest: Path) -> None:
     """``dest/labels.toml``: the entry's label values and the organs it annotates."""
-    manifest = entry.manifest()
+    title = f"{entry.name} ({entry.title or entry.name}), written by fed-eval datasets fetch"
+    write_labels_toml(entry.manifest(), dest, title, "here")
+
+
+def write_labels_toml(manifest: LabelManifest, dest: Path, title: str, where: str) -> None:
+    """``dest/labels.toml`` of ``manifest``, headed by ``title`` and, for a partial annotation, which organs are
+    unlabelled ``where``."""
     body = {
         "site": manifest.site,
         "annotated": list(manifest.annotated),
         "other_labels": manifest.other_labels,
         "labels": {str(v): name for v, name in sorted(manifest.labels.items())},
     }
-    header = f"# Label manifest of {entry.name} ({entry.title or entry.name}), written by fed-eval datasets fetch.\n"
+    header = f"# Label manifest of {title}.\n"
     missing = [o for o in GLOBAL_CLASSES[1:] if o not in manifest.annotated]
     if missing:
-        header += f"# Partial annotation: {', '.join(missing)} are unlabelled (0) here, not background.\n"
+        header += f"# Partial annotation: {', '.join(missing)} are unlabelled (0) {where}, not background.\n"
     (dest / SITE_MANIFEST).write_text(header + tomli_w.dumps(body), encoding="utf-8")
 
 

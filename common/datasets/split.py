@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import tomli_w
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fedseg.common.console import console
 from fedseg.common.data.io import read_volume, write_volume
 from fedseg.common.data.layouts import CaseFiles, case_stem, discover_cases
-from fedseg.common.data.manifest import GLOBAL_CLASSES, SITE_MANIFEST, LabelManifest, load_manifest
+from fedseg.common.data.manifest import SITE_MANIFEST, LabelManifest, load_manifest
+from fedseg.common.datasets.arrange import write_labels_toml
 from fedseg.common.datasets.fetch import PROVENANCE
 from fedseg.common.datasets.links import place
 from fedseg.common.datasets.partition import SplitPlan, SplitRequest, plan_split
@@ -194,17 +194,7 @@ def _write_site_files(entry: DatasetEntry, folder: Path, cases: list[CaseFiles],
         "training": training,
     }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    body = {
-        "site": site.site,
-        "annotated": list(site.annotated),
-        "other_labels": site.other_labels,
-        "labels": {str(v): n for v, n in sorted(site.labels.items())},
-    }
-    header = f"# Label manifest of {site.site}, split from {entry.name} by fed-eval datasets split.\n"
-    unlabelled = [o for o in GLOBAL_CLASSES[1:] if o not in site.annotated]
-    if unlabelled:
-        header += f"# Partial annotation: {', '.join(unlabelled)} are unlabelled (0) at this site, not background.\n"
-    (folder / SITE_MANIFEST).write_text(header + tomli_w.dumps(body), encoding="utf-8")
+    write_labels_toml(site, folder, f"{site.site}, split from {entry.name} by fed-eval datasets split", "at this site")
 
 
 def _file_name(case_id: str, path: Path | None) -> str:
