@@ -183,6 +183,21 @@ class FlowerControl:
         """The current status of a run."""
         return parse_run_status(self._call("ls", CONNECTION, "--run-id", str(run_id), timeout=60.0))
 
+    def register_node(self, public_key: Path, name: str) -> int:
+        """Register a SuperNode's public key under ``name``; return the node id the SuperLink gave it."""
+        payload = self._call("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        return int(payload["node-id"])
+
+    def unregister_node(self, node_id: int) -> None:
+        """Remove a registered SuperNode (its key can no longer connect)."""
+        self._call("supernode", "unregister", str(node_id), CONNECTION)
+
+    def registered_nodes(self) -> set[int]:
+        """The node ids the SuperLink knows and has not unregistered (online, offline or never connected)."""
+        payload = self._call("supernode", "list", CONNECTION, timeout=60.0)
+        gone = {"unregistered", "deleted"}
+        return {int(node["node-id"]) for node in payload.get("nodes", []) if node.get("status") not in gone}
+
     def stop(self, run_id: int) -> None:
         """Ask the SuperLink to stop a run (best effort; errors are logged, not raised)."""
         try:

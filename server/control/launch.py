@@ -22,6 +22,7 @@ from fedseg.server.app import EXIT_MARKER, LOG_FILE
 from fedseg.server.config import RunSpec, ServerConfig
 from fedseg.server.control.front import check_exposure, start_gateway
 from fedseg.server.control.lock import check_port_free, hold_output_dir
+from fedseg.server.control.registration import register_sites
 from fedseg.server.control.runs import (
     PRIVATE_DIR,
     SPEC_ENV,
@@ -31,7 +32,7 @@ from fedseg.server.control.runs import (
     write_run_config,
     write_spec,
 )
-from fedseg.server.control.sites import NODE_SITES_FILE, read_sites, register_sites
+from fedseg.server.control.sites import NODE_SITES_FILE, read_sites
 from fedseg.server.control.superlink import INTERNAL_HOST, start_superlink
 from fedseg.server.run.history import RoundRow, read_history
 
@@ -110,7 +111,7 @@ def start_server(sup: Supervisor, cfg: ServerConfig, claimed: IO[str] | None = N
     control = FlowerControl(home)
     (private / NODE_SITES_FILE).unlink(missing_ok=True)  # a map from an earlier start names stale node ids
     if cfg.node_auth:
-        nodes = register_sites(control, read_sites(cfg.sites_file), private)
+        nodes = register_sites(control, read_sites(cfg.sites_file), private, cfg.database)
         log.info("node authentication on: %d site(s) allowed (%s)", len(nodes), ", ".join(sorted(nodes.values())))
     gateway = start_gateway(sup, cfg, port)
     return Server(

@@ -8,8 +8,8 @@ declaring more is rejected, and its aggregation weight is the pin (:mod:`fedseg.
 
 ``fed-server sites add NAME KEY.pub [--cases N]`` / ``list`` / ``remove NAME`` edit the file (an operator-side
 file, never reachable through the network). ``fed-server start`` with node authentication registers every key with the
-SuperLink over loopback before the run and writes ``node-sites.json`` (node id -> site name) into the run's
-private folder, so the ServerApp knows which site each node id belongs to.
+SuperLink over loopback before the run (:mod:`fedseg.server.control.registration`) and writes ``node-sites.json``
+(node id -> site name) into the run's private folder, so the ServerApp knows which site each node id belongs to.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from fedseg.common.errors import ConfigError, FedsegError
-from fedseg.common.runtime.flwrctl import CONNECTION, FlowerControl
+from fedseg.common.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: node id -> site name, written by ``fed-server start`` into ``<output_dir>/.fedseg``.
@@ -149,23 +148,3 @@ def read_node_sites(private: Path) -> dict[int, str]:
         return {int(node): str(name) for node, name in raw.items()}
     except (ValueError, AttributeError) as err:
         raise ConfigError(f"{path} is not a node id -> site name map ({err})") from None
-
-
-def register_sites(control: FlowerControl, sites: list[Site], private: Path) -> dict[int, str]:
-    """Register every site's key with the SuperLink (loopback Control API); write and return node id -> name.
-
-    Raises:
-        FedsegError: the SuperLink refused a key.
-    """
-    if not sites:
-        raise FedsegError("node authentication is on but no site is allowed; add one with `fed-server sites add`")
-    nodes: dict[int, str] = {}
-    keys = private / "site-keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    for site in sites:
-        key_file = keys / f"{site.name}.pub"
-        key_file.write_text(site.key + "\n", encoding="utf-8")
-        payload = control._call("supernode", "register", str(key_file), CONNECTION, "--name", site.name)
-        nodes[int(payload["node-id"])] = site.name
-    (private / NODE_SITES_FILE).write_text(json.dumps({str(k): v for k, v in nodes.items()}, indent=2) + "\n")
-    return nodes
