@@ -12,11 +12,11 @@
 #   {"checks": [{"name": str, "ok": bool, "seconds": float, "detail": str}]}
 # Exit 0 only when every check passed. Not part of the default test run (slow: minutes on 2 cores).
 # Images are kept (a second run reuses the build cache); containers, volumes, networks and temporary files go.
-# --drills (6 rounds by default) also checks from a site container that the fleet port serves no Control API,
+# --drills (8 rounds by default) also checks from a site container that the fleet port serves no Control API,
 # kills site-2 after round 1 (the round completes with quorum or times out, the site rejoins when started again),
 # runs site-2 from an image of the next version (0.1.0 -> 0.1.1, built for the drill) after round 3 until its gate
-# refuses the older server's app (gate.log says why), and kills the server after round 5
-# and resumes it with --resume (the history must stay continuous).
+# refuses the older server's app (gate.log says why), and kills the server as soon as round 5 is recorded
+# and resumes it with --resume on the same SuperLink database (the history must stay continuous).
 # --rebuild first removes the test images, the base image and debootstrap's cached root file system
 # (BASE_CACHE, default /var/tmp/fedseg-base), so everything is made from scratch.
 set -uo pipefail
@@ -40,8 +40,9 @@ while [ $# -gt 0 ]; do
         *) echo "error: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-if [ "$DRILLS" = 1 ] && [ "$ROUNDS_SET" = 0 ]; then ROUNDS=6; fi
-if [ "$DRILLS" = 1 ] && [ "$ROUNDS" -lt 6 ]; then echo "error: --drills needs --rounds >= 6" >&2; exit 2; fi
+if [ "$DRILLS" = 1 ] && [ "$ROUNDS_SET" = 0 ]; then ROUNDS=8; fi
+# the server drill kills after round 5 and needs rounds left to resume into, on a slow machine too
+if [ "$DRILLS" = 1 ] && [ "$ROUNDS" -lt 8 ]; then echo "error: --drills needs --rounds >= 8" >&2; exit 2; fi
 if [ "$(id -u)" != 0 ]; then echo "error: run as root (apt-get, dockerd)" >&2; exit 2; fi
 case "$JSON" in ""|/*) ;; *) JSON="$PWD/$JSON" ;; esac
 
@@ -476,8 +477,9 @@ drill_server() {
     server=$(compose ps -q server)
     wait_round 5 600 || { echo "round 5 never finished"; return 1; }
     docker kill "$server" >/dev/null || return 1
+    "$DOCKER_BIN" wait "$server" >/dev/null 2>&1  # gone before the resumed one binds its ports
     at=$(docker run -i --rm -v "${PROJECT}_runs:/work/runs:ro" "$IMAGE" python -c 'import csv; print(max(int(r["round"]) for r in csv.DictReader(open("/work/runs/fed/metrics.csv"))))')
-    sleep 2
+    [ "$at" -lt "$ROUNDS" ] || { echo "the run had finished all $ROUNDS rounds before the kill: nothing to resume"; return 1; }
     out=$(compose run -d --no-deps server fed-server start --resume /work/runs/fed --metrics-port "$METRICS") || { echo "$out"; return 1; }
     RESUMED=$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.oneoff=True" | head -n 1)
     [ -n "$RESUMED" ] || { echo "no resumed server container: $out"; return 1; }
