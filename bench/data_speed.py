@@ -1,9 +1,11 @@
-"""Data pipeline speed: phantom generation, preprocessing cold vs cached, patch sampling with/without augmentation.
+"""Question: how fast is the data pipeline (phantom generation, preprocessing cold vs cached, patch sampling with
+and without augmentation), and how often does a patch contain pancreas with and without foreground oversampling?
 
-Also reports how often a patch contains pancreas with and without foreground oversampling.
+It reports how often a patch contains pancreas with and without foreground oversampling.
 
     python bench/data_speed.py                       # 64³ phantoms, 32³ patches
     python bench/data_speed.py --size 96,128,128 --patch 48,64,64 --threads 2
+    python bench/data_speed.py --quick --markdown --write   # 2 sites x 2 phantoms 48^3, 20 batches
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import Table, add_options, emit
 
 from fedseg.common.data.manifest import load_manifest
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
@@ -50,14 +53,18 @@ def sample(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=triple, default=(64, 64, 64), help="phantom size D,H,W")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=triple, help="phantom size D,H,W (default 64,64,64, --quick 48,48,48)")
     parser.add_argument("--sites", type=int, default=2)
-    parser.add_argument("--cases", type=int, default=4, help="cases per site")
+    parser.add_argument("--cases", type=int, help="cases per site (default 4, --quick 2)")
     parser.add_argument("--patch", type=triple, default=(32, 32, 32))
-    parser.add_argument("--batches", type=int, default=50, help="batches of 2 per sampling measurement")
+    parser.add_argument("--batches", type=int, help="batches of 2 per sampling measurement (default 50, --quick 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (MONAI resampling)")
+    add_options(parser, quick="2 sites x 2 phantoms 48^3, 20 batches per sampling measurement", seeds=None)
     args = parser.parse_args()
+    for name, full, quick in (("size", (64, 64, 64), (48, 48, 48)), ("cases", 4, 2), ("batches", 50, 20)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     n_cases = args.sites * args.cases
@@ -78,13 +85,12 @@ def main() -> None:
                 name = f"fg {fg:.2f}, augment {'on ' if augment else 'off'}"
                 rows.append((f"{name}: patches/s", f"{speed:.1f}"))
                 rows.append((f"{name}: patches with pancreas", f"{fraction:.2f}"))
-    print(f"data pipeline: {args.sites} sites x {args.cases} phantoms {args.size}, patch {args.patch}, "
-          f"{args.threads} torch thread(s)")  # fmt: skip
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'measure':<{width}} | value |")
-    print(f"|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    title = (
+        f"data pipeline: {args.sites} sites x {args.cases} phantoms {'x'.join(map(str, args.size))}, "
+        f"patch {'x'.join(map(str, args.patch))}, {args.threads} torch thread(s)"
+    )
+    table = Table(title, ["measure", "value"], [list(row) for row in rows], align="lr")
+    emit(args, "data_speed", [table], [{"measure": name, "value": value} for name, value in rows])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ The options: ``--quick`` (the bench's small configuration), ``--seeds 0,1,2``, `
 raw runs), ``--markdown`` (the tables as markdown instead of aligned text) and ``--write`` (also write the markdown,
 with the date, machine and exact command, to ``bench/results/NAME.md``, the file the Benchmarks page includes).
 
-The tables are the bench's product and go to stdout through :func:`out`; progress belongs on stderr (logging).
+The tables are the bench's product and go to stdout through :func:`out`; progress goes to stderr (:func:`progress`).
 The load average is read when this module is imported (a bench's start) and again when :func:`provenance` runs.
 """
 
@@ -154,6 +154,11 @@ def out(text: str) -> None:
     """Write a bench's product (its tables) to stdout: the one place benches print."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def progress(text: str) -> None:
+    """Write a progress line to stderr (kept apart from the tables on stdout)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _cpu_model() -> str:

@@ -1,10 +1,12 @@
-"""Import time of the modules every process loads (a ClientApp process pays this once per message).
+"""Question: how long does importing the modules every process loads take, and which packages cost the most?
 
-Runs ``python -X importtime -c "import MODULE"`` in fresh interpreters, alternating the modules so that load on the
-machine affects them alike, and prints the median total and the biggest third-party contributors.
+A ClientApp process pays this once per message. Runs ``python -X importtime -c "import MODULE"`` in fresh
+interpreters, alternating the modules so that load on the machine affects them alike, and prints the median total
+and the biggest third-party contributors.
 
     python bench/import_time.py                      # fedseg.client.app, fedseg.server.app, fedseg.common.fl.protocol
     python bench/import_time.py --repeat 7 fedseg.client.app
+    python bench/import_time.py --quick --markdown --write   # 3 interpreters per module
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import statistics
 import subprocess
 import sys
+
+from harness import Table, add_options, emit
 
 DEFAULT_MODULES = ("fedseg.client.app", "fedseg.server.app", "fedseg.common.fl.protocol")
 WATCHED = ("torch", "monai", "matplotlib.pyplot", "flwr", "typer", "scipy", "SimpleITK")
@@ -36,21 +40,26 @@ def import_times(module: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", default=list(DEFAULT_MODULES))
-    parser.add_argument("--repeat", type=int, default=5, help="fresh interpreters per module (median reported)")
+    parser.add_argument("--repeat", type=int, help="fresh interpreters per module, median reported (default 5)")
+    add_options(parser, quick="3 fresh interpreters per module", seeds=None)
     args = parser.parse_args()
+    repeat = args.repeat or (3 if args.quick else 5)
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in args.modules}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for module in args.modules:
             runs[module].append(import_times(module))
-    header = ["module", "total s", *(f"{w} s" for w in WATCHED)]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    rows: list[list[str | None]] = []
     for module, samples in runs.items():
-        cells = [module, f"{statistics.median(s.get(module, 0.0) for s in samples):.2f}"]
+        cells: list[str | None] = [module, f"{statistics.median(s.get(module, 0.0) for s in samples):.2f}"]
         for watched in WATCHED:
             values = [s[watched] for s in samples if watched in s]
             cells.append(f"{statistics.median(values):.2f}" if len(values) == len(samples) else "-")
-        print("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    title = f"Import seconds, medians of {repeat} fresh interpreters per module (cumulative, `-X importtime`)"
+    table = Table(
+        title, ["module", "total s", *(f"{w} s" for w in WATCHED)], rows, align="l" + "r" * (1 + len(WATCHED))
+    )
+    emit(args, "import_time", [table], [{"module": m, "samples": s} for m, s in runs.items()])
 
 
 if __name__ == "__main__":

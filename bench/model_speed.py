@@ -1,4 +1,5 @@
-"""Speed and peak memory: the paper's official networks vs fedseg's (fp32, channels_last_3d, bf16 auto) vs MONAI.
+"""Question: are fedseg's networks as fast and as lean as the paper's official ones and MONAI's, per forward pass
+and per training step (fp32, channels_last_3d, bf16 auto)?
 
 Rows (all at the same input, seeded identically):
   * ``official AttUNet`` / ``official UNet``: the paper's own classes (``unet_CT_multi_att_dsv_3D``,
@@ -29,6 +30,7 @@ Usage:
     python bench/model_speed.py                         # CPU, 1x1x64x64x64, 5 repeats
     python bench/model_speed.py --input 96,96,64 --repeats 9 --threads 2
     python bench/model_speed.py --device cuda --input 160,160,96 --batch-size 2 --official /path/to/checkout
+    python bench/model_speed.py --quick --markdown --write   # 32^3, feature scale 8, 2 repeats, 1 memory round
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import Table, add_options, emit
 from monai.networks.nets.attentionunet import AttentionUnet
 from torch import Tensor, nn
 
@@ -147,7 +150,7 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
             Variant("official UNet", lambda: unet(**common)),
         ]
     else:
-        print("note: no --official checkout given; the official rows are skipped")
+        print("note: no --official checkout given; the official rows are skipped", file=sys.stderr)
     channels = tuple(c // fs for c in (64, 128, 256, 512, 1024))
     rows += [
         Variant("AttentionUNet3D", lambda: AttentionUNet3D(1, n, fs)),
@@ -266,39 +269,50 @@ def run_benchmark(args: argparse.Namespace) -> list[Runner]:
     return runners
 
 
-def print_table(runners: list[Runner]) -> None:
-    """Print a Markdown table of medians, with wall-time ratios against the first row."""
+def table(runners: list[Runner], title: str) -> Table:
+    """Medians, with wall-time ratios against the first row."""
     base = runners[0]
-    header = (
-        "| model | params | fwd s | fwd cpu s | fwd ×first | fwd peak MiB "
-        "| train s | train cpu s | train ×first | train peak MiB |"
-    )
-    print(header)
-    print("|---|" + "---:|" * 9)
-    for r in runners:
-        print(
-            f"| {r.name} | {count_parameters(r.model):,} "
-            f"| {r.median('fwd_s'):.3f} | {r.median('fwd_cpu'):.3f} | {r.median('fwd_s') / base.median('fwd_s'):.2f} "
-            f"| {r.median('fwd_mem') / 2**20:.0f} "
-            f"| {r.median('train_s'):.3f} | {r.median('train_cpu'):.3f} "
-            f"| {r.median('train_s') / base.median('train_s'):.2f} | {r.median('train_mem') / 2**20:.0f} |"
-        )
+    columns = ["model", "params", "fwd s", "fwd cpu s", "fwd ×first", "fwd peak MiB"]
+    columns += ["train s", "train cpu s", "train ×first", "train peak MiB"]
+    rows = [
+        [
+            r.name,
+            f"{count_parameters(r.model):,}",
+            f"{r.median('fwd_s'):.3f}",
+            f"{r.median('fwd_cpu'):.3f}",
+            f"{r.median('fwd_s') / base.median('fwd_s'):.2f}",
+            f"{r.median('fwd_mem') / 2**20:.0f}",
+            f"{r.median('train_s'):.3f}",
+            f"{r.median('train_cpu'):.3f}",
+            f"{r.median('train_s') / base.median('train_s'):.2f}",
+            f"{r.median('train_mem') / 2**20:.0f}",
+        ]
+        for r in runners
+    ]
+    return Table(title, columns, rows, align="l" + "r" * 9)
 
 
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--input", default="64,64,64", help="spatial size D,H,W (multiples of 16)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="spatial size D,H,W, multiples of 16 (default 64,64,64, --quick 32,32,32)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--feature-scale", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (median reported)")
+    parser.add_argument("--feature-scale", type=int, help="network width divisor (default 4, --quick 8)")
+    parser.add_argument("--repeats", type=int, help="timed interleaved rounds, median reported (default 5, --quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--memory-repeats", type=int, default=3, help="extra untimed rounds for peak memory (median)")
+    parser.add_argument(
+        "--memory-repeats", type=int, help="extra untimed rounds for peak memory, median (default 3, --quick 1)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--official", type=Path, help="checkout of ozan-oktay/Attention-Gated-Networks (official rows)")
+    add_options(parser, quick="input 32^3, feature scale 8, 2 timed rounds, 1 memory round", seeds=None)
     args = parser.parse_args()
+    defaults = {"input": ("64,64,64", "32,32,32"), "feature_scale": (4, 8), "repeats": (5, 2), "memory_repeats": (3, 1)}
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     try:
         check_spatial_size(tuple(int(v) for v in args.input.split(",")))
     except ValueError as err:
@@ -311,13 +325,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(
+    title = (
         f"input {args.batch_size}x1x{args.input.replace(',', 'x')}, {args.classes} classes, feature scale "
         f"{args.feature_scale}, device {device_name}, threads {torch.get_num_threads()}, "
         f"{args.warmup} warm-up + {args.repeats} interleaved timed rounds + {args.memory_repeats} memory rounds "
         f"(medians), torch {torch.__version__}"
     )
-    print_table(run_benchmark(args))
+    runners = run_benchmark(args)
+    runs = [{"model": r.name, "parameters": count_parameters(r.model), "samples": r.samples} for r in runners]
+    emit(args, "model_speed", [table(runners, title)], runs)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Does federating pay off? Federated vs pooled (centralised) vs every site alone, at equal compute, over seeds.
+"""Question: does federating pay off? Federated vs pooled (centralised) vs every site alone, equal compute, seeds.
 
 Phantom sites scan differently (slice spacing, field of view, HU calibration, noise, blur, orientation: see
 :func:`fedseg.common.synthetic.phantoms.site_acquisition`) and each has a few cases. Three settings see the
@@ -14,7 +14,7 @@ Scored by Dice per organ on ``--val-cases`` phantoms from a neutral scanner that
 other patients, other scanners and another initialisation. Goal: federated mean ≥ 0.98 × centralised and
 ≥ best site alone + 0.02, at every seed.
 
-    python bench/payoff.py --quick                       # smoke run, a few minutes
+    python bench/payoff.py --quick --seeds 0             # smoke run, a few minutes
     python bench/payoff.py --json payoff.json            # the benchmark (defaults below)
     python bench/payoff.py --local-steps 10 --schedule poly --keep-optimizer    # one recipe change at a time
     python bench/payoff.py --settings federated --bn local                      # FedBN, federated row only
@@ -23,11 +23,9 @@ other patients, other scanners and another initialisation. Goal: federated mean 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from fedsim import (
@@ -41,6 +39,7 @@ from fedsim import (
     organ_dice,
     train_single,
 )
+from harness import Table, add_options, emit, progress
 
 from fedseg.common.data.preprocess import PreparedCase, PreprocessConfig
 from fedseg.common.data.sitecache import site_normalised
@@ -53,13 +52,11 @@ Scores = dict[str, float]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 32^3, 2 sites, 60 steps, 4 val cases")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--cases", type=int, default=3, help="training cases per site")
     parser.add_argument("--val-cases", type=int, default=12, help="neutral-scanner validation phantoms")
     parser.add_argument("--size", type=int, default=48, help="phantom side at 2 mm (also the patch side)")
     parser.add_argument("--steps", type=int, default=400, help="training steps per site (federated)")
-    parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--arch", choices=("attention-unet", "unet"), default="attention-unet")
     parser.add_argument("--feature-scale", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -77,7 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curve-points", type=int, default=5, help="centralised validation points")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     add_cpu_bf16_option(parser)
-    parser.add_argument("--json", type=Path, help='write {"federated": {organ: dice}, ...} (means over seeds)')
+    add_options(parser, quick="32^3, 2 sites x 2 cases, 60 steps, 4 validation cases", seeds="0,1")
     args = parser.parse_args()
     if args.quick:
         args.size, args.sites, args.cases, args.val_cases, args.steps, args.local_steps = 32, 2, 2, 4, 60, 20
@@ -95,8 +92,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
     }
     val = site_normalised([make_case(args.size, 0, c, seed, preprocess=pre) for c in range(args.val_cases)], pre)
     patch = (args.size,) * 3
-    print(f"seed {seed}: {args.sites} sites x {args.cases} cases, {args.val_cases} validation cases "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    progress(f"seed {seed}: {args.sites} sites x {args.cases} cases, {args.val_cases} validation cases "
+             f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     train_cfg = TrainConfig(
         patch_size=patch, batch_size=2, lr=args.lr, ce_weight=args.ce_weight, foreground_prob=0.67, augment=False,
         seed=seed, lr_schedule=args.baseline_schedule or args.schedule, cpu_bf16=bf16_setting(args.cpu_bf16),
@@ -106,7 +103,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
     out: dict[str, Scores] = {}
 
     def evaluate(model: torch.nn.Module) -> Scores:
-        return organ_dice(model, val, patch, train_cfg.cpu_bf16)
+        return dict(organ_dice(model, val, patch, train_cfg.cpu_bf16))
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(seed)  # the same initial weights for every setting of this seed
@@ -131,13 +128,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Scores]:
 
 def _report(setting: str, detail: str, dice: Scores, seconds: float) -> Scores:
     scores = " ".join(f"{o}={d:.3f}" for o, d in dice.items())
-    print(f"  {setting:14s} {scores} mean={_mean(dice):.3f}  [{detail}, {seconds:.0f} s]", flush=True)
+    progress(f"  {setting:14s} {scores} mean={_mean(dice):.3f}  [{detail}, {seconds:.0f} s]")
     return dice
 
 
 def _print_curve(curve: Curve) -> None:
     points = ", ".join(f"{steps}: {_mean(dice):.3f}" for steps, dice in curve)
-    print(f"  centralised curve (steps: mean Dice) {points}", flush=True)
+    progress(f"  centralised curve (steps: mean Dice) {points}")
 
 
 def _mean(dice: Mapping[str, float]) -> float:
@@ -150,29 +147,33 @@ def _cell(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def print_table(args: argparse.Namespace, runs: Sequence[dict[str, Scores]]) -> None:
-    """Mean ± sd over seeds per organ and setting, then the verdict per seed."""
+def table(args: argparse.Namespace, runs: Sequence[dict[str, Scores]]) -> Table:
+    """Mean ± sd over seeds per organ and setting; the verdict per seed as notes."""
     patches = args.sites * args.steps * 2
-    print(f"\n| setting ({patches} training patches each, {len(runs)} seeds) | "
-          + " | ".join(ORGAN_NAMES) + " | mean |")  # fmt: skip
-    print("|---|" + "---:|" * (len(ORGAN_NAMES) + 1))
-    for key in runs[0]:
-        cells = [_cell([r[key][o] for r in runs]) for o in ORGAN_NAMES]
-        print(f"| {key} | " + " | ".join(cells) + f" | {_cell([_mean(r[key]) for r in runs])} |")
-    for seed, run in zip(args.seeds.split(","), runs, strict=True):
+    rows = [
+        [key, *(_cell([r[key][o] for r in runs]) for o in ORGAN_NAMES), _cell([_mean(r[key]) for r in runs])]
+        for key in runs[0]
+    ]
+    notes = []
+    for seed, run in zip(args.seeds, runs, strict=True):
         if {"federated", "centralised"} <= set(run):
             ratio = _mean(run["federated"]) / max(_mean(run["centralised"]), 1e-9)
-            print(f"seed {seed}: federated / centralised = {ratio:.3f} (goal >= 0.98)")
+            notes.append(f"seed {seed}: federated / centralised = {ratio:.3f} (goal >= 0.98)")
         alone = [_mean(v) for k, v in run.items() if k.startswith("alone:")]
         if "federated" in run and alone:
-            print(f"seed {seed}: federated - best alone = {_mean(run['federated']) - max(alone):+.3f} (goal >= +0.02)")
+            notes.append(
+                f"seed {seed}: federated - best alone = {_mean(run['federated']) - max(alone):+.3f} (goal >= +0.02)"
+            )
+    columns = [f"setting ({patches} training patches each, {len(runs)} seeds)", *ORGAN_NAMES, "mean"]
+    title = f"{args.sites} phantom sites x {args.cases} cases, {args.size}^3, {args.val_cases} validation cases"
+    return Table(title, columns, rows, notes, align="l" + "r" * (len(ORGAN_NAMES) + 1))
 
 
 def to_json(runs: Sequence[dict[str, Scores]]) -> dict[str, object]:
     """``{"federated": {organ: dice}, "centralised": {...}, "alone": {"site-1": {...}}}``, means over seeds."""
     out: dict[str, dict[str, object]] = {}
     for key in runs[0]:
-        mean = {o: statistics.fmean(r[key][o] for r in runs) for o in ORGAN_NAMES}
+        mean: dict[str, object] = {o: statistics.fmean(r[key][o] for r in runs) for o in ORGAN_NAMES}
         if key.startswith("alone:"):
             out.setdefault("alone", {})[key.split(":", 1)[1]] = mean
         else:
@@ -184,11 +185,14 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)  # 1 on a shared 2-core box: 2 oversubscribed threads crawl
     start = time.perf_counter()
-    runs = [run_seed(args, int(seed)) for seed in args.seeds.split(",")]
-    print_table(args, runs)
-    print(f"total {time.perf_counter() - start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(to_json(runs), indent=2) + "\n")
+    runs = [run_seed(args, seed) for seed in args.seeds]
+    progress(f"total {time.perf_counter() - start:.0f} s")
+    emit(
+        args,
+        "payoff",
+        [table(args, runs)],
+        [{"seed": s, "dice": to_json([r])} for s, r in zip(args.seeds, runs, strict=True)],
+    )
 
 
 if __name__ == "__main__":

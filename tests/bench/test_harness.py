@@ -149,3 +149,8 @@ def test_emit_without_options_prints_text_and_writes_nothing(
     harness.emit(parse(), "x", [TABLE, TABLE], results=tmp_path / "results")
     assert capsys.readouterr().out == TABLE.text() + "\n" + TABLE.text()
     assert not (tmp_path / "results").exists()
+
+
+def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    harness.progress("round 1/3")
+    assert capsys.readouterr() == ("", "round 1/3\n")
