@@ -2,7 +2,8 @@
 
 The site's model is the last global weights it received with its own BatchNorm tensors (γ, β and running
 statistics of every BatchNorm layer) in place of the global ones: the model the site itself trains from and
-scores cross-site with. ``fed-eval predict --model site.pt`` opens it like any checkpoint.
+scores cross-site with. ``fed-eval predict --model site.pt`` opens it like any checkpoint. Its model card goes
+beside it as ``site.MODEL_CARD.md`` (:func:`card_path`): what a site knows of the federation is its own task.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fedseg.common.cli.shell import guarded, result_table, stdout_console
 from fedseg.common.engine.checkpoint import CheckpointMeta, config_hash, save_checkpoint
 from fedseg.common.engine.validation import class_names_for
 from fedseg.common.errors import ConfigError, IncompatibleModelError
+from fedseg.common.export.modelcard import CardFacts, Federation, parameter_count, write_card
 from fedseg.common.nn.model import build_model
 
 
@@ -65,6 +67,35 @@ def site_model(state: SiteState) -> SiteModel:
     return SiteModel(model.eval(), meta, len(state.local_bn), len(merged), change)
 
 
+def card_path(out: Path) -> Path:
+    """Where the card of the site model ``out`` goes: ``site.pt`` -> ``site.MODEL_CARD.md``, beside it."""
+    return out.with_name(f"{out.stem}.MODEL_CARD.md")
+
+
+def site_card(built: SiteModel, state: SiteState, source: str) -> CardFacts:
+    """The card facts of a site model: the round's task is all the site knows of the federation."""
+    meta, task = built.meta, state.task
+    return CardFacts(
+        source=source,
+        arch=meta.model.arch,
+        feature_scale=meta.model.feature_scale,
+        norm=meta.model.norm,
+        parameters=parameter_count(built.model),
+        class_names=meta.class_names,
+        preprocess=meta.preprocess,
+        patch_size=meta.patch_size,
+        fedseg_version=meta.fedseg_version,
+        config_hash=meta.config_hash,
+        round=state.round,
+        federation=Federation(bn=task.bn, dp_mode=task.privacy.mode, delta=task.privacy.delta),
+        notes=(
+            "A site model (fed-client export-model): the global weights of the round with this site's own "
+            f"BatchNorm ({built.local_tensors} tensors); it fits this site's scans, not necessarily others'.",
+            "A site does not see the federation's other sites, its strategy or the central validation: unknown.",
+        ),
+    )
+
+
 @guarded
 def export_model_command(
     workdir: Annotated[
@@ -77,12 +108,16 @@ def export_model_command(
 
     Needs a federation with bn = "local": after every round the site keeps its BatchNorm in WORKDIR/fedbn-state.pt.
     The result is a checkpoint for fed-eval predict and fed-eval export; it never leaves the site unless you send it.
+    Its model card is written beside it (site.pt: site.MODEL_CARD.md).
     """
-    if out.exists():
-        raise ConfigError(f"--out {out} already exists; pass a new file name")
+    card = card_path(out)
+    for path in (out, card):
+        if path.exists():
+            raise ConfigError(f"--out {out}: {path} already exists; pass a new file name")
     state = read_from_disk(workdir)
     built = site_model(state)
     save_checkpoint(out, built.model, built.meta)
+    write_card(card.parent, site_card(built, state, out.name), card.name)
     console = stdout_console()
     table = result_table(console, f"Site model {escape(str(out))}")
     table.add_column("", justify="left")
@@ -92,4 +127,5 @@ def export_model_command(
     table.add_row("tensors", f"{built.total_tensors}")
     table.add_row("the site's own (BatchNorm)", f"{built.local_tensors}")
     table.add_row("largest |own - global|", f"{built.largest_change:.4g}")
+    table.add_row("model card", escape(str(card)))
     console.print(table)

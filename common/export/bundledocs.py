@@ -35,6 +35,9 @@ def readme(meta: CheckpointMeta, source: str, measured: Sequence[str] = ()) -> s
         "",
         "**Research use only; not a medical device.**",
         "",
+        "[MODEL_CARD.md](../MODEL_CARD.md) (at the bundle's root) says what trained the model, how well it "
+        "scored and what it is not for.",
+        "",
         "## Run",
         "",
         "```bash",

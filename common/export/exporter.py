@@ -6,6 +6,8 @@ Formats and what the folder holds:
 * ``onnx``: ``model.onnx`` (opset 18, dynamic batch and spatial axes, ``onnx.checker`` clean) and ``model.json``;
 * ``bundle``: a MONAI bundle (:mod:`.bundle`).
 
+Every format also gets ``MODEL_CARD.md`` (:mod:`.modelcard`); a bundle's ``docs/README.md`` links it.
+
 With ``check`` the exported model, loaded back from the folder, and the PyTorch network both predict that CT
 whole (:mod:`.parity`); a bundle is also run by MONAI alone and compared with fedseg's label map
 (:mod:`.bundlecheck`).
@@ -36,6 +38,7 @@ from fedseg.common.export import contract, onnxmodel, torchscript
 from fedseg.common.export.bundle import MODEL_FILE, write_bundle, write_readme
 from fedseg.common.export.bundlecheck import BundleAgreement, compare
 from fedseg.common.export.deps import BUNDLE_RUN_PACKAGES, ONNX_PACKAGES, require
+from fedseg.common.export.modelcard import checkpoint_facts, write_card
 from fedseg.common.export.parity import Parity, measure
 from fedseg.common.export.staging import check_new, staged
 
@@ -108,6 +111,7 @@ def export(model_path: Path, fmt: str, out: Path, check: Path | None = None) -> 
         start = time.perf_counter()
         step(f"writing {chosen}")
         runtime, name = WRITERS[chosen](model, meta, model_path, folder)
+        write_card(folder, checkpoint_facts(model, meta, model_path))
         measured = bundle = None
         if prepared is not None:
             step(f"parity: PyTorch and {name} over the whole CT")

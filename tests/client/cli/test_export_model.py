@@ -77,6 +77,17 @@ def test_the_site_model_has_the_sites_batchnorm_and_the_last_global_weights(
         np.testing.assert_array_equal(weights[key].numpy(), last_global[key].numpy().astype(weights[key].numpy().dtype))
     assert (meta.round, meta.model, meta.patch_size) == (2, TINY, LOCAL.train.patch_size)
     assert "round" in result.stdout and "the site's own (BatchNorm)" in result.stdout
+    card = (tmp_path / "site.MODEL_CARD.md").read_text().splitlines()  # the model card, beside the model
+    for line in (
+        f"- Parameters: {sum(p.numel() for p in model.parameters()):,}",
+        "- Trained: federated, 2 rounds (the weights after global round 2)",
+        "- Sites: unknown",
+        "- BatchNorm: local",
+        "- Differential privacy: off",
+        "Central validation: not recorded.",
+        "- Research use; not a medical device.",
+    ):
+        assert line in card, line
 
 
 def test_fed_eval_predict_opens_the_site_model(
@@ -114,10 +125,12 @@ def test_bad_workdirs_and_outputs_are_one_line_errors(
         (["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a.pt")], "is not a folder"),
         (["--workdir", str(workdir), "--out", str(exists)], "already exists; pass a new file name"),
     ]
+    (tmp_path / "c.MODEL_CARD.md").write_text("mine")
+    cases.append((["--workdir", str(workdir), "--out", str(tmp_path / "c.pt")], "c.MODEL_CARD.md already exists"))
     for args, expected in cases:
         result = runner.invoke(client_cli, ["export-model", *args])
         assert result.exit_code == 1 and expected in _one_line(result.output)
-    assert exists.read_text() == "mine"
+    assert exists.read_text() == "mine" and not (tmp_path / "c.pt").exists()
     (workdir / STATE_FILE).write_bytes(b"torn")
     result = runner.invoke(client_cli, ["export-model", "--workdir", str(workdir), "--out", str(tmp_path / "b.pt")])
     assert result.exit_code == 1 and "fedbn-state.pt is not readable" in _one_line(result.output)

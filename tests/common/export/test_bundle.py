@@ -54,7 +54,13 @@ def test_the_export_runs_the_bundle_and_reports_its_agreement(export_run: tuple[
 
 def test_the_bundle_holds_the_specifications_files(export_run: tuple[Path, str]) -> None:
     out, _ = export_run
-    for name in ("configs/metadata.json", "configs/inference.json", "models/model.ts", "docs/README.md"):
+    for name in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "models/model.ts",
+        "docs/README.md",
+        "MODEL_CARD.md",
+    ):
         assert (out / name).is_file(), name
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     for key in ("version", "monai_version", "pytorch_version", "numpy_version", "task", "description", "authors"):
@@ -67,6 +73,7 @@ def test_the_bundle_holds_the_specifications_files(export_run: tuple[Path, str])
     assert "not a medical device" in meta["intended_use"]
     readme = (out / "docs" / "README.md").read_text()
     assert "Research use only" in readme and "python -m monai.bundle run" in readme
+    assert "[MODEL_CARD.md](../MODEL_CARD.md)" in readme and (out / "docs" / "../MODEL_CARD.md").is_file()
     assert re.search(r"Dice with fed-eval predict \(fp32\), liver: (1\.0000|0\.99\d\d)\.", readme)
     # the network inside carries the metadata, as MONAI's save_net_with_metadata stores it
     extra = {"metadata.json": ""}

@@ -37,7 +37,8 @@ def test_the_graph_is_checker_clean_opset_18_with_named_dynamic_axes(exported: P
     assert (image.name, dims) == ("image", ["batch", 1, "16*d", "16*h", "16*w"])
     out_dims = [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim]
     assert (logits.name, out_dims) == ("logits", ["batch", 5, "16*d", "16*h", "16*w"])
-    assert sorted(p.name for p in exported.iterdir()) == ["model.json", "model.onnx"]  # no external data file
+    # no external data file
+    assert sorted(p.name for p in exported.iterdir()) == ["MODEL_CARD.md", "model.json", "model.onnx"]
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 16, 16, 16), (3, 1, 48, 32, 80)])

@@ -77,7 +77,7 @@ def test_the_export_prints_and_records_its_parity_on_the_real_ct(exported: Path)
     assert parity["prepared_shape"] == [15, 50, 61]
     assert parity["softmax_max_abs_diff"] <= 1e-4
     assert parity["argmax_agreement"] >= 0.9999
-    assert sorted(p.name for p in exported.iterdir()) == ["model.json", "model.ts"]
+    assert sorted(p.name for p in exported.iterdir()) == ["MODEL_CARD.md", "model.json", "model.ts"]
 
 
 def test_the_cli_table_shows_the_parity(exported_with_output: tuple[Path, str]) -> None:
