@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, POLL_ENV
+from fedseg.client.proxy import proxy_env
 from fedseg.client.site import NODE_CONFIG_FILE, SiteConfig, resolve_labels, write_node_config
 from fedseg.client.telemetry import EVENTS_FILE
 from fedseg.common.data.layouts import CaseFiles
@@ -129,6 +130,7 @@ class JoinOptions:
         trusted_apps: FAB hashes whose runs may execute here (the installed fedseg app plus ``--trust-app``).
         warm: fork each ClientApp from a process that imported it once (False: a fresh process per message).
         poll_seconds: longest idle sleep of the SuperNode between pulls (:mod:`fedseg.client.pollnode`; Flower: 3).
+        proxy: forward proxy (``http://HOST:PORT``) for the fleet API, as ``HTTPS_PROXY`` (:mod:`fedseg.client.proxy`).
     """
 
     server: str
@@ -139,6 +141,7 @@ class JoinOptions:
     trusted_apps: frozenset[str] = frozenset()
     warm: bool = True
     poll_seconds: float = DEFAULT_POLL_SECONDS
+    proxy: str | None = None
 
 
 #: What the gate's fork server imports once when ``warm``: the ClientApp (torch, MONAI, fedseg), and
@@ -311,7 +314,7 @@ def run_supernode(
     """
     node_config = write_node_config(site, site.workdir / NODE_CONFIG_FILE)
     argv = supernode_argv(opts, node_config)
-    env = flower_env(site.workdir / "flwr-home", {POLL_ENV: str(opts.poll_seconds)})
+    env = flower_env(site.workdir / "flwr-home", {POLL_ENV: str(opts.poll_seconds), **proxy_env(opts.proxy)})
     node_log = node_log if node_log is not None else SupernodeLog(site.log_dir / SUPERNODE_LOG)
     refusals = RefusalCount()
     restarts = 0

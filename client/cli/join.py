@@ -15,6 +15,7 @@ from rich.markup import escape
 from fedseg.client.cli.live import SiteProgress
 from fedseg.client.policy import site_policy
 from fedseg.client.pollnode import DEFAULT_POLL_SECONDS, POLL_RANGE
+from fedseg.client.proxy import bypasses, check_proxy, env_proxy
 from fedseg.client.site import SiteConfig, resolve_labels
 from fedseg.client.supernode import (
     SUPERNODE_LOG,
@@ -113,6 +114,20 @@ def _check_server(server: str) -> str:
     return server
 
 
+def _resolve_proxy(server: str, proxy: str | None) -> str | None:
+    """The proxy the SuperNode uses: ``--proxy``, else ``HTTPS_PROXY`` unless ``NO_PROXY`` exempts the server."""
+    host = server.rpartition(":")[0]
+    if proxy is None:
+        found = env_proxy()
+        if found is None or bypasses(host) or is_loopback(host):
+            return None
+        proxy = found
+    url = check_proxy(proxy)
+    log.info("site: reaching %s through the proxy %s (HTTP CONNECT)", server, url)
+    console.print(f"reaching [bold]{escape(server)}[/] through the proxy {escape(url)}")
+    return url
+
+
 @guarded
 def join_command(
     site: Annotated[str, typer.Option("--site", help="This site's name, as the server will report it.")],
@@ -191,10 +206,19 @@ def join_command(
             "one small request to the server).",
         ),
     ] = DEFAULT_POLL_SECONDS,
+    proxy: Annotated[
+        str | None,
+        typer.Option(
+            "--proxy",
+            help="Forward proxy to reach the server through (http://HOST:PORT, HTTP CONNECT; TLS stays end to end). "
+            "Default: HTTPS_PROXY/https_proxy, unless NO_PROXY names the server.",
+        ),
+    ] = None,
 ) -> None:
     """Check the data, preprocess it once, then join the federation (Ctrl-C to leave)."""
     _check_server(server)
     _check_transport(server, root_certificates, insecure)
+    via = _resolve_proxy(server, proxy)
     if auth_key is not None and root_certificates is None:
         raise ConfigError("--auth-key needs --root-certificates: node authentication works over HTTPS only")
     trusted = parse_trusted(trust_app or []) | {fedseg_fab_hash()}
@@ -230,6 +254,7 @@ def join_command(
         trusted_apps=trusted,
         warm=not cold_start,
         poll_seconds=poll_seconds,
+        proxy=via,
     )
     limits = policy.model_dump(exclude_none=True, exclude={"devices"})
     if limits:
